@@ -1,0 +1,1 @@
+"""The sampler core: noise schedules, the denoiser interface, solvers, time grids and reference solutions."""

@@ -1,0 +1,96 @@
+"""One interface for every diffusion model: a Denoiser knows its noise schedule and what its network predicts.
+
+`denoiser(x, t)` returns the network's own output; `.x0(x, t)` and `.eps(x, t)` return the data and noise
+predictions that the solvers' data and noise forms need (sec. 0 of docs/solvers.md), converted exactly:
+
+    epsilon:  x0 = (x - sigma eps) / alpha
+    x0:       eps = (x - alpha x0) / sigma
+    v:        v = alpha eps - sigma x0,  so x0 = alpha x - sigma v and eps = sigma x + alpha v
+    edm:      the network is D(x~; sigma~) on x~ = x / alpha, sigma~ = sigma / alpha, and D = x0
+
+x is the VP state (for the EDM schedule alpha = 1 and x = x~). t is a tensor of the schedule's native times, one
+per sample (shape (B,)) or one for all (shape ()).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .schedules import NoiseSchedule
+
+PREDICTIONS = ("epsilon", "x0", "v", "edm")
+
+
+def per_sample(v: Tensor, x: Tensor) -> Tensor:
+    """Broadcast a () or (B,) tensor of per-sample values against x of shape (B, ...)."""
+    return v.reshape(v.shape + (1,) * (x.dim() - v.dim())) if v.dim() else v
+
+
+class Denoiser(nn.Module):
+    """Base class: subclasses set `noise_schedule` and `prediction` and implement `forward(x, t, cond=None)`."""
+
+    noise_schedule: NoiseSchedule
+    prediction: str = "epsilon"
+
+    def _alpha_sigma(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        s = self.noise_schedule
+        return per_sample(s.alpha(t), x), per_sample(s.sigma(t), x)
+
+    def x0(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
+        out = self(x, t, cond)
+        if self.prediction in ("x0", "edm"):
+            return out
+        alpha, sigma = self._alpha_sigma(x, t)
+        if self.prediction == "epsilon":
+            return (x - sigma * out) / alpha
+        return alpha * x - sigma * out  # v
+
+    def eps(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
+        out = self(x, t, cond)
+        if self.prediction == "epsilon":
+            return out
+        alpha, sigma = self._alpha_sigma(x, t)
+        if self.prediction == "v":
+            return sigma * x + alpha * out
+        return (x - alpha * out) / sigma  # x0 and edm
+
+
+class NetworkDenoiser(Denoiser):
+    """Wrap a plain network `net(x, t[, cond])` whose output is `prediction` under `noise_schedule`.
+
+    For prediction="edm" the network is called as net(x / alpha, sigma / alpha[, cond]) and returns D = x0."""
+
+    def __init__(self, net: nn.Module, noise_schedule: NoiseSchedule, prediction: str = "epsilon"):
+        super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction type {prediction!r}: expected one of {PREDICTIONS}")
+        self.net, self.noise_schedule, self.prediction = net, noise_schedule, prediction
+
+    def forward(self, x, t, cond=None):
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        args = (cond,) if cond is not None else ()
+        if self.prediction == "edm":
+            alpha = per_sample(self.noise_schedule.alpha(t), x)
+            return self.net(x / alpha, self.noise_schedule.sigma_tilde(t), *args)
+        return self.net(x, t, *args)
+
+
+class ClassifierFreeGuidance(Denoiser):
+    """out = uncond + scale (cond - uncond) in the network's own parameterization.
+
+    The combination has weights summing to one, so guiding eps, x0 or v gives the same sampler. Both branches run
+    as one batch of 2B. `null_cond` is what the model takes as "no condition" (e.g. the extra class index)."""
+
+    def __init__(self, denoiser: Denoiser, scale: float, null_cond):
+        super().__init__()
+        self.inner, self.scale, self.null_cond = denoiser, scale, null_cond
+        self.noise_schedule, self.prediction = denoiser.noise_schedule, denoiser.prediction
+
+    def forward(self, x, t, cond=None):
+        if cond is None:
+            raise ValueError("classifier-free guidance needs a condition: pass cond=")
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
+        null = torch.as_tensor(self.null_cond, device=cond.device, dtype=cond.dtype).expand_as(cond)
+        out_c, out_u = self.inner(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null])).chunk(2)
+        return out_u + self.scale * (out_c - out_u)

@@ -1,0 +1,109 @@
+"""The public sampling entry points: `solve` (samples, trajectory, NFE) and `sample` (just the samples)."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import solvers as S
+from .denoiser import Denoiser
+from .steps import Grid, Model
+
+
+def _dpm_solver(model, x, g, order=2, data=True, method="multistep", **options):
+    if method not in ("multistep", "singlestep"):
+        raise ValueError(f"unknown DPM-Solver method {method!r}: expected 'multistep' or 'singlestep'")
+    if options.get("variant", "midpoint") not in ("midpoint", "taylor"):
+        raise ValueError(f"unknown DPM-Solver variant {options['variant']!r}: expected 'midpoint' or 'taylor'")
+    fn = S.dpm_multistep if method == "multistep" else S.dpm_singlestep
+    return fn(model, x, g, order=order, data=data, **options)
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    fn: S.Solver
+    orders: tuple[int, ...]
+    default_order: int
+    fixed: dict = field(default_factory=dict)  # options the name implies
+    multistep: bool = True  # needs as many steps as its order
+    doc: str = ""
+
+
+SOLVERS: dict[str, SolverSpec] = {
+    "euler": SolverSpec(S.euler, (1,), 1, multistep=False, doc="DDIM / Euler (eta for stochastic DDIM)"),
+    "heun": SolverSpec(S.heun, (2,), 2, multistep=False, doc="EDM Heun, 2 calls per step"),
+    "dpm_solver": SolverSpec(_dpm_solver, (1, 2, 3), 2, dict(data=False),
+                             doc="DPM-Solver (noise prediction), method=multistep|singlestep"),
+    "dpm_solver++": SolverSpec(_dpm_solver, (1, 2, 3), 2, dict(data=True),
+                               doc="DPM-Solver++ (data prediction), method=multistep|singlestep"),
+    "unipc": SolverSpec(S.unipc, (1, 2, 3), 2, doc="UniPC, variant=bh1|bh2, corrector=True|False"),
+    "deis": SolverSpec(S.deis, (1, 2, 3, 4), 3, doc="DEIS, basis=tab|logrho|rhoab"),
+    "ipndm": SolverSpec(S.ipndm, (1, 2, 3, 4), 4, doc="iPNDM (fixed Adams-Bashforth weights)"),
+    "er_sde": SolverSpec(S.er_sde, (1, 2, 3), 3, doc="ER-SDE-Solver, noise_scale=" + "|".join(S.NOISE_SCALES)),
+}
+SOLVERS["ddim"] = SOLVERS["euler"]
+
+
+def get_solver(name: str) -> SolverSpec:
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}: expected one of {sorted(SOLVERS)}")
+    return SOLVERS[name]
+
+
+def nfe(solver: str, steps: int, to_zero: bool = False) -> int:
+    """Model calls of `solver` over a grid of `steps` intervals (EDM Heun skips its correction into sigma = 0)."""
+    get_solver(solver)
+    return 2 * steps - int(to_zero) if solver == "heun" else steps
+
+
+def check_order(solver: str, order: int | None, steps: int | None = None) -> int:
+    """The order to use (the solver's default for None); ValueError if unsupported or too high for the steps."""
+    spec = get_solver(solver)
+    order = spec.default_order if order is None else order
+    if order not in spec.orders:
+        raise ValueError(f"{solver} supports order {' or '.join(map(str, spec.orders))}, not {order!r}")
+    if steps is not None and spec.multistep and steps < order:
+        raise ValueError(f"{solver} of order {order} needs at least {order} steps, the grid has {steps}")
+    return order
+
+
+def _check_options(spec: SolverSpec, solver: str, options: dict) -> None:
+    fns = [spec.fn] + ([S.dpm_multistep, S.dpm_singlestep] if spec.fn is _dpm_solver else [])
+    known = {p for fn in fns for p in inspect.signature(fn).parameters} - {"model", "x", "g", "order"} - set(spec.fixed)
+    unknown = set(options) - known
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for solver {solver}: accepted {sorted(known)}")
+
+
+@dataclass
+class Solution:
+    x: Tensor  # the state at the last grid point
+    trajectory: Tensor | None  # (N+1, *x.shape) states at every grid point, x_T first, when asked for
+    nfe: int  # model calls made
+
+
+def solve(teacher: Denoiser, x_T: Tensor, grid, solver: str = "dpm_solver++", order: int | None = None,
+          eval_grid=None, cond=None, return_trajectory: bool = False, **options) -> Solution:
+    """Integrate from x_T along `grid` (native times of teacher.noise_schedule, decreasing) with `solver`.
+
+    eval_grid: the times the model is called at for each grid point (LD3's decoupled offsets); default `grid`.
+    options: the solver's own (eta, variant, corrector, method, basis, noise_scale, generator, ...)."""
+    spec = get_solver(solver)
+    _check_options(spec, solver, options)
+    g = Grid(teacher.noise_schedule, torch.as_tensor(grid), None if eval_grid is None else torch.as_tensor(eval_grid))
+    order = check_order(solver, order, g.n)
+    model = Model(teacher, g, cond)
+    x, states = x_T, [x_T]
+    for x in spec.fn(model, x_T, g, order=order, **spec.fixed, **options):
+        if return_trajectory:
+            states.append(x)
+    return Solution(x, torch.stack(states) if return_trajectory else None, model.nfe)
+
+
+def sample(teacher: Denoiser, x_T: Tensor, grid, solver: str = "dpm_solver++", order: int | None = None,
+           return_trajectory: bool = False, **kwargs):
+    """The samples at the end of `grid` (and the (N+1, ...) trajectory when return_trajectory); see `solve`."""
+    sol = solve(teacher, x_T, grid, solver, order, return_trajectory=return_trajectory, **kwargs)
+    return (sol.x, sol.trajectory) if return_trajectory else sol.x

@@ -1,0 +1,163 @@
+"""What every solver shares: a validated time grid with its log-SNR, the model evaluated at grid points, and the
+exponential-integrator algebra of the data and noise forms.
+
+Notation (docs/solvers.md): grid t_0 = t_max > t_1 > ... > t_N, lambda_i = lambda(t_i) increasing,
+h_i = lambda_{i+1} - lambda_i. The probability-flow ODE has the exact variation-of-constants solutions
+
+    data form:   x_t = (sigma_t / sigma_s) x_s + sigma_t int_{lambda_s}^{lambda_t} e^{lambda} x0(lambda) dlambda
+    noise form:  x_t = (alpha_t / alpha_s) x_s - alpha_t int_{lambda_s}^{lambda_t} e^{-lambda} eps(lambda) dlambda
+
+and every solver here is a way of approximating the integral from model outputs at grid points.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .denoiser import Denoiser
+from .schedules import NoiseSchedule
+
+# diffusers lowers the order of the last steps of short multistep runs (< 15 steps) for stability near t = 0.
+LOWER_ORDER_FINAL_BELOW = 15
+
+
+class Grid:
+    """A time grid resolved against a noise schedule: times, model-evaluation times, lambda, alpha, sigma.
+
+    `t` holds the N+1 integration times (strictly decreasing, finite). `t_eval` holds the times the model is
+    called at for each grid point: equal to `t` by default, LD3's decoupled offsets otherwise. A grid may end
+    exactly at the schedule's `t_zero` (sigma = 0): the last step is then the first-order data step x = x0(x).
+    Coefficients are computed in float64 whatever the grid's dtype, and stay differentiable in `t`."""
+
+    def __init__(self, schedule: NoiseSchedule, t: Tensor, t_eval: Tensor | None = None):
+        t = check_times(t, "grid")
+        t_eval = t if t_eval is None else check_times(t_eval, "evaluation grid", monotone=False)
+        if t_eval.shape != t.shape:
+            raise ValueError(f"evaluation grid has {len(t_eval)} times, the grid {len(t)}")
+        self.schedule, self.t, self.t_eval = schedule, t, t_eval
+        self.n = len(t) - 1
+        self.to_zero = bool(t[-1].detach() == schedule.t_zero)
+        t64 = t.to(torch.float64)
+        lam = schedule.lambda_(t64[:-1] if self.to_zero else t64)
+        if self.to_zero:  # lambda = +inf there; kept out of the graph so no inf * 0 reaches a gradient
+            lam = torch.cat([lam, lam.new_full((1,), math.inf)])
+        finite = lam[:-1] if self.to_zero else lam
+        if not torch.isfinite(finite).all():
+            raise ValueError(f"grid times {t.tolist()} leave the domain of {schedule!r} (non-finite log-SNR)")
+        if not (lam[1:] > lam[:-1]).all():
+            raise ValueError("grid log-SNR must increase strictly along the grid")
+        self.lam = lam
+        if schedule.vp:
+            self.log_alpha, self.log_sigma = -0.5 * torch.nn.functional.softplus(-2 * lam), \
+                -0.5 * torch.nn.functional.softplus(2 * lam)
+        else:
+            self.log_alpha, self.log_sigma = torch.zeros_like(lam), -lam
+        self.alpha, self.sigma = self.log_alpha.exp(), self.log_sigma.exp()
+        self.sigma_tilde = (-lam).exp()
+
+    def is_zero(self, i: int) -> bool:
+        return self.to_zero and i == self.n
+
+
+def check_times(t, what: str = "grid", monotone: bool = True) -> Tensor:
+    """A 1-D tensor of at least two finite times, strictly decreasing if `monotone`; ValueError otherwise."""
+    t = torch.as_tensor(t)
+    if not t.is_floating_point():
+        t = t.to(torch.float64)
+    if t.dim() != 1 or len(t) < 2:
+        raise ValueError(f"{what} must be a 1-D sequence of at least 2 times, got shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{what} has non-finite times: {t.tolist()}")
+    if monotone and not (t[1:] < t[:-1]).all():
+        raise ValueError(f"{what} must decrease strictly from the noisiest time, got {t.tolist()}")
+    return t
+
+
+class Model:
+    """The denoiser as the solvers see it: called at grid point i, counting every call (NFE)."""
+
+    def __init__(self, denoiser: Denoiser, grid: Grid, cond=None):
+        self.denoiser, self.grid, self.cond, self.nfe = denoiser, grid, cond, 0
+
+    def _t(self, x: Tensor, i: int) -> Tensor:
+        return self.grid.t_eval[i].to(x.dtype).expand(x.shape[0])
+
+    def x0(self, x: Tensor, i: int) -> Tensor:
+        self.nfe += 1
+        return self.denoiser.x0(x, self._t(x, i), self.cond)
+
+    def eps(self, x: Tensor, i: int) -> Tensor:
+        self.nfe += 1
+        return self.denoiser.eps(x, self._t(x, i), self.cond)
+
+
+class ExpForm:
+    """The data (x0) or noise (eps) form of the exponential integrator between grid points s < t.
+
+    Both forms read x_t = ratio x_s - scale * sum_k g_k(hh) h^(k-1) m^(k-1)(lambda_s), with
+    data:  ratio = sigma_t/sigma_s, scale = alpha_t, hh = -h;   noise: ratio = alpha_t/alpha_s, scale = sigma_t,
+    hh = h, and g_1 = expm1(hh), g_{k+1} = g_k / hh - 1/k! (the "h phi_k" functions of DPM-Solver and UniPC)."""
+
+    def __init__(self, grid: Grid, data: bool):
+        self.g, self.data = grid, data
+
+    def predict(self, model: Model, x: Tensor, i: int) -> Tensor:
+        return model.x0(x, i) if self.data else model.eps(x, i)
+
+    def hh(self, s: int, t: int) -> Tensor:
+        h = self.g.lam[t] - self.g.lam[s]
+        return -h if self.data else h
+
+    def ratio(self, s: int, t: int) -> Tensor:
+        g = self.g
+        return (g.log_sigma[t] - g.log_sigma[s]).exp() if self.data else (g.log_alpha[t] - g.log_alpha[s]).exp()
+
+    def scale(self, t: int) -> Tensor:
+        return self.g.alpha[t] if self.data else self.g.sigma[t]
+
+    def first_order(self, x: Tensor, s: int, t: int, m: Tensor) -> Tensor:
+        """DDIM = DPM-Solver-1 = DPM-Solver++-1 = Euler in (x/alpha, sigma/alpha)."""
+        return self.ratio(s, t) * x - self.scale(t) * torch.expm1(self.hh(s, t)) * m
+
+    def to_x0(self, x: Tensor, i: int, m: Tensor) -> Tensor:
+        """The data prediction behind model output m at grid point i (m itself in the data form)."""
+        return m if self.data else (x - self.g.sigma[i] * m) / self.g.alpha[i]
+
+
+def phis(hh: Tensor, k: int) -> list[Tensor]:
+    """[g_1, ..., g_k]: g_1 = expm1(hh), g_{j+1} = g_j / hh - 1/j!."""
+    out = [torch.expm1(hh)]
+    for j in range(1, k):
+        out.append(out[-1] / hh - 1 / math.factorial(j))
+    return out
+
+
+def step_order(i: int, n: int, order: int, lower_order_final: bool = True) -> int:
+    """Order of multistep step i of n: warm up from order 1 (i+1 outputs are known), and, as diffusers does,
+    end short runs with orders ..., 2, 1."""
+    p = min(order, i + 1)
+    if lower_order_final and n < LOWER_ORDER_FINAL_BELOW:
+        p = min(p, n - i)
+    return p
+
+
+@lru_cache(maxsize=None)
+def _gauss_legendre(nodes: int, panels: int) -> tuple[np.ndarray, np.ndarray]:
+    x, w = np.polynomial.legendre.leggauss(nodes)
+    left = np.arange(panels)[:, None] / panels
+    return (left + (x + 1) / (2 * panels)).ravel(), np.tile(w / (2 * panels), panels)
+
+
+def integrate_exp(f, lam_s: Tensor, lam_t: Tensor, nodes: int = 12, panels: int = 12) -> Tensor:
+    """int_{lam_s}^{lam_t} e^{-lambda} f(lambda) dlambda by composite Gauss-Legendre (panels x nodes points).
+
+    f maps a 1-D tensor of lambdas to values along its last axis (shape (..., Q)). Panels keep it exact to
+    float64 rounding for the steep integrands of low-NFE steps (h up to about 10); gradients flow to lam_s, lam_t."""
+    u, w = (torch.as_tensor(a, dtype=lam_s.dtype, device=lam_s.device) for a in _gauss_legendre(nodes, panels))
+    h = lam_t - lam_s
+    lam = lam_s + h * u
+    return h * (f(lam) * torch.exp(-lam) * w).sum(-1)
