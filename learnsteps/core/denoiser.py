@@ -38,22 +38,21 @@ class Denoiser(nn.Module):
         return per_sample(s.alpha(t), x), per_sample(s.sigma(t), x)
 
     def x0(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
-        out = self(x, t, cond)
-        if self.prediction in ("x0", "edm"):
-            return out
-        alpha, sigma = self._alpha_sigma(x, t)
-        if self.prediction == "epsilon":
-            return (x - sigma * out) / alpha
-        return alpha * x - sigma * out  # v
+        return convert(self(x, t, cond), self.prediction, "x0", x, *self._alpha_sigma(x, t))
 
     def eps(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
-        out = self(x, t, cond)
-        if self.prediction == "epsilon":
+        return convert(self(x, t, cond), self.prediction, "eps", x, *self._alpha_sigma(x, t))
+
+
+def convert(out: Tensor, prediction: str, want: str, x: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """A network output of type `prediction` at state x (VP, with alpha and sigma) as x0 or eps (`want`)."""
+    if want == "x0":
+        if prediction in ("x0", "edm"):
             return out
-        alpha, sigma = self._alpha_sigma(x, t)
-        if self.prediction == "v":
-            return sigma * x + alpha * out
-        return (x - alpha * out) / sigma  # x0 and edm
+        return (x - sigma * out) / alpha if prediction == "epsilon" else alpha * x - sigma * out
+    if prediction == "epsilon":
+        return out
+    return sigma * x + alpha * out if prediction == "v" else (x - alpha * out) / sigma
 
 
 class NetworkDenoiser(Denoiser):

@@ -46,7 +46,7 @@ def make(kind: str, steps: int, schedule: NoiseSchedule, *, t_max: float | None 
 
     time_uniform / time_quadratic: uniform in t / in sqrt(t) (DPM-Solver, DEIS); logsnr: uniform in lambda;
     edm: Karras et al.'s rho-spacing of sigma~ (rho=7); ays: `sigmas` (a list or a key of AYS_SIGMAS)
-    interpolated log-linearly; explicit: `times` as given; gits: GITS' dynamic programme over a fine edm grid
+    interpolated log-linearly, over the list's own range; explicit: `times` as given; gits: GITS' dynamic programme over a fine edm grid
     of `fine_steps`, with the `teacher` integrated from `x_T` (Chen et al. 2024)."""
     if kind not in KINDS:
         raise ValueError(f"unknown grid kind {kind!r}: expected one of {KINDS}")
@@ -84,10 +84,10 @@ def make(kind: str, steps: int, schedule: NoiseSchedule, *, t_max: float | None 
     else:
         return gits(steps, schedule, teacher, x_T, t_max=t_hi, t_min=t_lo, to_zero=to_zero,
                     fine_steps=fine_steps, coeff=gits_coeff, rho=rho)
-    # Pin the end points to exactly what was asked (round trips through lambda move them by an ulp).
-    t[0] = t_hi
-    if n > 1:
-        t[-1] = t_lo
+    if kind != "ays":  # pin the ends to exactly what was asked (round trips through lambda move them an ulp)
+        t[0] = t_hi
+        if n > 1:
+            t[-1] = t_lo
     if to_zero:
         t = torch.cat([t, t.new_full((1,), schedule.t_zero)])
     return t
@@ -113,24 +113,30 @@ def gits(steps: int, schedule: NoiseSchedule, teacher, x_T: Tensor, *, t_max: fl
         lam = schedule.lambda_(fine)
         alpha, sigma = schedule.alpha(fine), schedule.sigma(fine)
         x0 = torch.stack([teacher.x0(traj[i], fine[i].expand(len(x_T)).to(x_T)) for i in range(fine_steps)])
-        big = math.inf
-        cost = torch.full((fine_steps + 1, fine_steps + 1), big, dtype=torch.float64)
+        cost = torch.full((fine_steps + 1, fine_steps + 1), math.inf, dtype=torch.float64)
         for i in range(fine_steps):
             j = torch.arange(i + 1, fine_steps + 1)
             shape = (-1,) + (1,) * x_T.dim()
             ddim = (sigma[j] / sigma[i]).reshape(shape) * traj[i] \
                 - (alpha[j] * torch.expm1(lam[i] - lam[j])).reshape(shape) * x0[i]
             cost[i, j] = ((ddim - traj[j]) ** 2).flatten(1).mean(1).to(torch.float64)
-    value = torch.full((jumps + 1, fine_steps + 1), big, dtype=torch.float64)
-    back = torch.zeros((jumps + 1, fine_steps + 1), dtype=torch.long)
-    value[0, 0] = 0.0
-    for k in range(1, jumps + 1):
-        total = coeff * value[k - 1][:, None] + cost  # (from i, to j)
-        value[k], back[k] = total.min(0)
-    path = [fine_steps]
-    for k in range(jumps, 0, -1):
-        path.append(int(back[k, path[-1]]))
-    t = fine[torch.tensor(path[::-1])]
+    path = cheapest_path(cost, jumps, coeff)
+    t = fine[torch.tensor(path)]
     if to_zero:
         t = torch.cat([t, t.new_full((1,), schedule.t_zero)])
     return t
+
+
+def cheapest_path(cost: Tensor, jumps: int, coeff: float = 1.0) -> list[int]:
+    """Indices 0 = i_0 < ... < i_jumps = M-1 minimising GITS' V_k(j) = min_i coeff V_{k-1}(i) + cost[i, j]
+    over an (M, M) matrix of jump costs (inf where a jump is not allowed)."""
+    m = cost.shape[0]
+    value = torch.full((jumps + 1, m), math.inf, dtype=torch.float64)
+    back = torch.zeros((jumps + 1, m), dtype=torch.long)
+    value[0, 0] = 0.0
+    for k in range(1, jumps + 1):
+        value[k], back[k] = (coeff * value[k - 1][:, None] + cost).min(0)
+    path = [m - 1]
+    for k in range(jumps, 0, -1):
+        path.append(int(back[k, path[-1]]))
+    return path[::-1]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+from functools import lru_cache
 from dataclasses import dataclass, field
 
 import torch
@@ -69,9 +70,17 @@ def check_order(solver: str, order: int | None, steps: int | None = None) -> int
     return order
 
 
-def _check_options(spec: SolverSpec, solver: str, options: dict) -> None:
+@lru_cache(maxsize=None)
+def solver_options(solver: str) -> frozenset[str]:
+    """The option names `solver` accepts."""
+    spec = get_solver(solver)
     fns = [spec.fn] + ([S.dpm_multistep, S.dpm_singlestep] if spec.fn is _dpm_solver else [])
-    known = {p for fn in fns for p in inspect.signature(fn).parameters} - {"model", "x", "g", "order"} - set(spec.fixed)
+    params = {p for fn in fns for p in inspect.signature(fn).parameters}
+    return frozenset(params - {"model", "x", "g", "order"} - set(spec.fixed))
+
+
+def _check_options(solver: str, options: dict) -> None:
+    known = solver_options(solver)
     unknown = set(options) - known
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)} for solver {solver}: accepted {sorted(known)}")
@@ -91,7 +100,7 @@ def solve(teacher: Denoiser, x_T: Tensor, grid, solver: str = "dpm_solver++", or
     eval_grid: the times the model is called at for each grid point (LD3's decoupled offsets); default `grid`.
     options: the solver's own (eta, variant, corrector, method, basis, noise_scale, generator, ...)."""
     spec = get_solver(solver)
-    _check_options(spec, solver, options)
+    _check_options(solver, options)
     g = Grid(teacher.noise_schedule, torch.as_tensor(grid), None if eval_grid is None else torch.as_tensor(eval_grid))
     order = check_order(solver, order, g.n)
     model = Model(teacher, g, cond)

@@ -23,18 +23,21 @@ def euler(model: Model, x: Tensor, g: Grid, order: int = 1, eta: float = 0.0,
           generator: torch.Generator | None = None) -> Iterator[Tensor]:
     """DDIM (= Euler in x/alpha over sigma/alpha = DPM-Solver-1), stochastic with eta > 0 (eta = 1: DDPM).
 
+    The deterministic step is taken in the model's native form (noise or data), which saves a conversion.
     DDIM's sigma_eta = eta sqrt((1-abar_t)/(1-abar_s)) sqrt(1-abar_s/abar_t) equals eta sigma_t sqrt(1-e^{-2h})."""
-    form = ExpForm(g, data=True)
+    form = ExpForm(g, data=eta != 0 or model.denoiser.prediction in ("x0", "edm"))
     for i in range(g.n):
-        x0 = model.x0(x, i)
-        if eta == 0 or g.is_zero(i + 1):
-            x = form.first_order(x, i, i + 1, x0)
+        m = form.predict(model, x, i)
+        if g.is_zero(i + 1):
+            x = form.to_x0(x, i, m)
+        elif eta == 0:
+            x = form.first_order(x, i, i + 1, m)
         else:
-            eps = (x - g.alpha[i] * x0) / g.sigma[i]
+            eps = (x - g.alpha[i] * m) / g.sigma[i]
             h = g.lam[i + 1] - g.lam[i]
             sigma_eta = eta * g.sigma[i + 1] * torch.sqrt(-torch.expm1(-2 * h))
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-            x = g.alpha[i + 1] * x0 + torch.sqrt(g.sigma[i + 1] ** 2 - sigma_eta**2) * eps + sigma_eta * noise
+            x = g.alpha[i + 1] * m + torch.sqrt(g.sigma[i + 1] ** 2 - sigma_eta**2) * eps + sigma_eta * noise
         yield x
 
 
@@ -69,20 +72,20 @@ def dpm_multistep(model: Model, x: Tensor, g: Grid, order: int = 2, data: bool =
             yield x
             return
         p = step_order(i, g.n, order, lower_order_final)
-        g1, g2, g3 = phis(form.hh(i, i + 1), 3)
+        _, _, scale, g1, g2, g3 = form.step(i)
         x_next = form.first_order(x, i, i + 1, ms[-1])
         if p >= 2:
             h = g.lam[i + 1] - g.lam[i]
             r0 = (g.lam[i] - g.lam[i - 1]) / h
             d1_0 = (ms[-1] - ms[-2]) / r0
             if p == 2:
-                x_next = x_next - form.scale(i + 1) * (0.5 * g1 if variant == "midpoint" else g2) * d1_0
+                x_next = x_next - (scale * (0.5 * g1 if variant == "midpoint" else g2)) * d1_0
             else:
                 r1 = (g.lam[i - 1] - g.lam[i - 2]) / h
                 d1_1 = (ms[-2] - ms[-3]) / r1
                 d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
                 d2 = (d1_0 - d1_1) / (r0 + r1)
-                x_next = x_next - form.scale(i + 1) * (g2 * d1 + g3 * d2)
+                x_next = x_next - scale * (g2 * d1 + g3 * d2)
         x = x_next
         if i + 1 < g.n:
             ms = (ms + [form.predict(model, x, i + 1)])[-order:]
@@ -167,7 +170,7 @@ def unipc(model: Model, x: Tensor, g: Grid, order: int = 2, variant: str = "bh2"
             yield x
             return
         p = min(order, i + 1, g.n - i if lower_order_final else order)
-        hh = form.hh(i, i + 1)
+        hh, _, scale, *_ = form.step(i)
         h = g.lam[i + 1] - g.lam[i]
         gs = phis(hh, p + 1)
         b_h = hh if variant == "bh1" else gs[0]
@@ -184,7 +187,7 @@ def unipc(model: Model, x: Tensor, g: Grid, order: int = 2, variant: str = "bh2"
         x_pred = x_lin
         if p >= 2:
             rho_p = [torch.full_like(h, 0.5)] if p == 2 else torch.linalg.solve(big_r[:-1, :-1], b[:-1])
-            x_pred = x_lin - form.scale(i + 1) * b_h * combine(rho_p, d1s)
+            x_pred = x_lin - (scale * b_h) * combine(rho_p, d1s)
         if i == g.n - 1:
             yield x_pred
             return
@@ -192,7 +195,7 @@ def unipc(model: Model, x: Tensor, g: Grid, order: int = 2, variant: str = "bh2"
         x = x_pred
         if corrector:
             rho_c = [torch.full_like(h, 0.5)] if p == 1 else torch.linalg.solve(big_r, b)
-            x = x_lin - form.scale(i + 1) * b_h * combine(rho_c, d1s + [m_new - ms[-1]])
+            x = x_lin - (scale * b_h) * combine(rho_c, d1s + [m_new - ms[-1]])
         ms, idx = (ms + [m_new])[-order:], (idx + [i + 1])[-order:]
         yield x
 
@@ -228,7 +231,7 @@ def deis(model: Model, x: Tensor, g: Grid, order: int = 3, basis: str = "tab",
             return torch.stack(rows)
 
         coef = -g.alpha[i + 1] * integrate_exp(lagrange, g.lam[i], g.lam[i + 1])
-        x = form.ratio(i, i + 1) * x + sum(c * e for c, e in zip(coef, eps[-p:]))
+        x = form.step(i)[1] * x + sum(c * e for c, e in zip(coef.unbind(), eps[-p:]))
         if i + 1 < g.n:
             eps, idx = (eps + [model.eps(x, i + 1)])[-order:], (idx + [i + 1])[-order:]
         yield x

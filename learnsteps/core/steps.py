@@ -12,13 +12,14 @@ and every solver here is a way of approximating the integral from model outputs 
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .denoiser import Denoiser
+from .denoiser import Denoiser, convert
 from .schedules import NoiseSchedule
 
 # diffusers lowers the order of the last steps of short multistep runs (< 15 steps) for stability near t = 0.
@@ -50,17 +51,33 @@ class Grid:
             raise ValueError(f"grid times {t.tolist()} leave the domain of {schedule!r} (non-finite log-SNR)")
         if not (lam[1:] > lam[:-1]).all():
             raise ValueError("grid log-SNR must increase strictly along the grid")
-        self.lam = lam
-        if schedule.vp:
-            self.log_alpha, self.log_sigma = -0.5 * torch.nn.functional.softplus(-2 * lam), \
-                -0.5 * torch.nn.functional.softplus(2 * lam)
+        log_alpha, log_sigma = log_alpha_sigma(schedule, lam)
+        self.vectors = dict(lam=lam, log_alpha=log_alpha, log_sigma=log_sigma)
+        # Per-point values as tuples of 0-d tensors: solvers index them once per step, and indexing a tuple is
+        # ~30x cheaper than indexing a tensor (the per-step overhead is what a sampler loop costs besides the model).
+        self.lam, self.alpha, self.sigma = lam.unbind(), log_alpha.exp().unbind(), log_sigma.exp().unbind()
+        # alpha and sigma at the evaluation times, to convert model outputs without calling the schedule again
+        if t_eval is t:
+            self.alpha_eval, self.sigma_eval = self.alpha, self.sigma
         else:
-            self.log_alpha, self.log_sigma = torch.zeros_like(lam), -lam
-        self.alpha, self.sigma = self.log_alpha.exp(), self.log_sigma.exp()
-        self.sigma_tilde = (-lam).exp()
+            te = t_eval.to(torch.float64)[:-1] if self.to_zero else t_eval.to(torch.float64)
+            log_alpha_e, log_sigma_e = log_alpha_sigma(schedule, schedule.lambda_(te))
+            self.alpha_eval, self.sigma_eval = log_alpha_e.exp().unbind(), log_sigma_e.exp().unbind()
+
+    @cached_property
+    def sigma_tilde(self) -> tuple[Tensor, ...]:
+        """sigma / alpha = exp(-lambda) at every grid point."""
+        return (-self.vectors["lam"]).exp().unbind()
 
     def is_zero(self, i: int) -> bool:
         return self.to_zero and i == self.n
+
+
+def log_alpha_sigma(schedule: NoiseSchedule, lam: Tensor) -> tuple[Tensor, Tensor]:
+    """log alpha and log sigma from lambda: -softplus(-2 lambda)/2 and -softplus(2 lambda)/2 for VP."""
+    if schedule.vp:
+        return -0.5 * F.softplus(-2 * lam), -0.5 * F.softplus(2 * lam)
+    return torch.zeros_like(lam), -lam
 
 
 def check_times(t, what: str = "grid", monotone: bool = True) -> Tensor:
@@ -83,16 +100,17 @@ class Model:
     def __init__(self, denoiser: Denoiser, grid: Grid, cond=None):
         self.denoiser, self.grid, self.cond, self.nfe = denoiser, grid, cond, 0
 
-    def _t(self, x: Tensor, i: int) -> Tensor:
-        return self.grid.t_eval[i].to(x.dtype).expand(x.shape[0])
+    def _predict(self, x: Tensor, i: int, want: str) -> Tensor:
+        self.nfe += 1
+        g = self.grid
+        out = self.denoiser(x, g.t_eval[i].to(x.dtype).expand(x.shape[0]), self.cond)
+        return convert(out, self.denoiser.prediction, want, x, g.alpha_eval[i], g.sigma_eval[i])
 
     def x0(self, x: Tensor, i: int) -> Tensor:
-        self.nfe += 1
-        return self.denoiser.x0(x, self._t(x, i), self.cond)
+        return self._predict(x, i, "x0")
 
     def eps(self, x: Tensor, i: int) -> Tensor:
-        self.nfe += 1
-        return self.denoiser.eps(x, self._t(x, i), self.cond)
+        return self._predict(x, i, "eps")
 
 
 class ExpForm:
@@ -100,10 +118,22 @@ class ExpForm:
 
     Both forms read x_t = ratio x_s - scale * sum_k g_k(hh) h^(k-1) m^(k-1)(lambda_s), with
     data:  ratio = sigma_t/sigma_s, scale = alpha_t, hh = -h;   noise: ratio = alpha_t/alpha_s, scale = sigma_t,
-    hh = h, and g_1 = expm1(hh), g_{k+1} = g_k / hh - 1/k! (the "h phi_k" functions of DPM-Solver and UniPC)."""
+    hh = h, and g_1 = expm1(hh), g_{k+1} = g_k / hh - 1/k! (the "h phi_k" functions of DPM-Solver and UniPC).
+    The coefficients of the grid's own steps i -> i+1 are computed once, vectorised (`step`)."""
 
     def __init__(self, grid: Grid, data: bool):
         self.g, self.data = grid, data
+        v = grid.vectors
+        n = grid.n - grid.to_zero  # steps with a finite end; the step to sigma = 0 is always x = x0
+        lam, log_ratio = v["lam"][: n + 1], v["log_sigma" if data else "log_alpha"][: n + 1]
+        hh = (lam[1:] - lam[:-1]) * (-1 if data else 1)
+        scale = (v["log_alpha"] if data else v["log_sigma"])[1: n + 1].exp()
+        self._steps = list(zip(hh.unbind(), (log_ratio[1:] - log_ratio[:-1]).exp().unbind(), scale.unbind(),
+                               *[g.unbind() for g in phis(hh, 3)]))
+
+    def step(self, i: int) -> tuple[Tensor, ...]:
+        """(hh, ratio, scale, g1, g2, g3) of the step from grid point i to i+1."""
+        return self._steps[i]
 
     def predict(self, model: Model, x: Tensor, i: int) -> Tensor:
         return model.x0(x, i) if self.data else model.eps(x, i)
@@ -114,14 +144,17 @@ class ExpForm:
 
     def ratio(self, s: int, t: int) -> Tensor:
         g = self.g
-        return (g.log_sigma[t] - g.log_sigma[s]).exp() if self.data else (g.log_alpha[t] - g.log_alpha[s]).exp()
+        return g.sigma[t] / g.sigma[s] if self.data else g.alpha[t] / g.alpha[s]
 
     def scale(self, t: int) -> Tensor:
         return self.g.alpha[t] if self.data else self.g.sigma[t]
 
     def first_order(self, x: Tensor, s: int, t: int, m: Tensor) -> Tensor:
         """DDIM = DPM-Solver-1 = DPM-Solver++-1 = Euler in (x/alpha, sigma/alpha)."""
-        return self.ratio(s, t) * x - self.scale(t) * torch.expm1(self.hh(s, t)) * m
+        if t == s + 1 and s < len(self._steps):
+            _, ratio, scale, g1, _, _ = self._steps[s]
+            return ratio * x - (scale * g1) * m
+        return self.ratio(s, t) * x - (self.scale(t) * torch.expm1(self.hh(s, t))) * m
 
     def to_x0(self, x: Tensor, i: int, m: Tensor) -> Tensor:
         """The data prediction behind model output m at grid point i (m itself in the data form)."""
