@@ -1,0 +1,30 @@
+# Two commands for a fresh machine: `make demo` (set up, run the main job on the embedded default teacher)
+# and `make test` (set up, run the test suite). Everything installs into .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch + torchvision pinned together: torch-fidelity imports torchvision, and a mismatched pair does not import.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup test demo bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+test: setup
+	WANDB_MODE=disabled $(PY) -m pytest -q -p no:cacheprovider
+
+demo: setup
+	$(PY) benchmarks/solvers.py nfe=[3,4,6,8,10,15] samples=128 overhead=false out_dir=runs/demo
+
+bench: setup
+	$(PY) benchmarks/solvers.py
+
+clean:
+	rm -rf runs .pytest_cache
