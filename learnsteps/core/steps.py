@@ -30,7 +30,10 @@ class Grid:
     """A time grid resolved against a noise schedule: times, model-evaluation times, lambda, alpha, sigma.
 
     `t` holds the N+1 integration times (strictly decreasing, finite). `t_eval` holds the times the model is
-    called at for each grid point: equal to `t` by default, LD3's decoupled offsets otherwise. A grid may end
+    called at for each grid point: equal to `t` by default, LD3's decoupled offsets otherwise. The solver reads
+    the output of a call at t_eval[i] as the prediction at t[i] (converting eps <-> x0 with alpha, sigma of t[i]):
+    exactly what a diffusers scheduler does with separate `timesteps` (model input) and `sigmas`, so that a
+    decoupled schedule runs the same in diffusers as here. A grid may end
     exactly at the schedule's `t_zero` (sigma = 0): the last step is then the first-order data step x = x0(x).
     Coefficients are computed in float64 whatever the grid's dtype, and stay differentiable in `t`."""
 
@@ -56,13 +59,10 @@ class Grid:
         # Per-point values as tuples of 0-d tensors: solvers index them once per step, and indexing a tuple is
         # ~30x cheaper than indexing a tensor (the per-step overhead is what a sampler loop costs besides the model).
         self.lam, self.alpha, self.sigma = lam.unbind(), log_alpha.exp().unbind(), log_sigma.exp().unbind()
-        # alpha and sigma at the evaluation times, to convert model outputs without calling the schedule again
-        if t_eval is t:
-            self.alpha_eval, self.sigma_eval = self.alpha, self.sigma
-        else:
-            te = t_eval.to(torch.float64)[:-1] if self.to_zero else t_eval.to(torch.float64)
-            log_alpha_e, log_sigma_e = log_alpha_sigma(schedule, schedule.lambda_(te))
-            self.alpha_eval, self.sigma_eval = log_alpha_e.exp().unbind(), log_sigma_e.exp().unbind()
+        if t_eval is not t:  # the model is called there: those times must lie in the schedule's domain
+            te = t_eval[:-1] if self.to_zero else t_eval
+            if not torch.isfinite(schedule.lambda_(te.detach().to(torch.float64))).all():
+                raise ValueError(f"evaluation times {t_eval.tolist()} leave the domain of {schedule!r}")
 
     @cached_property
     def sigma_tilde(self) -> tuple[Tensor, ...]:
@@ -104,7 +104,7 @@ class Model:
         self.nfe += 1
         g = self.grid
         out = self.denoiser(x, g.t_eval[i].to(x.dtype).expand(x.shape[0]), self.cond)
-        return convert(out, self.denoiser.prediction, want, x, g.alpha_eval[i], g.sigma_eval[i])
+        return convert(out, self.denoiser.prediction, want, x, g.alpha[i], g.sigma[i])
 
     def x0(self, x: Tensor, i: int) -> Tensor:
         return self._predict(x, i, "x0")

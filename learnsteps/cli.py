@@ -1,0 +1,31 @@
+"""The command lines behind train.py and eval.py: pick the mode, load its config, run it, report bad input."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from .config import CONFIG_DIR, ConfigError, load_config
+
+
+def _modes() -> dict[str, tuple[type, Callable]]:
+    from .training.teacher import TeacherTrainConfig, train_teacher
+
+    return {"teacher": (TeacherTrainConfig, train_teacher)}
+
+
+def train_main(argv: list[str]) -> int:
+    """python train.py mode=<mode> [key=value ...]: configs/<mode>.yaml, then the overrides."""
+    try:
+        modes = _modes()
+        mode = next((a.split("=", 1)[1] for a in argv if a.startswith("mode=")), None)
+        if mode is None:
+            raise ConfigError(f"say which mode to train: mode={'|'.join(modes)}")
+        if mode not in modes:
+            raise ConfigError(f"unknown mode {mode!r}: expected one of {sorted(modes)}")
+        schema, run = modes[mode]
+        cfg = load_config(schema, [CONFIG_DIR / f"{mode}.yaml"], argv)
+        run(cfg)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,179 @@
+"""The portable schedule file: a solver's time grid (learned or hand-made) that other samplers load.
+
+docs/schedule-format.md describes the format. `Schedule.from_grid` exports any grid of the core (baselines
+included), `save_schedule` writes it atomically, `load_schedule` validates everything it reads and names
+the problem when something is off.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .core.sample import check_order, get_solver, nfe as nfe_of, solver_options
+from .core.schedules import NoiseSchedule, make_schedule
+from .core.steps import check_times
+
+FORMAT, VERSION = "learnsteps-schedule", 1
+
+
+class ScheduleError(ValueError):
+    """A schedule file that cannot be used as asked; the message names the problem."""
+
+
+@dataclass
+class Schedule:
+    solver: str
+    order: int
+    nfe: int
+    noise_schedule: dict  # NoiseSchedule.config()
+    times: list[float]  # integration times, N + 1, decreasing, in the teacher's native time
+    eval_times: list[float]  # model-evaluation times, N + 1 (equal to `times` unless LD3's offsets are on)
+    options: dict = field(default_factory=dict)  # the solver's own options (variant, corrector, ...)
+    teacher: dict = field(default_factory=dict)  # {"fingerprint": ..., "name": ...}
+    provenance: dict = field(default_factory=dict)  # method, loss, validation score, seed, date, version
+
+    # ---- construction --------------------------------------------------------------------------------
+    @classmethod
+    def from_grid(cls, grid, noise_schedule: NoiseSchedule, solver: str, order: int | None = None,
+                  eval_grid=None, options: dict | None = None, teacher: dict | None = None,
+                  provenance: dict | None = None) -> "Schedule":
+        t = check_times(torch.as_tensor(grid).detach().to(torch.float64))
+        e = t if eval_grid is None else check_times(torch.as_tensor(eval_grid).detach().to(torch.float64),
+                                                     "evaluation grid", monotone=False)
+        order = check_order(solver, order, len(t) - 1)
+        to_zero = bool(t[-1] == noise_schedule.t_zero)
+        from . import __version__
+
+        prov = dict(created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    learnsteps_version=__version__, **(provenance or {}))
+        return cls(solver=solver, order=order, nfe=nfe_of(solver, len(t) - 1, to_zero),
+                   noise_schedule=noise_schedule.config(), times=t.tolist(), eval_times=e.tolist(),
+                   options=dict(options or {}), teacher=dict(teacher or {}), provenance=prov)
+
+    # ---- what samplers need ------------------------------------------------------------------------------
+    def make_noise_schedule(self) -> NoiseSchedule:
+        return make_schedule(**self.noise_schedule)
+
+    @property
+    def grid(self) -> Tensor:
+        return torch.tensor(self.times, dtype=torch.float64)
+
+    @property
+    def eval_grid(self) -> Tensor:
+        return torch.tensor(self.eval_times, dtype=torch.float64)
+
+    @property
+    def sigmas(self) -> list[float]:
+        """sigma / alpha at the integration times (k-diffusion's and diffusers' "sigmas"; 0 at t_zero)."""
+        return self.make_noise_schedule().sigma_tilde(self.grid).tolist()
+
+    @property
+    def eval_sigmas(self) -> list[float]:
+        return self.make_noise_schedule().sigma_tilde(self.eval_grid).tolist()
+
+    @property
+    def decoupled(self) -> bool:
+        return self.eval_times != self.times
+
+    def to_dict(self) -> dict:
+        d = dict(format=FORMAT, version=VERSION, **asdict(self), sigmas=self.sigmas, eval_sigmas=self.eval_sigmas)
+        if self.noise_schedule.get("kind") == "ddpm":  # the model inputs a diffusers pipeline feeds its UNet
+            d["diffusers_timesteps"] = self.eval_times[:-1]
+        return d
+
+
+def save_schedule(path: str | Path, schedule: Schedule) -> Path:
+    """Write the schedule JSON to a temporary file, then rename it over `path` (never half-written)."""
+    path = Path(path)
+    validate(schedule.to_dict(), str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(schedule.to_dict(), indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_schedule(path: str | Path, solver: str | None = None, order: int | None = None,
+                  nfe: int | None = None) -> Schedule:
+    """Read and validate a schedule file; `solver`, `order`, `nfe`: what the caller will run it with."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScheduleError(f"{path}: no such schedule file")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ScheduleError(f"{path}: not valid JSON ({err})") from None
+    sched = validate(data, str(path))
+    if solver is not None and solver != sched.solver:
+        raise ScheduleError(f"{path}: made for solver {sched.solver!r}, not {solver!r}")
+    if order is not None and order != sched.order:
+        raise ScheduleError(f"{path}: made for order {sched.order}, not {order}")
+    if nfe is not None and nfe != sched.nfe:
+        raise ScheduleError(f"{path}: made for NFE {sched.nfe}, not {nfe}")
+    return sched
+
+
+def _times(data: dict, key: str, where: str) -> list[float]:
+    v = data.get(key)
+    if not isinstance(v, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        raise ScheduleError(f"{where}: '{key}' must be a list of numbers")
+    if not all(math.isfinite(x) for x in v):
+        raise ScheduleError(f"{where}: '{key}' has non-finite values")
+    return [float(x) for x in v]
+
+
+def validate(data, where: str = "schedule") -> Schedule:
+    """The Schedule a parsed JSON object describes, or ScheduleError naming the first problem found."""
+    if not isinstance(data, dict):
+        raise ScheduleError(f"{where}: a schedule file holds a JSON object")
+    if data.get("format") != FORMAT:
+        raise ScheduleError(f"{where}: unknown format {data.get('format')!r} (expected {FORMAT!r})")
+    if data.get("version") != VERSION:
+        raise ScheduleError(f"{where}: unsupported version {data.get('version')!r} of {FORMAT} (this reads {VERSION})")
+    for key, typ in (("solver", str), ("order", int), ("nfe", int), ("noise_schedule", dict)):
+        if not isinstance(data.get(key), typ) or isinstance(data.get(key), bool):
+            raise ScheduleError(f"{where}: '{key}' is missing or not a {typ.__name__}")
+    try:
+        get_solver(data["solver"])
+        noise_schedule = make_schedule(**data["noise_schedule"])
+    except (ValueError, TypeError) as err:
+        raise ScheduleError(f"{where}: {err}") from None
+    times, eval_times = _times(data, "times", where), _times(data, "eval_times", where)
+    if len(times) < 2 or any(b >= a for a, b in zip(times, times[1:])):
+        raise ScheduleError(f"{where}: 'times' must decrease strictly (at least 2 times)")
+    steps, to_zero = len(times) - 1, times[-1] == noise_schedule.t_zero
+    if nfe_of(data["solver"], steps, to_zero) != data["nfe"]:
+        raise ScheduleError(f"{where}: {len(times)} times give {data['solver']} "
+                            f"{nfe_of(data['solver'], steps, to_zero)} model calls, not the NFE {data['nfe']} "
+                            f"it claims (a schedule for NFE {data['nfe']} has {data['nfe'] + 1} times)")
+    if len(eval_times) != len(times):
+        raise ScheduleError(f"{where}: 'eval_times' has {len(eval_times)} values, 'times' {len(times)}")
+    try:
+        check_order(data["solver"], data["order"], steps)
+    except ValueError as err:
+        raise ScheduleError(f"{where}: {err}") from None
+    options = data.get("options", {})
+    if not isinstance(options, dict) or set(options) - solver_options(data["solver"]):
+        raise ScheduleError(f"{where}: options {options!r} are not all options of {data['solver']}")
+    if "sigmas" in data:  # written by us: must agree with the times under the noise schedule
+        sig = noise_schedule.sigma_tilde(torch.tensor(times, dtype=torch.float64))
+        if not torch.allclose(sig, torch.as_tensor(data["sigmas"], dtype=torch.float64), rtol=1e-6, atol=1e-12):
+            raise ScheduleError(f"{where}: 'sigmas' disagree with 'times' under {noise_schedule!r}")
+    return Schedule(solver=data["solver"], order=data["order"], nfe=data["nfe"], noise_schedule=data["noise_schedule"],
+                    times=times, eval_times=eval_times, options=options, teacher=dict(data.get("teacher", {})),
+                    provenance=dict(data.get("provenance", {})))
+
+
+def k_diffusion_sigmas(schedule: Schedule) -> Tensor:
+    """The sigma list of a k-diffusion sampler (decreasing, ending at 0 when the grid does). k-diffusion calls
+    the model at the integration sigmas, so decoupled evaluation times cannot be expressed: ValueError."""
+    if schedule.decoupled:
+        raise ScheduleError("this schedule evaluates the model at times of its own (LD3's offsets); a k-diffusion "
+                            "sampler cannot express that: use learnsteps' core or the diffusers interop")
+    return torch.tensor(schedule.sigmas, dtype=torch.float64)

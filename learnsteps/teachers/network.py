@@ -1,0 +1,188 @@
+"""Frozen neural teachers: learnsteps' own UNet, diffusers UNet2DModel checkpoints, and EDM-style D(x; sigma)
+networks, each behind the Denoiser interface with a fingerprint recorded in everything derived from it."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..core.denoiser import NetworkDenoiser
+from ..core.schedules import EDM, DiscreteDDPM, NoiseSchedule, make_schedule
+from .unet import UNet, UNetConfig
+
+TEACHER_FORMAT, TEACHER_VERSION = "learnsteps-teacher", 1
+
+
+class TeacherLoadError(ValueError):
+    """A teacher that cannot be loaded: the message says what is missing and how to supply it."""
+
+
+def fingerprint(module: nn.Module, config: dict) -> str:
+    """sha256 of a module's weights (names, dtypes, shapes, bytes, in name order) and its config."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+class NetworkTeacher(NetworkDenoiser):
+    """A network wrapped as a frozen teacher: eval mode, no gradients to its weights, and a fingerprint."""
+
+    def __init__(self, net: nn.Module, noise_schedule: NoiseSchedule, prediction: str, config: dict):
+        super().__init__(net, noise_schedule, prediction)
+        self.config = dict(config, noise_schedule=noise_schedule.config(), prediction=prediction)
+        self.eval().requires_grad_(False)
+        self._fingerprint = None
+
+    def train(self, mode: bool = True):  # a teacher stays in eval mode inside any training loop
+        return super().train(False)
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.net, self.config)
+        return self._fingerprint
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def save_unet_teacher(directory: str | Path, net: UNet, noise_schedule: NoiseSchedule, extra: dict | None = None,
+                      dtype: torch.dtype = torch.float32) -> Path:
+    """Write model.safetensors and teacher.json into `directory` (each written to a temporary file, then renamed)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(dtype).contiguous() for k, v in net.state_dict().items()}
+    tmp = d / "model.safetensors.tmp"
+    save_file(state, str(tmp))
+    tmp.replace(d / "model.safetensors")
+    meta = dict(format=TEACHER_FORMAT, version=TEACHER_VERSION, kind="unet", unet=net.config.to_dict(),
+                noise_schedule=noise_schedule.config(), prediction="epsilon", **(extra or {}))
+    _atomic_write_text(d / "teacher.json", json.dumps(meta, indent=2))
+    meta["fingerprint"] = load_teacher(d, check=False).fingerprint()  # of the weights as stored
+    _atomic_write_text(d / "teacher.json", json.dumps(meta, indent=2))
+    return d
+
+
+def _load_state(path: Path) -> dict[str, Tensor]:
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
+            raise TeacherLoadError(f"{path} is not a readable safetensors file: {err}") from None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_teacher(spec: str | Path, *, check: bool = True, **kwargs):
+    """A teacher by name or path:
+
+    - "gmm_digits", "toy_mixture", "gaussian": the exact mixtures;
+    - "digits_unet": the shipped UNet trained on the digits (learnsteps/assets/digits_unet);
+    - a directory with teacher.json (learnsteps' own UNet, as `train.py mode=teacher` exports it);
+    - a diffusers UNet2DModel: a local directory or a Hugging Face hub id (see `diffusers_teacher`)."""
+    from . import gmm
+
+    name = str(spec)
+    exact = {"gmm_digits": gmm.gmm_digits, "toy_mixture": gmm.toy_mixture, "gaussian": gmm.gaussian}
+    if name in exact:
+        return exact[name](**kwargs)
+    if name == "digits_unet":
+        return load_teacher(Path(__file__).resolve().parents[1] / "assets" / "digits_unet")
+    path = Path(name)
+    if (path / "teacher.json").is_file():
+        meta = json.loads((path / "teacher.json").read_text())
+        if meta.get("format") != TEACHER_FORMAT or meta.get("version") != TEACHER_VERSION:
+            raise TeacherLoadError(f"{path / 'teacher.json'}: unknown teacher format "
+                                   f"{meta.get('format')!r} version {meta.get('version')!r}")
+        net = UNet(UNetConfig(**meta["unet"]))
+        state = _load_state(path / "model.safetensors")
+        net.load_state_dict({k: v.float() for k, v in state.items()})
+        schedule = make_schedule(**meta["noise_schedule"])
+        teacher = NetworkTeacher(net, schedule, "epsilon", dict(kind="unet", unet=meta["unet"]))
+        if check and "fingerprint" in meta and meta["fingerprint"] != teacher.fingerprint():
+            raise TeacherLoadError(f"{path}: weights do not match the fingerprint in teacher.json")
+        return teacher
+    return diffusers_teacher(name, **kwargs)
+
+
+class DiffusersUNet(nn.Module):
+    """diffusers' UNet2DModel called as net(x, t[, y]) -> its first in_channels outputs (a learned variance,
+    if the model has one, is dropped: samplers of the probability-flow ODE do not use it)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        p = next(self.unet.parameters())
+        out = self.unet(x.to(p.dtype), t.to(p.dtype), class_labels=y).sample
+        return out[:, : x.shape[1]].to(x.dtype)
+
+
+PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x0"}
+
+
+def diffusers_teacher(model: str, scheduler_config: dict | None = None, subfolder: str | None = None,
+                      local_files_only: bool | None = None, dtype: torch.dtype = torch.float32) -> NetworkTeacher:
+    """A diffusers UNet2DModel with its DDPM scheduler config, from a local directory or a hub id.
+
+    A pipeline directory (model_index.json) has the UNet in unet/ and the config in scheduler/; a bare UNet
+    directory needs `scheduler_config` (or a scheduler_config.json beside it). Offline (HF_HUB_OFFLINE=1, or no
+    network) a hub id must already be in the Hugging Face cache."""
+    try:
+        from diffusers import UNet2DModel
+    except ImportError:
+        raise TeacherLoadError("loading a diffusers teacher needs diffusers: pip install 'learnsteps[diffusers]'") from None
+    path = Path(model)
+    if subfolder is None and (path / "model_index.json").is_file():
+        subfolder = "unet"
+    offline = local_files_only if local_files_only is not None else os.environ.get("HF_HUB_OFFLINE") == "1"
+    try:
+        unet = UNet2DModel.from_pretrained(model, subfolder=subfolder, local_files_only=offline, torch_dtype=dtype)
+    except (OSError, ValueError) as err:
+        where = "no such local directory, and " if not path.exists() else ""
+        raise TeacherLoadError(
+            f"could not load the diffusers UNet {model!r}: {where}it is not in the Hugging Face cache"
+            f"{' and the hub is not reachable (offline)' if offline or not path.exists() else ''}. Download it where "
+            f"there is internet (e.g. `huggingface-cli download {model}`) and pass the local directory, or set "
+            f"HF_HOME to a cache that holds it. ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    if scheduler_config is None:
+        for candidate in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json"):
+            if candidate.is_file():
+                scheduler_config = json.loads(candidate.read_text())
+                break
+        else:
+            raise TeacherLoadError(f"{model!r}: no scheduler config found; pass scheduler_config= (the DDPM "
+                                   f"scheduler's num_train_timesteps, beta_schedule, beta_start, beta_end, "
+                                   f"prediction_type)")
+    sc = scheduler_config
+    if sc.get("trained_betas") is not None:
+        raise TeacherLoadError("schedulers with trained_betas are not supported yet")
+    schedule = DiscreteDDPM(sc.get("beta_schedule", "linear"), sc.get("num_train_timesteps", 1000),
+                            sc.get("beta_start"), sc.get("beta_end"))
+    prediction = sc.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise TeacherLoadError(f"prediction_type {prediction!r} is not supported: expected one of {list(PREDICTION_TYPES)}")
+    return NetworkTeacher(DiffusersUNet(unet), schedule, PREDICTION_TYPES[prediction],
+                          dict(kind="diffusers", model=str(model), unet=dict(unet.config)))
+
+
+def edm_teacher(net: nn.Module, weights: str | Path | None = None, sigma_min: float = 0.002, sigma_max: float = 80.0):
+    """Any network D(x~, sigma~[, y]) -> x0 (EDM's denoiser), with weights from a safetensors or torch state dict
+    (torch.load with weights_only=True)."""
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise TeacherLoadError(f"EDM weights {path} do not exist")
+        net.load_state_dict(_load_state(path))
+    return NetworkTeacher(net, EDM(sigma_min, sigma_max), "edm", dict(kind="edm", net=type(net).__name__))

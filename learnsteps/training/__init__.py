@@ -1,0 +1,1 @@
+"""Lightning pieces shared by every training mode: run directories, loggers, trainers, EMA."""

@@ -1,0 +1,151 @@
+"""`python train.py mode=teacher data=digits`: train learnsteps' own UNet as an epsilon-predicting VP model.
+
+The loss is DDPM's: || eps - eps_theta(alpha_t x0 + sigma_t eps, t) ||^2 with t ~ U(t_min, t_max) of the
+continuous schedule. An exponential moving average of the weights is what gets exported and sampled.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ..core.schedules import make_schedule
+from ..teachers.gmm import digits_data
+from ..teachers.network import NetworkTeacher, save_unet_teacher
+from ..teachers.unet import UNet, UNetConfig
+from .common import RunConfig, ScheduleConfig, make_logger, make_trainer, prepare_run
+
+
+@dataclass
+class TeacherTrainConfig(RunConfig):
+    data: str = "digits"
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    class_conditional: bool = False  # train with labels (dropped 10% of the time, for classifier-free guidance)
+    export_dir: str = ""  # also write the exported teacher here (e.g. learnsteps/assets/digits_unet)
+    sample_steps: int = 20  # UniPC steps for the sample grid logged at the end
+
+
+class DigitsDataModule(L.LightningDataModule):
+    """scikit-learn's 8x8 digits in [-1, 1] (and their labels), shuffled mini-batches."""
+
+    def __init__(self, batch_size: int = 128):
+        super().__init__()
+        self.batch_size = batch_size
+
+    def setup(self, stage=None):
+        from sklearn.datasets import load_digits
+
+        self.train_set = TensorDataset(digits_data(torch.float32), torch.as_tensor(load_digits().target))
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True)
+
+
+class DiffusionTraining(L.LightningModule):
+    def __init__(self, cfg: TeacherTrainConfig):
+        super().__init__()
+        self.cfg = cfg
+        unet_cfg = UNetConfig(**{**cfg.unet.to_dict(), "num_classes": 10 if cfg.class_conditional else 0})
+        self.net = UNet(unet_cfg)
+        self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        self.schedule = make_schedule(cfg.schedule.kind, **cfg.schedule.params)
+
+    def training_step(self, batch, batch_idx):
+        x0, y = batch
+        s = self.schedule
+        t = s.t_min + (s.t_max - s.t_min) * torch.rand(x0.shape[0], device=x0.device)
+        eps = torch.randn_like(x0)
+        x_t = s.alpha(t)[:, None, None, None] * x0 + s.sigma(t)[:, None, None, None] * eps
+        if self.cfg.class_conditional:  # drop 10% of the labels: the null class 10 trains the unconditional model
+            y = torch.where(torch.rand_like(t) < 0.1, torch.full_like(y, 10), y)
+            pred = self.net(x_t, t, y)
+        else:
+            pred = self.net(x_t, t)
+        loss = (pred - eps).pow(2).mean()
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.ema.update_parameters(self.net)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.net.parameters(), lr=self.cfg.lr, weight_decay=0.0)
+        total, warm = self.cfg.trainer.max_steps, self.cfg.warmup_steps
+        cosine = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda k: min(1.0, (k + 1) / warm) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * k / total)).item()))
+        return dict(optimizer=opt, lr_scheduler=dict(scheduler=cosine, interval="step"))
+
+    def teacher(self) -> NetworkTeacher:
+        """The EMA network as a frozen teacher."""
+        return NetworkTeacher(self.ema.module, self.schedule, "epsilon", dict(kind="unet", unet=self.net.config.to_dict()))
+
+
+def sample_grid(teacher, n: int = 64, steps: int = 20, seed: int = 0, cond=None) -> torch.Tensor:
+    """n samples of a teacher by UniPC-3 on a logSNR grid to sigma = 0, clipped to [-1, 1]."""
+    from ..core.grids import make
+    from ..core.sample import sample
+
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, teacher.net.config.in_channels if hasattr(teacher.net, "config") else 1, 8, 8)
+    x_T = torch.randn(*shape, generator=g)
+    grid = make("logsnr", steps, teacher.noise_schedule, to_zero=True)
+    with torch.no_grad():
+        return sample(teacher, x_T, grid, "unipc", 3, cond=cond).clamp(-1, 1)
+
+
+def save_image_grid(images: torch.Tensor, path: Path, nrow: int = 8, scale: int = 4) -> None:
+    """Images in [-1, 1], shape (N, 1, H, W), as one PNG (nearest-neighbour upscaled)."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    rows = (n + nrow - 1) // nrow
+    canvas = torch.ones(rows * (h + 1) + 1, nrow * (w + 1) + 1)
+    for i, img in enumerate(images):
+        r, c = divmod(i, nrow)
+        canvas[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = (img[0] + 1) / 2
+    pixels = (canvas.clamp(0, 1) * 255).round().byte().numpy()
+    Image.fromarray(pixels).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def train_teacher(cfg: TeacherTrainConfig) -> Path:
+    if cfg.data != "digits":
+        raise ValueError(f"unknown data set {cfg.data!r}: the embedded one is 'digits'")
+    run_dir = prepare_run(cfg)
+    module = DiffusionTraining(cfg)
+    logger = make_logger(cfg, run_dir)
+    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, every_n_train_steps=500)
+    trainer = make_trainer(cfg, run_dir, [ckpt], logger)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    trainer.fit(module, DigitsDataModule(cfg.batch_size), ckpt_path=str(last) if last.exists() else None)
+    if trainer.global_rank != 0:
+        return run_dir
+    teacher = module.teacher().cpu()
+    export = [run_dir / "teacher"] + ([Path(cfg.export_dir)] if cfg.export_dir else [])
+    summary = dict(trained=dict(steps=trainer.global_step, final_loss=float(trainer.callback_metrics.get("train/loss", float("nan"))),
+                                command="python train.py " + " ".join(f"{k}={v}" for k, v in _cli_overrides(cfg))))
+    for d in export:
+        save_unet_teacher(d, teacher.net, teacher.noise_schedule, extra=summary)
+    images = sample_grid(teacher, steps=cfg.sample_steps)
+    save_image_grid(images, run_dir / "samples.png")
+    if logger is not None:
+        logger.log_image("samples", [str(run_dir / "samples.png")])
+    print(f"teacher exported to {', '.join(map(str, export))}; samples in {run_dir / 'samples.png'}")
+    return run_dir
+
+
+def _cli_overrides(cfg: TeacherTrainConfig):
+    yield "mode", "teacher"
+    yield "data", cfg.data
+    yield "trainer.max_steps", cfg.trainer.max_steps
+    yield "seed", cfg.seed
