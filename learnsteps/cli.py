@@ -9,8 +9,9 @@ from .config import CONFIG_DIR, ConfigError, load_config
 
 def _modes() -> dict[str, tuple[type, Callable]]:
     from .training.teacher import TeacherTrainConfig, train_teacher
+    from .training.trajectories import TrajectoryJobConfig, generate_job
 
-    return {"teacher": (TeacherTrainConfig, train_teacher)}
+    return {"teacher": (TeacherTrainConfig, train_teacher), "trajectories": (TrajectoryJobConfig, generate_job)}
 
 
 def train_main(argv: list[str]) -> int:

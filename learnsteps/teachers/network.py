@@ -109,6 +109,7 @@ def load_teacher(spec: str | Path, *, check: bool = True, **kwargs):
         net.load_state_dict({k: v.float() for k, v in state.items()})
         schedule = make_schedule(**meta["noise_schedule"])
         teacher = NetworkTeacher(net, schedule, "epsilon", dict(kind="unet", unet=meta["unet"]))
+        teacher.shape = (net.config.in_channels, net.config.image_size, net.config.image_size)
         if check and "fingerprint" in meta and meta["fingerprint"] != teacher.fingerprint():
             raise TeacherLoadError(f"{path}: weights do not match the fingerprint in teacher.json")
         return teacher
@@ -173,8 +174,11 @@ def diffusers_teacher(model: str, scheduler_config: dict | None = None, subfolde
     prediction = sc.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
         raise TeacherLoadError(f"prediction_type {prediction!r} is not supported: expected one of {list(PREDICTION_TYPES)}")
-    return NetworkTeacher(DiffusersUNet(unet), schedule, PREDICTION_TYPES[prediction],
-                          dict(kind="diffusers", model=str(model), unet=dict(unet.config)))
+    teacher = NetworkTeacher(DiffusersUNet(unet), schedule, PREDICTION_TYPES[prediction],
+                             dict(kind="diffusers", model=str(model), unet=dict(unet.config)))
+    size = unet.config.sample_size
+    teacher.shape = (unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
+    return teacher
 
 
 def edm_teacher(net: nn.Module, weights: str | Path | None = None, sigma_min: float = 0.002, sigma_max: float = 80.0):

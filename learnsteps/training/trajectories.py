@@ -1,0 +1,30 @@
+"""`python train.py mode=trajectories teacher=digits_unet out_dir=...`: generate a teacher trajectory dataset,
+split across the DDP ranks that Lightning Fabric launches (trainer.devices, trainer.strategy=ddp, torchrun)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import lightning as L
+
+from ..teachers.network import load_teacher
+from ..trajectories import TrajectorySpec, generate
+from .common import RunConfig
+
+
+@dataclass
+class TrajectoryJobConfig(RunConfig):
+    teacher: str = "digits_unet"
+    out_dir: str = "runs/trajectories"
+    spec: TrajectorySpec = field(default_factory=TrajectorySpec)
+
+
+def generate_job(cfg: TrajectoryJobConfig):
+    t = cfg.trainer
+    fabric = L.Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy)
+    fabric.launch()
+    teacher = load_teacher(cfg.teacher).to(fabric.device)
+    manifest = generate(teacher, cfg.out_dir, cfg.spec, rank=fabric.global_rank, world_size=fabric.world_size,
+                        teacher_name=cfg.teacher, progress=t.progress_bar and fabric.global_rank == 0,
+                        barrier=fabric.barrier)
+    if fabric.global_rank == 0:
+        print(f"{cfg.spec.n} trajectories of {cfg.teacher} in {cfg.out_dir} (manifest {manifest})")
