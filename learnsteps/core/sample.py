@@ -94,16 +94,18 @@ class Solution:
 
 
 def solve(teacher: Denoiser, x_T: Tensor, grid, solver: str = "dpm_solver++", order: int | None = None,
-          eval_grid=None, cond=None, return_trajectory: bool = False, **options) -> Solution:
+          eval_grid=None, cond=None, return_trajectory: bool = False, remat: bool = False, **options) -> Solution:
     """Integrate from x_T along `grid` (native times of teacher.noise_schedule, decreasing) with `solver`.
 
     eval_grid: the times the model is called at for each grid point (LD3's decoupled offsets); default `grid`.
+    remat: recompute each model call in the backward pass instead of storing its activations (memory flat in
+    the number of steps when backpropagating through the sampler, e.g. to learn the grid).
     options: the solver's own (eta, variant, corrector, method, basis, noise_scale, generator, ...)."""
     spec = get_solver(solver)
     _check_options(solver, options)
     g = Grid(teacher.noise_schedule, torch.as_tensor(grid), None if eval_grid is None else torch.as_tensor(eval_grid))
     order = check_order(solver, order, g.n)
-    model = Model(teacher, g, cond)
+    model = Model(teacher, g, cond, remat)
     x, states = x_T, [x_T]
     for x in spec.fn(model, x_T, g, order=order, **spec.fixed, **options):
         if return_trajectory:

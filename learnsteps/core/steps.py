@@ -17,6 +17,7 @@ from functools import cached_property, lru_cache
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 
 from .denoiser import Denoiser, convert
@@ -97,13 +98,19 @@ def check_times(t, what: str = "grid", monotone: bool = True) -> Tensor:
 class Model:
     """The denoiser as the solvers see it: called at grid point i, counting every call (NFE)."""
 
-    def __init__(self, denoiser: Denoiser, grid: Grid, cond=None):
-        self.denoiser, self.grid, self.cond, self.nfe = denoiser, grid, cond, 0
+    def __init__(self, denoiser: Denoiser, grid: Grid, cond=None, remat: bool = False):
+        self.denoiser, self.grid, self.cond, self.nfe, self.remat = denoiser, grid, cond, 0, remat
 
     def _predict(self, x: Tensor, i: int, want: str) -> Tensor:
         self.nfe += 1
         g = self.grid
-        out = self.denoiser(x, g.t_eval[i].to(x.dtype).expand(x.shape[0]), self.cond)
+        t = g.t_eval[i].to(x.dtype).expand(x.shape[0])
+        if self.remat and torch.is_grad_enabled():
+            # Rematerialisation: keep only this call's inputs for the backward pass and run the network again
+            # there, so that backpropagating through N steps holds one network's activations, not N.
+            out = torch.utils.checkpoint.checkpoint(self.denoiser, x, t, self.cond, use_reentrant=False)
+        else:
+            out = self.denoiser(x, t, self.cond)
         return convert(out, self.denoiser.prediction, want, x, g.alpha[i], g.sigma[i])
 
     def x0(self, x: Tensor, i: int) -> Tensor:

@@ -1,0 +1,1 @@
+"""LD3: learn a solver's time steps (and decoupled model-evaluation offsets) from teacher pairs."""

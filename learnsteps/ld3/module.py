@@ -1,0 +1,326 @@
+"""`python train.py mode=ld3`: learn the time grid of a solver at a given NFE from teacher pairs (LD3).
+
+Algorithm (Tong et al., "Learning to Discretize Denoising Diffusion ODEs", ICLR 2025; ../shared brief sec. 1):
+- teacher pairs (x_T, x_0) from the reference solver of the core; half train, half validation;
+- student: the chosen solver on the LD3Grid, backpropagated through (with per-step rematerialisation);
+- soft teacher forcing: each training sample's start x'_T may move inside the ball of radius
+  r = gamma d / NFE^2 (in units of the prior's std) around x_T, by a projected gradient step that is kept only
+  where that sample's loss goes down;
+- phase 1 trains the grid (theta) alone, phase 2 the grid and the decoupled offsets (xi); RMSprop for theta,
+  SGD for xi, gradient norms clipped to 1, both learning rates decayed x0.8 after `patience` validations
+  without improvement (restarting from the best grid), and the best-validation grid is what gets exported.
+Deviation from the official code, on purpose: validation measures the unrelaxed objective (the true x_T of
+held-out pairs), so model selection is not scored on soft-optimised latents.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from ..core.grids import make as make_grid
+from ..core.sample import check_order, get_solver, nfe as nfe_of, solve
+from ..schedule import Schedule, save_schedule
+from ..teachers.network import load_teacher
+from ..trajectories import TrajectoryDataset, TrajectorySpec, generate
+from ..training.common import RunConfig, make_logger, make_trainer, prepare_run
+from .grid import LD3Grid
+from .losses import distance
+
+BASELINES = ("time_uniform", "time_quadratic", "logsnr", "edm")
+
+
+@dataclass
+class PairsConfig:
+    train: int = 50
+    val: int = 50
+    test: int = 200  # held-out pairs for the final comparison with the baseline grids
+    seed: int = 0
+    rtol: float = 1e-5  # reference solver tolerance
+    directory: str = ""  # default <run_dir>/pairs; reusable across runs with the same teacher
+
+
+@dataclass
+class LD3Config(RunConfig):
+    teacher: str = "digits_unet"
+    solver: str = "dpm_solver++"
+    order: int = 3
+    options: dict = field(default_factory=dict)
+    nfe: int = 6
+    to_zero: bool = True  # the last step goes to sigma = 0 (x = x0)
+    time_mode: str = "lambda"  # learn the grid in lambda (log-SNR) or in t
+    decoupled: bool = True  # learn LD3's model-evaluation offsets xi in phase 2
+    window: float = 0.5  # xi clip: this fraction of the smallest grid gap
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    loss: str = "l2"  # l2 | l1 | pseudo_huber | lpips
+    soft_forcing: bool = True
+    gamma: float = 0.001  # ball radius r = gamma * d / NFE^2
+    shift_lr: float = 0.0  # step of x'_T; 0: the official 12 / NFE
+    batch_size: int = 2
+    rounds_theta: int = 2  # phase 1 epochs (grid only)
+    rounds_joint: int = 5  # phase 2 epochs (grid and offsets)
+    lr_theta: float = 0.005
+    lr_xi: float = 0.1  # divided by NFE, as the official code does
+    patience: int = 5
+    lr_decay: float = 0.8
+    min_lr_theta: float = 5e-5
+    min_lr_xi: float = 1e-6
+    val_every_n_steps: int = 5
+    remat: bool = True
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+
+
+def steps_for_nfe(solver: str, nfe: int, to_zero: bool) -> int:
+    steps = (nfe + int(to_zero)) // 2 if solver == "heun" else nfe
+    if nfe_of(solver, steps, to_zero) != nfe:
+        raise ValueError(f"{solver} cannot spend exactly {nfe} model calls"
+                         f"{' with a final step to sigma = 0' if to_zero else ''}")
+    return steps
+
+
+class LD3(L.LightningModule):
+    def __init__(self, cfg: LD3Config, teacher, x_T_train: torch.Tensor):
+        super().__init__()
+        self.cfg = cfg
+        self.__dict__["teacher"] = teacher  # frozen and not ours: kept out of the state dict and the optimisers
+        self.steps = steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero)
+        check_order(cfg.solver, cfg.order, self.steps)
+        self.grid = LD3Grid(teacher.noise_schedule, self.steps, cfg.time_mode, cfg.to_zero, cfg.window)
+        self.register_buffer("x_prime", x_T_train.clone())  # soft-forced starts, saved in checkpoints
+        self.register_buffer("x_start", x_T_train.clone())
+        d = x_T_train[0].numel()
+        self.radius = cfg.gamma * d / cfg.nfe**2 * teacher.noise_schedule.init_noise_std()
+        self.dist = distance(cfg.loss)
+        self.automatic_optimization = False
+        self.best = dict(loss=math.inf, state=copy.deepcopy(self.grid.state_dict()), step=0)
+        self.bad_validations, self.val_losses = 0, []
+
+    def phase(self) -> int:
+        return 1 if self.current_epoch < self.cfg.rounds_theta else 2
+
+    def student(self, x_T: torch.Tensor, decoupled: bool | None = None) -> torch.Tensor:
+        decoupled = self.cfg.decoupled and (self.phase() == 2 if decoupled is None else decoupled)
+        t, t_eval = self.grid(decoupled)
+        return solve(self.teacher, x_T.to(self.x_prime.dtype), t, self.cfg.solver, self.cfg.order, eval_grid=t_eval,
+                     remat=self.cfg.remat, **self.cfg.options).x
+
+    def training_step(self, batch, batch_idx):
+        idx, _, target = batch
+        opt_theta, opt_xi = self.optimizers()
+        x = self.x_prime[idx].clone().requires_grad_(self.cfg.soft_forcing)
+        loss_each = self.dist(self.student(x), target)
+        loss = loss_each.mean()
+        opt_theta.zero_grad()
+        opt_xi.zero_grad()
+        self.manual_backward(loss)
+        torch.nn.utils.clip_grad_norm_([self.grid.theta], 1.0)
+        torch.nn.utils.clip_grad_norm_([self.grid.xi], 1.0)
+        opt_theta.step()
+        if self.phase() == 2 and self.cfg.decoupled:
+            opt_xi.step()
+        if self.cfg.soft_forcing:
+            self.soft_forcing_step(idx, x, target, loss_each.detach())
+        self.log_dict({"train/loss": loss, "train/phase": float(self.phase()),
+                       "train/lr_theta": opt_theta.param_groups[0]["lr"]}, prog_bar=True)
+
+    @torch.no_grad()
+    def soft_forcing_step(self, idx, x, target, loss_before):
+        """x' <- project(x' - lr grad) onto the ball around x_T; kept where that sample's loss goes down."""
+        lr = self.cfg.shift_lr or 12.0 / self.cfg.nfe
+        start = self.x_start[idx]
+        cand = x.detach() - lr * x.grad
+        delta = cand - start
+        norm = delta.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, *[1] * (x.dim() - 1))
+        cand = start + delta * torch.clamp(self.radius / norm, max=1.0)
+        keep = self.dist(self.student(cand), target) < loss_before
+        self.x_prime[idx[keep]] = cand[keep]
+        self.log("train/soft_forcing_kept", keep.float().mean())
+
+    def validation_step(self, batch, batch_idx):
+        _, x_T, target = batch
+        with torch.no_grad():
+            self.val_losses.append(self.dist(self.student(x_T), target))
+
+    def on_validation_epoch_end(self):
+        if not self.val_losses:
+            return
+        val = float(self.all_gather(torch.cat(self.val_losses)).mean())
+        self.val_losses = []
+        self.log("val/loss", val, prog_bar=True, sync_dist=False)
+        if val < self.best["loss"]:
+            self.best = dict(loss=val, state=copy.deepcopy(self.grid.state_dict()), step=self.global_step)
+            self.bad_validations = 0
+        elif not self.trainer.sanity_checking:
+            self.bad_validations += 1
+            if self.bad_validations >= self.cfg.patience:  # decay, and restart from the best grid
+                for opt, floor in zip(self.optimizers(), (self.cfg.min_lr_theta, self.cfg.min_lr_xi)):
+                    for group in opt.param_groups:
+                        group["lr"] = max(floor, group["lr"] * self.cfg.lr_decay)
+                self.grid.load_state_dict(self.best["state"])
+                self.bad_validations = 0
+        self.log("val/best", self.best["loss"])
+
+    def configure_optimizers(self):
+        return [torch.optim.RMSprop([self.grid.theta], lr=self.cfg.lr_theta, momentum=0.9),
+                torch.optim.SGD([self.grid.xi], lr=self.cfg.lr_xi / self.cfg.nfe)]
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["ld3_best"] = self.best
+        checkpoint["ld3_bad_validations"] = self.bad_validations
+
+    def on_load_checkpoint(self, checkpoint):
+        self.best = checkpoint["ld3_best"]
+        self.bad_validations = checkpoint["ld3_bad_validations"]
+
+    def best_grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        grid = copy.deepcopy(self.grid)
+        grid.load_state_dict(self.best["state"])
+        with torch.no_grad():
+            return grid(self.cfg.decoupled)
+
+
+def teacher_pairs(teacher, cfg: LD3Config, directory: Path, n: int, seed: int, name: str) -> TensorDataset:
+    s = teacher.noise_schedule
+    times = [s.t_max, s.t_min] + ([s.t_zero] if cfg.to_zero else [])
+    spec = TrajectorySpec(n=n, shard_size=max(1, min(n, 256)), seed=seed, output_times=times, rtol=cfg.pairs.rtol,
+                          batch_size=64)
+    generate(teacher, directory / name, spec, teacher_name=cfg.teacher, progress=cfg.trainer.progress_bar)
+    ds = TrajectoryDataset(directory / name, dtype=_dtype(teacher))
+    return TensorDataset(ds.tensors["index"], ds.tensors["x_T"], ds.tensors["trajectory"][:, -1])
+
+
+def _dtype(teacher) -> torch.dtype:
+    ref = next(iter(teacher.buffers()), None) if next(iter(teacher.parameters()), None) is None else \
+        next(iter(teacher.parameters()))
+    return torch.float64 if ref is not None and ref.dtype == torch.float64 else torch.float32
+
+
+def evaluate_grids(cfg: LD3Config, teacher, learned, test: TensorDataset) -> list[dict]:
+    """RMSE to the teacher on held-out pairs for the learned grid and every baseline grid (same solver, NFE)."""
+    _, x_T, target = test.tensors
+    steps = steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero)
+    grids = {"ld3 (learned)": learned}
+    for kind in cfg.baselines:
+        g = make_grid(kind, steps, teacher.noise_schedule, to_zero=cfg.to_zero)
+        grids[kind] = (g, g)
+    rows = []
+    with torch.no_grad():
+        for name, (t, t_eval) in grids.items():
+            out = solve(teacher, x_T, t, cfg.solver, cfg.order, eval_grid=t_eval, **cfg.options).x
+            rmse = float((out - target).pow(2).mean().sqrt())
+            rows.append(dict(grid=name, rmse=rmse))
+    best_baseline = min(r["rmse"] for r in rows[1:]) if len(rows) > 1 else math.nan
+    for r in rows:
+        r["vs_best_baseline"] = r["rmse"] / best_baseline
+    return rows
+
+
+def plot_grids(cfg: LD3Config, teacher, learned, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = teacher.noise_schedule
+    steps = steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    n_finite = steps if cfg.to_zero else steps + 1
+    for kind in cfg.baselines:
+        g = make_grid(kind, steps, s, to_zero=cfg.to_zero)[:n_finite]
+        ax.plot(range(n_finite), s.lambda_(g), marker=".", alpha=0.6, label=kind)
+    t, t_eval = learned
+    ax.plot(range(n_finite), s.lambda_(t[:n_finite]), marker="o", color="k", lw=2, label="LD3 (integration)")
+    if cfg.decoupled:
+        ax.plot(range(n_finite), s.lambda_(t_eval[:n_finite]), marker="x", ls="--", color="crimson",
+                label="LD3 (model evaluation)")
+    ax.set(xlabel="step", ylabel="log-SNR lambda", title=f"{cfg.solver} order {cfg.order}, NFE {cfg.nfe}"
+           + (" (+ final step to sigma = 0)" if cfg.to_zero else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def train_ld3(cfg: LD3Config) -> Path:
+    get_solver(cfg.solver)
+    if get_solver(cfg.solver).fn.__name__ in ("er_sde",) and cfg.options.get("noise_scale", "sde5") != "ode":
+        raise ValueError("LD3 learns grids for deterministic solvers; er_sde needs options.noise_scale=ode")
+    if cfg.options.get("eta"):
+        raise ValueError("LD3 learns grids for deterministic solvers; stochastic DDIM (eta > 0) is not one")
+    steps = steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero)
+    check_order(cfg.solver, cfg.order, steps)
+    distance(cfg.loss)  # fail now, not after generating the pairs
+    teacher = load_teacher(cfg.teacher)
+    run_dir = prepare_run(cfg)
+    pairs_dir = Path(cfg.pairs.directory) if cfg.pairs.directory else run_dir / "pairs"
+    p = cfg.pairs
+    pairs = teacher_pairs(teacher, cfg, pairs_dir, p.train + p.val, p.seed, "train")
+    test = teacher_pairs(teacher, cfg, pairs_dir, p.test, p.seed + 1, "test")
+    train_set = torch.utils.data.Subset(pairs, range(p.train))
+    val_set = torch.utils.data.Subset(pairs, range(p.train, p.train + p.val))
+    module = LD3(cfg, teacher, pairs.tensors[1])
+    logger = make_logger(cfg, run_dir)
+    cfg.trainer.max_steps = -1
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, every_n_train_steps=cfg.val_every_n_steps)
+    trainer = make_trainer(cfg, run_dir, [ckpt], logger, max_epochs=cfg.rounds_theta + cfg.rounds_joint,
+                           val_check_interval=min(cfg.val_every_n_steps, max(1, p.train // cfg.batch_size)),
+                           num_sanity_val_steps=-1)  # the sanity pass scores the initial (uniform) grid
+    last = run_dir / "checkpoints" / "last.ckpt"
+    trainer.fit(module, DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True),
+                DataLoader(val_set, batch_size=64), ckpt_path=str(last) if last.exists() else None)
+    if trainer.global_rank != 0:
+        return run_dir
+    learned = module.best_grid()
+    schedule = Schedule.from_grid(
+        learned[0], teacher.noise_schedule, cfg.solver, cfg.order, eval_grid=learned[1], options=cfg.options,
+        teacher=dict(fingerprint=teacher.fingerprint(), name=cfg.teacher),
+        provenance=dict(method="ld3", loss=cfg.loss, validation={f"{cfg.loss}": module.best["loss"]},
+                        best_step=module.best["step"], seed=cfg.seed, time_mode=cfg.time_mode,
+                        soft_forcing=cfg.soft_forcing, pairs=dict(train=p.train, val=p.val)))
+    save_schedule(run_dir / "schedule.json", schedule)
+    plot_grids(cfg, teacher, learned, run_dir / "grid.png")
+    rows = evaluate_grids(cfg, teacher, learned, test)
+    with open(run_dir / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    table = [f"{cfg.solver} order {cfg.order}, NFE {cfg.nfe}: RMSE to the teacher on {p.test} held-out pairs",
+             "| grid | RMSE | / best baseline |", "|---|---|---|"]
+    table += [f"| {r['grid']} | {r['rmse']:.4g} | {r['vs_best_baseline']:.3f} |" for r in rows]
+    (run_dir / "results.md").write_text("\n".join(table) + "\n")
+    _log_outputs(logger, run_dir, module, teacher, test, learned, rows)
+    print("\n".join(table))
+    print(f"schedule: {run_dir / 'schedule.json'}   grid plot: {run_dir / 'grid.png'}")
+    return run_dir
+
+
+def _log_outputs(logger, run_dir: Path, module: LD3, teacher, test, learned, rows) -> None:
+    from ..training.teacher import save_image_grid
+
+    _, x_T, target = test.tensors
+    n = min(32, len(x_T))
+    with torch.no_grad():
+        student = solve(teacher, x_T[:n], learned[0], module.cfg.solver, module.cfg.order, eval_grid=learned[1],
+                        **module.cfg.options).x
+    if x_T.dim() == 4 and x_T.shape[1] == 1:  # images: student row above teacher row
+        both = torch.stack([student.clamp(-1, 1), target[:n].clamp(-1, 1)], 1).flatten(0, 1).float()
+        save_image_grid(both, run_dir / "samples.png", nrow=16)
+    if logger is None:
+        return
+    import wandb
+
+    logger.log_table("results", columns=list(rows[0]), data=[list(r.values()) for r in rows])
+    images = [str(run_dir / "grid.png")] + ([str(run_dir / "samples.png")] if (run_dir / "samples.png").exists() else [])
+    logger.log_image("ld3/plots", images)
+    artifact = wandb.Artifact(f"schedule-{module.cfg.solver}-nfe{module.cfg.nfe}", type="schedule")
+    artifact.add_file(str(run_dir / "schedule.json"))
+    logger.experiment.log_artifact(artifact)
