@@ -1,0 +1,157 @@
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import learnsteps as ls
+from learnsteps.config import load_config
+from learnsteps.core.schedules import DiscreteDDPM, VPLinear
+from learnsteps.ld3.grid import LD3Grid
+from learnsteps.ld3.module import LD3Config, train_ld3
+from learnsteps.schedule import load_schedule
+from learnsteps.teachers.gmm import toy_mixture
+
+from helpers import F64, noise
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("schedule", [VPLinear(), DiscreteDDPM()], ids=lambda s: s.kind)
+@pytest.mark.parametrize("to_zero", [False, True])
+def test_initial_grid_is_the_uniform_baseline(schedule, to_zero):
+    g = LD3Grid(schedule, 6, "lambda", to_zero)
+    t, t_eval = g()
+    torch.testing.assert_close(t, ls.grids.make("logsnr", 6, schedule, to_zero=to_zero), rtol=1e-9, atol=1e-9)
+    assert torch.equal(t, t_eval)
+    t, _ = LD3Grid(schedule, 6, "time", to_zero)()
+    torch.testing.assert_close(t, ls.grids.make("time_uniform", 6, schedule, to_zero=to_zero), rtol=1e-9, atol=1e-9)
+
+
+def test_grid_stays_monotone_with_pinned_ends_and_clipped_offsets():
+    s = VPLinear()
+    g = LD3Grid(s, 7, "lambda", to_zero=True, window=0.5)
+    with torch.no_grad():
+        g.theta.copy_(torch.randn(7, dtype=F64) * 2)
+        g.xi.copy_(torch.randn(7, dtype=F64) * 100)  # far outside the window
+    t, t_eval = g()
+    assert t[0] == s.t_max and t[-2] == s.t_min and t[-1] == s.t_zero and (t[1:] < t[:-1]).all()
+    assert t_eval[0] == t[0] and t_eval[-2] == t[-2] and t_eval[-1] == t[-1]
+    lam, lam_e = s.lambda_(t[:-1]), s.lambda_(t_eval[:-1])
+    window = 0.5 * (lam[1:] - lam[:-1]).min()
+    assert ((lam_e - lam).abs() <= window + 1e-9).all() and (lam_e - lam).abs().max() > 0.9 * window
+    assert not torch.equal(g(decoupled=False)[1], t_eval)
+
+
+def test_gradients_reach_both_parameter_vectors_and_remat_changes_nothing():
+    teacher = toy_mixture()
+    g = LD3Grid(teacher.noise_schedule, 5, "lambda", to_zero=True)
+    x_T, target = noise((4, 6)), noise((4, 6), seed=3)
+    grads = []
+    for remat in (False, True):
+        g.zero_grad()
+        t, t_eval = g()
+        out = ls.sample(teacher, x_T, t, "unipc", 3, eval_grid=t_eval, remat=remat)
+        (out - target).pow(2).mean().backward()
+        grads.append((g.theta.grad.clone(), g.xi.grad.clone()))
+    assert grads[0][0].abs().sum() > 0 and grads[0][1].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
+def saved_bytes(teacher, nfe: int, remat: bool) -> int:
+    """Bytes the autograd graph holds for the backward pass of one sampler run (distinct storages)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    g = LD3Grid(teacher.noise_schedule, nfe, "lambda", to_zero=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        t, t_eval = g()
+        ls.sample(teacher, torch.randn(2, *teacher.shape), t, "dpm_solver++", 3, eval_grid=t_eval, remat=remat)
+    return sum(storages.values())
+
+
+def test_rematerialisation_keeps_the_network_activations_out_of_the_graph():
+    """With remat the graph holds the solver's states (size of x, a few per step) and nothing of the network:
+    the same bytes for a narrow and a wide UNet. Without it, every call's activations stay until backward."""
+    from learnsteps.teachers.network import NetworkTeacher
+    from learnsteps.teachers.unet import UNet, UNetConfig
+
+    def teacher(channels):
+        t = NetworkTeacher(UNet(UNetConfig(channels=channels)), VPLinear(), "epsilon", {})
+        t.shape = (1, 8, 8)
+        return t
+
+    narrow, wide = teacher(8), teacher(32)
+    for nfe in (4, 10):
+        assert saved_bytes(narrow, nfe, True) == saved_bytes(wide, nfe, True)
+        assert saved_bytes(wide, nfe, False) > 4 * saved_bytes(wide, nfe, True)
+    state = 2 * 64 * 4  # one x of the batch, float32
+    assert saved_bytes(wide, 10, True) < 40 * 10 * state
+
+
+def tiny(tmp_path, **kw):
+    overrides = [f"run_dir={tmp_path}", "teacher=toy_mixture", "nfe=4", "solver=unipc", "order=2",
+                 "pairs.train=8", "pairs.val=8", "pairs.test=32", "pairs.rtol=1e-7", "rounds_theta=1",
+                 "rounds_joint=2", "batch_size=4", "val_every_n_steps=1", "trainer.progress_bar=false",
+                 "wandb.mode=disabled"] + [f"{k}={v}" for k, v in kw.items()]
+    return load_config(LD3Config, [ROOT / "configs" / "ld3.yaml"], overrides)
+
+
+def test_ld3_end_to_end_on_an_exact_teacher(tmp_path):
+    cfg = tiny(tmp_path)
+    run_dir = train_ld3(cfg)
+    schedule = load_schedule(run_dir / "schedule.json", solver="unipc", order=2, nfe=4)
+    assert schedule.teacher["fingerprint"] == toy_mixture().fingerprint()
+    assert schedule.provenance["method"] == "ld3" and schedule.times[-1] == -0.0 or schedule.times[-1] == 0.0
+    rows = (run_dir / "results.md").read_text()
+    for name in ("ld3 (learned)", "time_uniform", "time_quadratic", "logsnr", "edm"):
+        assert f"| {name} |" in rows
+    assert (run_dir / "grid.png").stat().st_size > 10_000
+    # the best-validation grid is never worse than the initial (uniform logSNR) grid on the validation pairs
+    val = schedule.provenance["validation"]["l2"]
+    teacher = toy_mixture()
+    from learnsteps.trajectories import TrajectoryDataset
+    ds = TrajectoryDataset(run_dir / "pairs" / "train", dtype=F64)
+    x_T, target = ds.tensors["x_T"][8:], ds.tensors["trajectory"][8:, -1]
+    uniform = ls.grids.make("logsnr", 4, teacher.noise_schedule, to_zero=True)
+    initial = float((ls.sample(teacher, x_T, uniform, "unipc", 2) - target).pow(2).flatten(1).mean(1).mean())
+    learned = float((ls.sample(teacher, x_T, schedule.grid, "unipc", 2, eval_grid=schedule.eval_grid) - target)
+                    .pow(2).flatten(1).mean(1).mean())
+    assert learned == pytest.approx(val, rel=1e-6) and learned <= initial
+
+
+def test_soft_forcing_stays_inside_the_ball(tmp_path):
+    from learnsteps.ld3.module import LD3
+    from torch.utils.data import DataLoader, TensorDataset
+    import lightning as L
+
+    cfg = tiny(tmp_path, gamma=0.05)
+    teacher = toy_mixture()
+    x_T, target = noise((8, 6)), noise((8, 6), seed=1)
+    module = LD3(cfg, teacher, x_T)
+    data = DataLoader(TensorDataset(torch.arange(8), x_T, target), batch_size=4)
+    L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              num_sanity_val_steps=0, limit_val_batches=0).fit(module, data)
+    moved = (module.x_prime - x_T).flatten(1).norm(dim=1)
+    assert (moved <= module.radius * (1 + 1e-9)).all() and (moved > 0).any()
+    assert module.radius == pytest.approx(0.05 * 6 / 16)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["loss=lpips"], "lpips"),
+    (["solver=heun", "order=2", "nfe=4"], "cannot spend exactly 4 model calls"),
+    (["solver=ipndm", "order=4", "nfe=3"], "needs at least 4 steps"),
+    (["solver=er_sde", "order=3"], "deterministic solvers"),
+    (["teacher=/no/such/dir"], "could not load"),
+])
+def test_bad_ld3_arguments_exit_2(args, match, tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "mode=ld3", f"run_dir={tmp_path / 'r'}", *args],
+                         capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "WANDB_MODE": "disabled"})
+    assert res.returncode == 2 and match in res.stderr, res.stderr[-1500:]
+    assert not (tmp_path / "r").exists()
