@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # torch + torchvision pinned together: torch-fidelity imports torchvision, and a mismatched pair does not import.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench solvers clean
 
 setup: $(VENV)/.installed
 
@@ -21,10 +21,15 @@ test: setup
 	WANDB_MODE=disabled $(PY) -m pytest -q -p no:cacheprovider
 
 demo: setup
-	$(PY) benchmarks/solvers.py nfe=[3,4,6,8,10,15] samples=128 overhead=false out_dir=runs/demo
+	WANDB_MODE=offline $(PY) train.py mode=ld3 run_dir=runs/demo
+
+solvers: setup
+	$(PY) benchmarks/solvers.py nfe=[3,4,6,8,10,15] samples=128 overhead=false out_dir=runs/solvers-demo
 
 bench: setup
 	$(PY) benchmarks/solvers.py
+	$(PY) benchmarks/trajectories.py
+	$(PY) benchmarks/ld3.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -22,22 +22,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from learnsteps.config import load_config  # noqa: E402
-
-
-@dataclass
-class SolverCase:
-    solver: str
-    order: int
-    options: dict = field(default_factory=dict)
+from learnsteps.config import SolverChoice, load_config  # noqa: E402
 
 
 @dataclass
 class Config:
     part: str = "all"  # all | paired | memory
     teachers: list[str] = field(default_factory=lambda: ["gmm_digits", "digits_unet"])
-    solvers: list[SolverCase] = field(default_factory=lambda: [
-        SolverCase("dpm_solver++", 3), SolverCase("unipc", 3, {"variant": "bh1"}), SolverCase("ipndm", 4)])
+    solvers: list[SolverChoice] = field(default_factory=lambda: [
+        SolverChoice("dpm_solver++", 3), SolverChoice("unipc", 3, {"variant": "bh1"}), SolverChoice("ipndm", 4)])
     nfe: list[int] = field(default_factory=lambda: [4, 6, 8, 10])
     memory_nfe: list[int] = field(default_factory=lambda: [4, 6, 8, 10])
     out_dir: str = "runs/bench_ld3"

@@ -23,30 +23,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import learnsteps as ls  # noqa: E402
-from learnsteps.config import CONFIG_DIR, load_config, to_yaml  # noqa: E402
+from learnsteps.config import CONFIG_DIR, SolverChoice, load_config, to_yaml  # noqa: E402
 from learnsteps.core.denoiser import Denoiser  # noqa: E402
 from learnsteps.core.schedules import DiscreteDDPM, make_schedule  # noqa: E402
-
-
-@dataclass
-class SolverCase:
-    label: str
-    solver: str
-    order: int = 1
-    options: dict = field(default_factory=dict)
-
-
-@dataclass
-class ScheduleConfig:
-    kind: str = "vp_linear"
-    params: dict = field(default_factory=dict)
+from learnsteps.training.common import ScheduleConfig  # noqa: E402
 
 
 @dataclass
 class SolverBenchConfig:
     teacher: str = "gmm_digits"
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    solvers: list[SolverCase] = field(default_factory=list)
+    solvers: list[SolverChoice] = field(default_factory=list)
     grids: list[str] = field(default_factory=lambda: ["time_uniform", "time_quadratic", "logsnr", "edm", "gits"])
     nfe: list[int] = field(default_factory=lambda: list(range(2, 21)))
     table_nfe: list[int] = field(default_factory=lambda: [4, 6, 8, 10, 15, 20])
@@ -60,7 +47,7 @@ class SolverBenchConfig:
     out_dir: str = "runs/solvers"
 
 
-def steps_for(case: SolverCase, nfe: int) -> int | None:
+def steps_for(case: SolverChoice, nfe: int) -> int | None:
     """Grid steps that spend exactly `nfe` model calls, or None if the solver cannot."""
     if case.solver == "heun":
         return nfe // 2 if nfe % 2 == 0 else None
@@ -69,7 +56,7 @@ def steps_for(case: SolverCase, nfe: int) -> int | None:
 
 def error_table(cfg: SolverBenchConfig, out: Path) -> list[dict]:
     schedule = make_schedule(cfg.schedule.kind, **cfg.schedule.params)
-    teacher = ls.teachers.make_teacher(cfg.teacher, schedule)
+    teacher = ls.teachers.load_teacher(cfg.teacher, noise_schedule=schedule)
     gen = torch.Generator().manual_seed(cfg.seed)
     shape = getattr(teacher, "shape", (64,))
     x_T = torch.randn(cfg.samples, *shape, generator=gen, dtype=torch.float64) * schedule.init_noise_std()

@@ -27,6 +27,7 @@ def train_main(argv: list[str]) -> int:
             raise ConfigError(f"unknown mode {mode!r}: expected one of {sorted(modes)}")
         schema, run = modes[mode]
         cfg = load_config(schema, [CONFIG_DIR / f"{mode}.yaml"], argv)
+        cfg.command = "python train.py " + " ".join(argv)
         run(cfg)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

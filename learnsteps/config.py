@@ -6,6 +6,7 @@ is a ConfigError that names the key (with omegaconf's "did you mean").
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence, TypeVar
 
@@ -14,6 +15,16 @@ from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass
+class SolverChoice:
+    """A solver of the core as configs name it: its name, order, own options, and a label for tables."""
+
+    solver: str
+    order: int = 1
+    options: dict = field(default_factory=dict)
+    label: str = ""
 
 
 class ConfigError(ValueError):

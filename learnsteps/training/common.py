@@ -44,6 +44,7 @@ class RunConfig:
     run_dir: str = ""  # default: runs/<mode>
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    command: str = ""  # filled in by train.py: the command line that made this run, recorded in its outputs
 
 
 def prepare_run(cfg: RunConfig) -> Path:

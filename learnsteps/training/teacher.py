@@ -132,8 +132,8 @@ def train_teacher(cfg: TeacherTrainConfig) -> Path:
         return run_dir
     teacher = module.teacher().cpu()
     export = [run_dir / "teacher"] + ([Path(cfg.export_dir)] if cfg.export_dir else [])
-    summary = dict(trained=dict(steps=trainer.global_step, final_loss=float(trainer.callback_metrics.get("train/loss", float("nan"))),
-                                command="python train.py " + " ".join(f"{k}={v}" for k, v in _cli_overrides(cfg))))
+    loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
+    summary = dict(trained=dict(steps=trainer.global_step, final_loss=loss, seed=cfg.seed, command=cfg.command))
     for d in export:
         save_unet_teacher(d, teacher.net, teacher.noise_schedule, extra=summary)
     images = sample_grid(teacher, steps=cfg.sample_steps)
@@ -143,9 +143,3 @@ def train_teacher(cfg: TeacherTrainConfig) -> Path:
     print(f"teacher exported to {', '.join(map(str, export))}; samples in {run_dir / 'samples.png'}")
     return run_dir
 
-
-def _cli_overrides(cfg: TeacherTrainConfig):
-    yield "mode", "teacher"
-    yield "data", cfg.data
-    yield "trainer.max_steps", cfg.trainer.max_steps
-    yield "seed", cfg.seed
