@@ -30,6 +30,19 @@ class LD3Grid(nn.Module):
         self.theta = nn.Parameter(torch.ones(self.points, dtype=torch.float64))  # uniform in lambda (or t)
         self.xi = nn.Parameter(torch.zeros(self.points, dtype=torch.float64))
 
+    @torch.no_grad()
+    def init_from(self, t: Tensor) -> None:
+        """Set theta so that the grid is `t` (N+1 times, or N+2 with t_zero appended), offsets to zero.
+
+        Only the increments matter: (c_i - c_0)/(c_N - c_0) = sum_{j<=i} e^theta_j / sum_j e^theta_j (j >= 1)."""
+        t = torch.as_tensor(t, dtype=torch.float64)[: self.points]
+        v = self.schedule.lambda_(t) if self.time_mode == "lambda" else t
+        inc = (v[1:] - v[:-1]) / (self.ends[1] - self.ends[0])
+        if len(inc) != self.points - 1 or not (inc > 0).all():
+            raise ValueError("the initial grid must have the same length and ends as the learned one")
+        self.theta.copy_(torch.cat([inc.log().mean().reshape(1), inc.log()]))
+        self.xi.zero_()
+
     def _to_time(self, v: Tensor) -> Tensor:
         return self.schedule.t_of_lambda(v) if self.time_mode == "lambda" else v
 

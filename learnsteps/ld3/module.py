@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +43,10 @@ class PairsConfig:
     val: int = 50
     test: int = 200  # held-out pairs for the final comparison with the baseline grids
     seed: int = 0
-    rtol: float = 1e-5  # reference solver tolerance
+    solver: str = "unipc"  # the teacher's solver: a solver of the core, or "reference" (adaptive dopri5)
+    order: int = 3
+    steps: int = 40  # its steps from t_max to t_min (LD3's own teachers use UniPC-3 with 20)
+    rtol: float = 1e-5  # tolerance of the reference solver
     directory: str = ""  # default <run_dir>/pairs; reusable across runs with the same teacher
 
 
@@ -55,6 +59,8 @@ class LD3Config(RunConfig):
     nfe: int = 6
     to_zero: bool = True  # the last step goes to sigma = 0 (x = x0)
     time_mode: str = "lambda"  # learn the grid in lambda (log-SNR) or in t
+    init: str = "best"  # initial grid: a baseline kind, "uniform" (LD3's: uniform in lambda or t), or "best"
+    # (the baseline with the lowest validation loss; LD3 then starts from, and never exports worse than, it)
     decoupled: bool = True  # learn LD3's model-evaluation offsets xi in phase 2
     window: float = 0.5  # xi clip: this fraction of the smallest grid gap
     pairs: PairsConfig = field(default_factory=PairsConfig)
@@ -185,11 +191,32 @@ class LD3(L.LightningModule):
             return grid(self.cfg.decoupled)
 
 
+def initial_grid(cfg: LD3Config, teacher, module: LD3, val_set):
+    """The grid LD3 starts from: None for LD3's uniform one, a baseline kind, or the best baseline on `val_set`."""
+    if cfg.init == "uniform":
+        return None
+    kinds = list(cfg.baselines) if cfg.init == "best" else [cfg.init]
+    if cfg.init != "best" and cfg.init not in BASELINES:
+        raise ValueError(f"unknown init {cfg.init!r}: expected 'uniform', 'best' or one of {BASELINES}")
+    _, x_T, target = (torch.stack([val_set[i][k] for i in range(len(val_set))]) for k in range(3))
+    scores = {}
+    for kind in kinds:
+        g = make_grid(kind, module.steps, teacher.noise_schedule, to_zero=cfg.to_zero)
+        with torch.no_grad():
+            out = solve(teacher, x_T, g, cfg.solver, cfg.order, **cfg.options).x
+        scores[kind] = float(module.dist(out, target).mean())
+    best = min(scores, key=scores.get)
+    print(f"LD3 starts from the {best} grid (validation {cfg.loss}: " +
+          ", ".join(f"{k} {v:.4g}" for k, v in scores.items()) + ")")
+    return make_grid(best, module.steps, teacher.noise_schedule, to_zero=cfg.to_zero)
+
+
 def teacher_pairs(teacher, cfg: LD3Config, directory: Path, n: int, seed: int, name: str) -> TensorDataset:
     s = teacher.noise_schedule
     times = [s.t_max, s.t_min] + ([s.t_zero] if cfg.to_zero else [])
-    spec = TrajectorySpec(n=n, shard_size=max(1, min(n, 256)), seed=seed, output_times=times, rtol=cfg.pairs.rtol,
-                          batch_size=64)
+    p = cfg.pairs
+    spec = TrajectorySpec(n=n, shard_size=max(1, min(n, 256)), seed=seed, output_times=times, solver=p.solver,
+                          order=p.order, steps_per_interval=p.steps, rtol=p.rtol, batch_size=128)
     generate(teacher, directory / name, spec, teacher_name=cfg.teacher, progress=cfg.trainer.progress_bar)
     ds = TrajectoryDataset(directory / name, dtype=_dtype(teacher))
     return TensorDataset(ds.tensors["index"], ds.tensors["x_T"], ds.tensors["trajectory"][:, -1])
@@ -266,6 +293,9 @@ def train_ld3(cfg: LD3Config) -> Path:
     train_set = torch.utils.data.Subset(pairs, range(p.train))
     val_set = torch.utils.data.Subset(pairs, range(p.train, p.train + p.val))
     module = LD3(cfg, teacher, pairs.tensors[1])
+    init = initial_grid(cfg, teacher, module, val_set)
+    if init is not None:
+        module.grid.init_from(init)
     logger = make_logger(cfg, run_dir)
     cfg.trainer.max_steps = -1
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -319,8 +349,10 @@ def _log_outputs(logger, run_dir: Path, module: LD3, teacher, test, learned, row
     import wandb
 
     logger.log_table("results", columns=list(rows[0]), data=[list(r.values()) for r in rows])
-    images = [str(run_dir / "grid.png")] + ([str(run_dir / "samples.png")] if (run_dir / "samples.png").exists() else [])
-    logger.log_image("ld3/plots", images)
-    artifact = wandb.Artifact(f"schedule-{module.cfg.solver}-nfe{module.cfg.nfe}", type="schedule")
+    logger.log_image("ld3/grid", [str(run_dir / "grid.png")])
+    if (run_dir / "samples.png").exists():
+        logger.log_image("ld3/student_vs_teacher", [str(run_dir / "samples.png")])
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"schedule-{module.cfg.solver}-{module.cfg.order}-nfe{module.cfg.nfe}")
+    artifact = wandb.Artifact(name, type="schedule")
     artifact.add_file(str(run_dir / "schedule.json"))
     logger.experiment.log_artifact(artifact)
