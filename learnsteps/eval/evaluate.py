@@ -1,0 +1,202 @@
+"""`python eval.py`: FID and KID for teacher x solver x grid (baselines and learned schedule files) x NFE.
+
+Every entry samples from the same seed bank, so differences between rows are the samplers', not the noise's.
+Each row is scored against the data and against the teacher's own high-accuracy samples; the teacher row and
+the floor row (the teacher against itself on independent noise: the estimator's noise level at this sample
+count) let every number be read in context.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..config import SolverChoice
+from ..core.grids import make as make_grid
+from ..core.sample import solve
+from ..schedule import load_schedule
+from ..teachers.network import load_teacher
+from ..trajectories import sample_noise
+from ..training.common import WandbConfig
+from .metrics import Features, fid_kid, reference_features
+
+
+@dataclass
+class EvalConfig:
+    teacher: str = "digits_unet"
+    solvers: list[SolverChoice] = field(default_factory=lambda: [
+        SolverChoice("dpm_solver++", 3), SolverChoice("unipc", 3, {"variant": "bh1"}), SolverChoice("ipndm", 4)])
+    grids: list[str] = field(default_factory=lambda: ["time_uniform", "time_quadratic", "logsnr", "edm"])
+    schedules: list[str] = field(default_factory=list)  # schedule files, each run with its own solver and NFE
+    nfe: list[int] = field(default_factory=lambda: [4, 6, 8, 10])
+    to_zero: bool = True
+    samples: int = 2000
+    seed: int = 0
+    batch_size: int = 500
+    reference: str = "digits"
+    feature_extractor: str = "digits"  # digits | inception
+    feature_weights: str = ""
+    teacher_solver: SolverChoice = field(default_factory=lambda: SolverChoice("unipc", 3))
+    teacher_steps: int = 40
+    out_dir: str = "runs/eval"
+    wandb: WandbConfig = field(default_factory=lambda: WandbConfig(mode="disabled"))
+    command: str = ""
+
+
+def sample_in_batches(teacher, x_T, grid, solver, order, batch_size, eval_grid=None, **options):
+    out = []
+    with torch.no_grad():
+        for b in range(0, len(x_T), batch_size):
+            out.append(solve(teacher, x_T[b: b + batch_size], grid, solver, order, eval_grid=eval_grid, **options).x)
+    return torch.cat(out).float()
+
+
+def entries(cfg: EvalConfig, teacher):
+    """(label, solver, order, options, nfe, grid, eval_grid) for every requested combination."""
+    s = teacher.noise_schedule
+    for case in cfg.solvers:
+        for kind in cfg.grids:
+            for nfe in cfg.nfe:
+                from ..ld3.module import steps_for_nfe
+
+                steps = steps_for_nfe(case.solver, nfe, cfg.to_zero)
+                if steps < case.order and case.solver not in ("euler", "heun"):
+                    continue
+                yield kind, case, nfe, make_grid(kind, steps, s, to_zero=cfg.to_zero), None
+    for path in cfg.schedules:
+        sched = load_schedule(path)
+        fp = sched.teacher.get("fingerprint")
+        if fp and hasattr(teacher, "fingerprint") and fp != teacher.fingerprint():
+            raise ValueError(f"{path} was learned for another teacher (fingerprint {fp[:12]}…, this one "
+                             f"{teacher.fingerprint()[:12]}…)")
+        yield Path(path).name, SolverChoice(sched.solver, sched.order, sched.options), sched.nfe, sched.grid, \
+            sched.eval_grid
+
+
+def evaluate(cfg: EvalConfig) -> list[dict]:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = load_teacher(cfg.teacher)
+    shape, std = teacher.shape, teacher.noise_schedule.init_noise_std()
+    features = Features(cfg.feature_extractor, cfg.feature_weights or None)
+    ref = reference_features(cfg.reference, features)
+    x_T = sample_noise(range(cfg.samples), shape, cfg.seed, std).to(_dtype(teacher))
+    x_T2 = sample_noise(range(cfg.samples), shape, cfg.seed + 1, std).to(_dtype(teacher))  # for the floor
+    tgrid = make_grid("logsnr", cfg.teacher_steps, teacher.noise_schedule, to_zero=cfg.to_zero)
+    ts = cfg.teacher_solver
+    teacher_samples = sample_in_batches(teacher, x_T, tgrid, ts.solver, ts.order, cfg.batch_size, **ts.options)
+    teacher_f = features(teacher_samples)
+    floor_f = features(sample_in_batches(teacher, x_T2, tgrid, ts.solver, ts.order, cfg.batch_size, **ts.options))
+    rows = []
+
+    def row(label, solver, nfe, samples_f, paired=float("nan")):
+        vs_data, vs_teacher = fid_kid(samples_f, ref), fid_kid(samples_f, teacher_f)
+        rows.append(dict(teacher=cfg.teacher, solver=solver, grid=label, nfe=nfe, fid_data=vs_data["fid"],
+                         kid_data=vs_data["kid"], fid_teacher=vs_teacher["fid"], kid_teacher=vs_teacher["kid"],
+                         rmse_teacher=paired))
+
+    row("teacher", f"{ts.solver}-{ts.order}", cfg.teacher_steps, teacher_f, 0.0)
+    row("floor (teacher, other noise)", f"{ts.solver}-{ts.order}", cfg.teacher_steps, floor_f)
+    samples_for_png = {}
+    todo = list(entries(cfg, teacher))
+    for label, case, nfe, grid, eval_grid in tqdm(todo, desc="eval", unit="entry"):
+        x = sample_in_batches(teacher, x_T, grid, case.solver, case.order, cfg.batch_size, eval_grid, **case.options)
+        paired = float((x - teacher_samples).pow(2).mean().sqrt())
+        row(label, f"{case.solver}-{case.order}", nfe, features(x), paired)
+        samples_for_png[(f"{case.solver}-{case.order}", label, nfe)] = x[:16]
+    write_outputs(cfg, rows, samples_for_png, teacher_samples[:16], out)
+    return rows
+
+
+def _dtype(teacher) -> torch.dtype:
+    p = next(iter(teacher.parameters()), None)
+    b = next(iter(teacher.buffers()), None)
+    ref = p if p is not None else b
+    return torch.float64 if ref is not None and ref.dtype == torch.float64 else torch.float32
+
+
+def write_outputs(cfg: EvalConfig, rows, samples, teacher_samples, out: Path) -> None:
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    lines = [f"{cfg.samples} samples per row, features: {cfg.feature_extractor}; FID/KID against the data "
+             f"({cfg.reference}) and against the teacher's {cfg.teacher_solver.solver}-{cfg.teacher_steps} samples; "
+             "rmse_teacher: paired RMSE to the teacher's sample from the same noise.", "",
+             "| solver | grid | NFE | FID (data) | KID (data) | FID (teacher) | KID (teacher) | RMSE (teacher) |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['solver']} | {r['grid']} | {r['nfe']} | {r['fid_data']:.3f} | {r['kid_data']:.4f} | "
+              f"{r['fid_teacher']:.3f} | {r['kid_teacher']:.4f} | {r['rmse_teacher']:.4f} |" for r in rows]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    plot_fid(rows, out / "fid_vs_nfe.png")
+    if teacher_samples.dim() == 4:
+        from ..training.teacher import save_image_grid
+
+        for nfe in sorted({k[2] for k in samples}):
+            keys = [k for k in samples if k[2] == nfe]
+            save_image_grid(torch.cat([teacher_samples] + [samples[k] for k in keys]), out / f"samples_nfe{nfe}.png",
+                            nrow=16)
+    print("\n".join(lines))
+    _log_wandb(cfg, rows, out)
+
+
+def plot_fid(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    teacher = next(r for r in rows if r["grid"] == "teacher")
+    floor = next(r for r in rows if r["grid"].startswith("floor"))
+    body = [r for r in rows if r not in (teacher, floor)]
+    solvers = sorted({r["solver"] for r in body})
+    fig, axes = plt.subplots(1, max(1, len(solvers)), figsize=(4.8 * max(1, len(solvers)), 4), squeeze=False)
+    for ax, solver in zip(axes[0], solvers):
+        for grid in sorted({r["grid"] for r in body if r["solver"] == solver}):
+            pts = sorted((r["nfe"], r["fid_data"]) for r in body if r["solver"] == solver and r["grid"] == grid)
+            ax.plot(*zip(*pts), marker="o", label=grid, lw=2.5 if grid.endswith(".json") else 1.2)
+        ax.axhline(teacher["fid_data"], color="k", ls="--", lw=1, label="teacher")
+        ax.axhline(floor["fid_data"], color="grey", ls=":", lw=1, label="floor")
+        ax.set(title=solver, xlabel="NFE", ylabel="FID against the data", yscale="log")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _log_wandb(cfg: EvalConfig, rows, out: Path) -> None:
+    import os
+
+    mode = os.environ.get("WANDB_MODE", cfg.wandb.mode)
+    if mode == "disabled":
+        return
+    import wandb
+
+    os.environ.setdefault("WANDB_DIR", str(out.resolve()))
+    run = wandb.init(project=cfg.wandb.project, name=cfg.wandb.name or "eval", mode=mode, dir=str(out),
+                     config=dict(teacher=cfg.teacher, samples=cfg.samples, nfe=cfg.nfe))
+    run.log({"results": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows]),
+             "fid_vs_nfe": wandb.Image(str(out / "fid_vs_nfe.png"))})
+    for png in sorted(out.glob("samples_nfe*.png")):
+        run.log({png.stem: wandb.Image(str(png))})
+    run.finish()
+
+
+def eval_main(argv: list[str]) -> int:
+    import sys
+
+    from ..config import CONFIG_DIR, ConfigError, load_config
+
+    try:
+        cfg = load_config(EvalConfig, [CONFIG_DIR / "eval.yaml"], argv)
+        cfg.command = "python eval.py " + " ".join(argv)
+        evaluate(cfg)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,96 @@
+"""FID and KID through torch-fidelity, from in-memory images in [-1, 1], with cached reference features."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
+
+from .features import ASSET, DIGITS_EXTRACTOR, fingerprint_file
+
+EXTRACTORS = ("digits", "inception")
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class Features:
+    """A feature extractor for FID/KID: "digits" (shipped) or "inception" (torch-fidelity's, weights by path)."""
+
+    def __init__(self, name: str = "digits", weights: str | None = None, device: str = "cpu"):
+        if name not in EXTRACTORS:
+            raise ValueError(f"unknown feature extractor {name!r}: expected one of {EXTRACTORS}")
+        self.name, self.device = name, device
+        if name == "digits":
+            from .features import DigitsFeatureExtractor
+
+            self.net = DigitsFeatureExtractor(DIGITS_EXTRACTOR, ["features"], weights)
+            self.fingerprint = fingerprint_file(Path(weights or ASSET) / "model.safetensors")
+        else:
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+            if weights is None:
+                hub = Path(torch.hub.get_dir()) / "checkpoints"
+                cached = sorted(hub.glob("weights-inception-2015-12-05-*.pth")) if hub.is_dir() else []
+                if not cached:
+                    raise ValueError("the Inception-v3 feature extractor needs its weights "
+                                     "(weights-inception-2015-12-05-6726825d.pth, 91 MB), which are not cached in "
+                                     f"{hub} and cannot be downloaded offline: download them where there is internet "
+                                     "and pass feature_weights=<path> (or put the file in that folder)")
+                weights = str(cached[0])
+            if not Path(weights).is_file():
+                raise ValueError(f"Inception-v3 weights {weights} do not exist")
+            self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                                   feature_extractor_weights_path=weights)
+            self.fingerprint = fingerprint_file(Path(weights))
+        self.net.eval().to(device)
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor, batch_size: int = 500) -> Tensor:
+        """(N, D) float64 features of images in [-1, 1] (grey images are repeated to RGB for Inception)."""
+        out = []
+        for b in range(0, len(images), batch_size):
+            x = to_uint8(images[b: b + batch_size]).to(self.device)
+            if self.name == "inception" and x.shape[1] == 1:
+                x = x.expand(-1, 3, -1, -1)
+            out.append(self.net(x)[0].double().cpu())
+        return torch.cat(out)
+
+
+def fid_kid(f1: Tensor, f2: Tensor, kid_subsets: int = 50, seed: int = 0) -> dict[str, float]:
+    """FID and KID (mean, std over subsets) between two feature sets, computed by torch-fidelity."""
+    fid = fid_statistics_to_metric(fid_features_to_statistics(f1), fid_features_to_statistics(f2), verbose=False)
+    kid = kid_features_to_metric(f1, f2, kid_subsets=kid_subsets, kid_subset_size=min(1000, len(f1), len(f2)),
+                                 kid_degree=3, kid_gamma=None, kid_coef0=1, rng_seed=seed, verbose=False)
+    return dict(fid=fid["frechet_inception_distance"], kid=kid["kernel_inception_distance_mean"],
+                kid_std=kid["kernel_inception_distance_std"])
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LEARNSTEPS_CACHE", Path.home() / ".cache" / "learnsteps")) / "fidelity"
+
+
+def reference_features(dataset: str, features: Features) -> Tensor:
+    """Features of a data set, computed once and cached under a key of the data's and the extractor's hashes
+    (so a changed data set or extractor is recomputed, never confused)."""
+    if dataset != "digits":
+        raise ValueError(f"unknown reference data set {dataset!r}: the embedded one is 'digits'")
+    from ..teachers.gmm import digits_data
+
+    data = digits_data(torch.float32)
+    key = hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16] + "-" + features.fingerprint[:16]
+    path = cache_dir() / f"{dataset}-{features.name}-{key}.safetensors"
+    if path.is_file():
+        return load_file(str(path))["features"]
+    f = features(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"features": f.contiguous()}, str(tmp))
+    tmp.replace(path)
+    return f

@@ -1,0 +1,78 @@
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import learnsteps as ls
+from learnsteps.config import SolverChoice
+from learnsteps.eval.evaluate import EvalConfig, evaluate
+from learnsteps.eval.metrics import Features, cache_dir, fid_kid, reference_features
+from learnsteps.schedule import Schedule, save_schedule
+from learnsteps.teachers.gmm import digits_data, gmm_digits
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def features():
+    return Features("digits")
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(features):
+    data = digits_data(torch.float32)
+    f = features(data)
+    assert abs(fid_kid(f, f)["fid"]) < 1e-6
+    g = torch.Generator().manual_seed(0)
+    fids = [fid_kid(features(data + s * torch.randn(data.shape, generator=g)), f)["fid"] for s in (0.05, 0.1, 0.2, 0.4)]
+    assert all(a < b for a, b in zip(fids, fids[1:])), fids
+    assert fids[0] < 1 < fids[-1]
+
+
+def test_reference_features_are_cached_by_data_and_extractor(features, tmp_path, monkeypatch):
+    monkeypatch.setenv("LEARNSTEPS_CACHE", str(tmp_path))
+    a = reference_features("digits", features)
+    files = list(cache_dir().glob("digits-digits-*.safetensors"))
+    assert len(files) == 1 and features.fingerprint[:16] in files[0].name
+    torch.testing.assert_close(reference_features("digits", features), a)
+    with pytest.raises(ValueError, match="unknown reference data set"):
+        reference_features("cifar10", features)
+
+
+def test_inception_without_weights_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(ValueError, match="Inception-v3 feature extractor needs its weights"):
+        Features("inception")
+
+
+def test_eval_end_to_end_with_a_schedule_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEARNSTEPS_CACHE", str(tmp_path / "cache"))
+    teacher = gmm_digits()
+    s = teacher.noise_schedule
+    grid = ls.grids.make("time_quadratic", 3, s, to_zero=True)
+    path = save_schedule(tmp_path / "learned.json", Schedule.from_grid(
+        grid, s, "unipc", 2, teacher=dict(fingerprint=teacher.fingerprint())))
+    cfg = EvalConfig(teacher="gmm_digits", solvers=[SolverChoice("dpm_solver++", 2), SolverChoice("euler", 1)],
+                     grids=["logsnr", "edm"], nfe=[3, 4], samples=64, batch_size=64, teacher_steps=10,
+                     schedules=[str(path)], out_dir=str(tmp_path / "out"))
+    rows = evaluate(cfg)
+    assert len(rows) == 2 + 2 * 2 * 2 + 1  # teacher, floor, solvers x grids x NFE, the schedule file
+    learned = [r for r in rows if r["grid"] == "learned.json"]
+    assert learned[0]["solver"] == "unipc-2" and learned[0]["nfe"] == 3
+    # the teacher against itself: 0 up to the rounding of a rank-deficient covariance (64 samples, 128 features)
+    assert rows[0]["fid_teacher"] == pytest.approx(0, abs=1e-3) and rows[0]["grid"] == "teacher"
+    with open(tmp_path / "out" / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert (tmp_path / "out" / "fid_vs_nfe.png").stat().st_size > 10_000
+    assert (tmp_path / "out" / "samples_nfe3.png").is_file()
+
+
+def test_a_schedule_of_another_teacher_is_refused(tmp_path):
+    s = gmm_digits().noise_schedule
+    path = save_schedule(tmp_path / "x.json", Schedule.from_grid(ls.grids.make("logsnr", 3, s), s, "unipc", 2,
+                                                                teacher=dict(fingerprint="0" * 64)))
+    res = subprocess.run([sys.executable, str(ROOT / "eval.py"), "teacher=gmm_digits", f"schedules=[{path}]",
+                          "samples=8", f"out_dir={tmp_path / 'o'}"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "learned for another teacher" in res.stderr
