@@ -29,6 +29,7 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(features):
     fids = [fid_kid(features(data + s * torch.randn(data.shape, generator=g)), f)["fid"] for s in (0.05, 0.1, 0.2, 0.4)]
     assert all(a < b for a, b in zip(fids, fids[1:])), fids
     assert fids[0] < 1 < fids[-1]
+    assert fid_kid(f, f)["precision"] == 1.0 and fid_kid(f, f)["recall"] == 1.0
 
 
 def test_reference_features_are_cached_by_data_and_extractor(features, tmp_path, monkeypatch):

@@ -96,8 +96,8 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     def row(label, solver, nfe, samples_f, paired=float("nan")):
         vs_data, vs_teacher = fid_kid(samples_f, ref), fid_kid(samples_f, teacher_f)
         rows.append(dict(teacher=cfg.teacher, solver=solver, grid=label, nfe=nfe, fid_data=vs_data["fid"],
-                         kid_data=vs_data["kid"], fid_teacher=vs_teacher["fid"], kid_teacher=vs_teacher["kid"],
-                         rmse_teacher=paired))
+                         kid_data=vs_data["kid"], precision=vs_data["precision"], recall=vs_data["recall"],
+                         fid_teacher=vs_teacher["fid"], kid_teacher=vs_teacher["kid"], rmse_teacher=paired))
 
     row("teacher", f"{ts.solver}-{ts.order}", cfg.teacher_steps, teacher_f, 0.0)
     row("floor (teacher, other noise)", f"{ts.solver}-{ts.order}", cfg.teacher_steps, floor_f)
@@ -127,10 +127,11 @@ def write_outputs(cfg: EvalConfig, rows, samples, teacher_samples, out: Path) ->
     lines = [f"{cfg.samples} samples per row, features: {cfg.feature_extractor}; FID/KID against the data "
              f"({cfg.reference}) and against the teacher's {cfg.teacher_solver.solver}-{cfg.teacher_steps} samples; "
              "rmse_teacher: paired RMSE to the teacher's sample from the same noise.", "",
-             "| solver | grid | NFE | FID (data) | KID (data) | FID (teacher) | KID (teacher) | RMSE (teacher) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| solver | grid | NFE | FID (data) | KID (data) | precision | recall | FID (teacher) | KID (teacher) "
+             "| RMSE (teacher) |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['solver']} | {r['grid']} | {r['nfe']} | {r['fid_data']:.3f} | {r['kid_data']:.4f} | "
-              f"{r['fid_teacher']:.3f} | {r['kid_teacher']:.4f} | {r['rmse_teacher']:.4f} |" for r in rows]
+              f"{r['precision']:.3f} | {r['recall']:.3f} | {r['fid_teacher']:.3f} | {r['kid_teacher']:.4f} | "
+              f"{r['rmse_teacher']:.4f} |" for r in rows]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot_fid(rows, out / "fid_vs_nfe.png")
     if teacher_samples.dim() == 4:

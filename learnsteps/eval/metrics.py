@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
 
 from .features import ASSET, DIGITS_EXTRACTOR, fingerprint_file
 
@@ -64,12 +65,15 @@ class Features:
 
 
 def fid_kid(f1: Tensor, f2: Tensor, kid_subsets: int = 50, seed: int = 0) -> dict[str, float]:
-    """FID and KID (mean, std over subsets) between two feature sets, computed by torch-fidelity."""
+    """FID, KID (mean, std over subsets), precision and recall (k = 3 neighbourhoods) of generated features f1
+    against real features f2, computed by torch-fidelity."""
     fid = fid_statistics_to_metric(fid_features_to_statistics(f1), fid_features_to_statistics(f2), verbose=False)
     kid = kid_features_to_metric(f1, f2, kid_subsets=kid_subsets, kid_subset_size=min(1000, len(f1), len(f2)),
                                  kid_degree=3, kid_gamma=None, kid_coef0=1, rng_seed=seed, verbose=False)
+    prc = prc_features_to_metric(f1.float(), f2.float(), prc_neighborhood=3, prc_batch_size=10000,
+                                 save_cpu_ram=True, verbose=False)
     return dict(fid=fid["frechet_inception_distance"], kid=kid["kernel_inception_distance_mean"],
-                kid_std=kid["kernel_inception_distance_std"])
+                kid_std=kid["kernel_inception_distance_std"], precision=prc["precision"], recall=prc["recall"])
 
 
 def cache_dir() -> Path:
