@@ -8,12 +8,13 @@ from .config import CONFIG_DIR, ConfigError, load_config
 
 
 def _modes() -> dict[str, tuple[type, Callable]]:
+    from .dsno.module import DSNOConfig, train_dsno
     from .ld3.module import LD3Config, train_ld3
     from .training.features import FeatureTrainConfig, train_features
     from .training.teacher import TeacherTrainConfig, train_teacher
     from .training.trajectories import TrajectoryJobConfig, generate_job
 
-    return {"ld3": (LD3Config, train_ld3), "teacher": (TeacherTrainConfig, train_teacher),
+    return {"ld3": (LD3Config, train_ld3), "dsno": (DSNOConfig, train_dsno), "teacher": (TeacherTrainConfig, train_teacher),
             "features": (FeatureTrainConfig, train_features),
             "trajectories": (TrajectoryJobConfig, generate_job)}
 

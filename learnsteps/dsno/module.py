@@ -1,0 +1,162 @@
+"""`python train.py mode=dsno`: distil a teacher into a one-pass DSNO student.
+
+Data: teacher trajectories from seeded noise (learnsteps.trajectories) at M output times, with the teacher's
+x0-predictions there (DSNO's targets; `targets=states` uses the states). Loss: sum over the M points of
+w(t_m) d(pred_m, target_m) with DSNO's clamped sqrt-SNR weight w = clamp(alpha/sigma, 1, 1e4) (the clean end gets
+1e4) or uniform weights. Adam with warm-up, EMA of the weights (what is exported), mixed precision on GPUs by
+`trainer.precision`, resumable from the run's last checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from ..ld3.losses import distance
+from ..teachers.network import NetworkTeacher, load_teacher
+from ..teachers.unet import UNet, UNetConfig
+from ..trajectories import TrajectoryDataModule, TrajectorySpec, output_times
+from ..training.common import RunConfig, make_logger, make_trainer, prepare_run
+from .student import DSNOStudent, StudentConfig, save_student
+
+
+@dataclass
+class DSNOConfig(RunConfig):
+    teacher: str = "digits_unet"
+    times: str = "time_quadratic"  # spacing of the M output times (or explicit `output_times`)
+    num_times: int = 4  # M
+    output_times: list[float] = field(default_factory=list)
+    targets: str = "x0"  # x0 (the teacher's x0-predictions, as DSNO) or states
+    trajectories: TrajectorySpec = field(default_factory=lambda: TrajectorySpec(
+        n=2048, shard_size=512, solver="unipc", order=3, steps_per_interval=10, batch_size=512))
+    data_dir: str = ""  # default <run_dir>/trajectories; reusable across runs
+    modes: int = 2  # Fourier modes kept by the temporal convolutions
+    temporal: bool = True
+    unet: UNetConfig = field(default_factory=UNetConfig)  # for teachers without a UNet backbone
+    loss: str = "l2"  # l2 | l1 | pseudo_huber | lpips
+    weighting: str = "snr"  # snr (DSNO's clamp(alpha/sigma, 1, 1e4)) | uniform
+    batch_size: int = 64
+    lr: float = 2e-4
+    warmup_steps: int = 100
+    ema_decay: float = 0.999
+    val_fraction: float = 0.05
+
+
+class DSNOModule(L.LightningModule):
+    def __init__(self, cfg: DSNOConfig, student: DSNOStudent, weights: torch.Tensor):
+        super().__init__()
+        self.cfg, self.student = cfg, student
+        self.ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        self.register_buffer("weights", weights / weights.sum())
+        self.dist = distance(cfg.loss)
+
+    def _loss(self, net, batch):
+        target = batch["x0" if self.cfg.targets == "x0" else "trajectory"].float()
+        pred = net(batch["x_T"].float())
+        per_time = torch.stack([self.dist(pred[:, m], target[:, m]).mean() for m in range(pred.shape[1])])
+        return (self.weights * per_time).sum(), per_time
+
+    def training_step(self, batch, batch_idx):
+        loss, per_time = self._loss(self.student, batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({f"train/loss_t{m}": v for m, v in enumerate(per_time)})
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.ema.update_parameters(self.student)
+
+    def validation_step(self, batch, batch_idx):
+        loss, per_time = self._loss(self.ema.module, batch)
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/rmse_last", per_time[-1].sqrt() if self.cfg.loss == "l2" else per_time[-1])
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.student.parameters(), lr=self.cfg.lr)
+        warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / self.cfg.warmup_steps))
+        return dict(optimizer=opt, lr_scheduler=dict(scheduler=warm, interval="step"))
+
+
+def time_weights(cfg: DSNOConfig, schedule, times: torch.Tensor) -> torch.Tensor:
+    if cfg.weighting == "uniform":
+        return torch.ones(len(times))
+    if cfg.weighting != "snr":
+        raise ValueError(f"unknown weighting {cfg.weighting!r}: expected 'snr' or 'uniform'")
+    ratio = schedule.alpha(times) / schedule.sigma(times)  # inf at t_zero
+    return torch.clamp(torch.nan_to_num(ratio, posinf=1e4), 1.0, 1e4).float()
+
+
+def make_student(cfg: DSNOConfig, teacher, times: torch.Tensor) -> DSNOStudent:
+    """The teacher's own UNet (weights copied) when it has one; a fresh UNet otherwise (e.g. exact teachers)."""
+    backbone = teacher.net if isinstance(teacher, NetworkTeacher) and isinstance(teacher.net, UNet) else None
+    unet_cfg = backbone.config if backbone is not None else UNetConfig(
+        **{**cfg.unet.to_dict(), "in_channels": teacher.shape[0], "image_size": teacher.shape[-1]})
+    s = teacher.noise_schedule
+    # the backbone's time input for the clean end t_zero: its smallest trained time (t_min)
+    time_input = [float(t) if t != s.t_zero else float(s.t_min) for t in times]
+    return DSNOStudent(StudentConfig(unet=unet_cfg, output_times=times.tolist(), time_input=time_input,
+                                     modes=cfg.modes, temporal=cfg.temporal), backbone)
+
+
+def train_dsno(cfg: DSNOConfig) -> Path:
+    if cfg.targets not in ("x0", "states"):
+        raise ValueError(f"unknown targets {cfg.targets!r}: expected 'x0' or 'states'")
+    distance(cfg.loss)  # fail now, not after generating trajectories
+    teacher = load_teacher(cfg.teacher)
+    if len(getattr(teacher, "shape", ())) != 3:
+        raise ValueError(f"DSNO students are UNets over images; teacher {cfg.teacher!r} has shape "
+                         f"{getattr(teacher, 'shape', None)}")
+    spec = copy.deepcopy(cfg.trajectories)
+    spec.output_times, spec.times, spec.num_times = cfg.output_times, cfg.times, cfg.num_times
+    spec.store_x0, spec.to_zero = cfg.targets == "x0", True
+    times = output_times(spec, teacher.noise_schedule)
+    run_dir = prepare_run(cfg)
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else run_dir / "trajectories"
+    data = TrajectoryDataModule(data_dir, batch_size=cfg.batch_size, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                                teacher=teacher, spec=spec, teacher_name=cfg.teacher)
+    student = make_student(cfg, teacher, times)
+    module = DSNOModule(cfg, student, time_weights(cfg, teacher.noise_schedule, times))
+    logger = make_logger(cfg, run_dir)
+    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, every_n_train_steps=200)
+    trainer = make_trainer(cfg, run_dir, [ckpt], logger)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    t0 = time.perf_counter()
+    trainer.fit(module, data, ckpt_path=str(last) if last.exists() else None)
+    seconds = time.perf_counter() - t0
+    if trainer.global_rank != 0:
+        return run_dir
+    ema = module.ema.module.cpu().eval()
+    val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    meta = dict(teacher=dict(fingerprint=teacher.fingerprint(), name=cfg.teacher),
+                noise_schedule=teacher.noise_schedule.config(), targets=cfg.targets,
+                training=dict(steps=trainer.global_step, seconds=round(seconds, 1), loss=cfg.loss,
+                              weighting=cfg.weighting, trajectories=spec.n, validation=val, seed=cfg.seed,
+                              command=cfg.command))
+    save_student(run_dir / "student", ema, meta)
+    _samples(cfg, teacher, ema, run_dir, logger)
+    print(f"one-step student: {run_dir / 'student'} (validation {json.dumps(val)})")
+    return run_dir
+
+
+def _samples(cfg, teacher, student, run_dir: Path, logger) -> None:
+    """Student (one pass) beside the teacher (UniPC-3, 40 steps) on the same noise."""
+    from ..core.grids import make
+    from ..core.sample import sample
+    from ..trajectories import sample_noise
+    from ..training.teacher import save_image_grid
+
+    x_T = sample_noise(range(10**6, 10**6 + 32), teacher.shape, cfg.seed).float()
+    with torch.no_grad():
+        ours = student.sample(x_T)
+        ref = sample(teacher, x_T, make("logsnr", 40, teacher.noise_schedule, to_zero=True), "unipc", 3).float()
+    pairs = torch.stack([ours.clamp(-1, 1), ref.clamp(-1, 1)], 1).flatten(0, 1)
+    if pairs.shape[1] == 1:
+        save_image_grid(pairs, run_dir / "samples.png", nrow=16)
+        if logger is not None:
+            logger.log_image("dsno/student_vs_teacher", [str(run_dir / "samples.png")])
