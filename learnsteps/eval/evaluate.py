@@ -187,17 +187,3 @@ def _log_wandb(cfg: EvalConfig, rows, out: Path) -> None:
         run.log({png.stem: wandb.Image(str(png))})
     run.finish()
 
-
-def eval_main(argv: list[str]) -> int:
-    import sys
-
-    from ..config import CONFIG_DIR, ConfigError, load_config
-
-    try:
-        cfg = load_config(EvalConfig, [CONFIG_DIR / "eval.yaml"], argv)
-        cfg.command = "python eval.py " + " ".join(argv)
-        evaluate(cfg)
-    except (ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
