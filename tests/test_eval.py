@@ -1,4 +1,5 @@
 import csv
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,22 @@ def test_eval_end_to_end_with_a_schedule_file(tmp_path, monkeypatch):
         assert len(list(csv.DictReader(f))) == len(rows)
     assert (tmp_path / "out" / "fid_vs_nfe.png").stat().st_size > 10_000
     assert (tmp_path / "out" / "samples_nfe3.png").is_file()
+
+
+def test_eval_of_a_dsno_checkpoint(tmp_path, monkeypatch):
+    from learnsteps.dsno.student import DSNOStudent, StudentConfig, save_student
+    from learnsteps.teachers.unet import UNetConfig
+
+    monkeypatch.setenv("LEARNSTEPS_CACHE", str(tmp_path / "cache"))
+    teacher = gmm_digits()
+    student = DSNOStudent(StudentConfig(unet=UNetConfig(channels=8), output_times=[1.0, 0.1, 0.0],
+                                        time_input=[1.0, 0.1, 0.001]))
+    save_student(tmp_path / "student", student, dict(teacher=dict(fingerprint=teacher.fingerprint(), name="gmm")))
+    cfg = EvalConfig(teacher="gmm_digits", solvers=[], grids=[], nfe=[], samples=32, batch_size=32, teacher_steps=5,
+                     students=[str(tmp_path / "student")], out_dir=str(tmp_path / "out"))
+    rows = evaluate(cfg)
+    assert [r["grid"] for r in rows] == ["teacher", "floor (teacher, other noise)", "student"]
+    assert rows[-1]["solver"] == "dsno-M3" and rows[-1]["nfe"] == 1 and math.isfinite(rows[-1]["fid_data"])
 
 
 def test_a_schedule_of_another_teacher_is_refused(tmp_path):

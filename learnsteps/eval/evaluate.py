@@ -18,6 +18,7 @@ from tqdm import tqdm
 from ..config import SolverChoice
 from ..core.grids import make as make_grid
 from ..core.sample import solve
+from ..dsno.student import load_student
 from ..schedule import load_schedule
 from ..teachers.network import load_teacher
 from ..trajectories import sample_noise
@@ -32,6 +33,7 @@ class EvalConfig:
         SolverChoice("dpm_solver++", 3), SolverChoice("unipc", 3, {"variant": "bh1"}), SolverChoice("ipndm", 4)])
     grids: list[str] = field(default_factory=lambda: ["time_uniform", "time_quadratic", "logsnr", "edm"])
     schedules: list[str] = field(default_factory=list)  # schedule files, each run with its own solver and NFE
+    students: list[str] = field(default_factory=list)  # DSNO one-step checkpoints (directories)
     nfe: list[int] = field(default_factory=lambda: [4, 6, 8, 10])
     to_zero: bool = True
     samples: int = 2000
@@ -108,6 +110,16 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
         paired = float((x - teacher_samples).pow(2).mean().sqrt())
         row(label, f"{case.solver}-{case.order}", nfe, features(x), paired)
         samples_for_png[(f"{case.solver}-{case.order}", label, nfe)] = x[:16]
+    for directory in cfg.students:
+        student = load_student(directory)
+        fp = student.info["teacher"].get("fingerprint")
+        if fp and hasattr(teacher, "fingerprint") and fp != teacher.fingerprint():
+            raise ValueError(f"{directory} was distilled from another teacher ({student.info['teacher'].get('name')})")
+        with torch.no_grad():
+            x = torch.cat([student.sample(x_T[b: b + cfg.batch_size].float()) for b in range(0, len(x_T), cfg.batch_size)])
+        paired = float((x - teacher_samples).pow(2).mean().sqrt())
+        row(Path(directory).name, f"dsno-M{student.num_times}", 1, features(x), paired)
+        samples_for_png[(f"dsno-M{student.num_times}", Path(directory).name, 1)] = x[:16]
     write_outputs(cfg, rows, samples_for_png, teacher_samples[:16], out)
     return rows
 
