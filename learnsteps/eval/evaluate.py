@@ -28,7 +28,7 @@ from .metrics import Features, fid_kid, reference_features
 
 @dataclass
 class EvalConfig:
-    teacher: str = "digits_unet"
+    teachers: list[str] = field(default_factory=lambda: ["digits_unet"])
     solvers: list[SolverChoice] = field(default_factory=lambda: [
         SolverChoice("dpm_solver++", 3), SolverChoice("unipc", 3, {"variant": "bh1"}), SolverChoice("ipndm", 4)])
     grids: list[str] = field(default_factory=lambda: ["time_uniform", "time_quadratic", "logsnr", "edm"])
@@ -71,21 +71,44 @@ def entries(cfg: EvalConfig, teacher):
                 yield kind, case, nfe, make_grid(kind, steps, s, to_zero=cfg.to_zero), None
     for path in cfg.schedules:
         sched = load_schedule(path)
-        fp = sched.teacher.get("fingerprint")
-        if fp and hasattr(teacher, "fingerprint") and fp != teacher.fingerprint():
-            raise ValueError(f"{path} was learned for another teacher (fingerprint {fp[:12]}…, this one "
-                             f"{teacher.fingerprint()[:12]}…)")
-        yield Path(path).name, SolverChoice(sched.solver, sched.order, sched.options), sched.nfe, sched.grid, \
-            sched.eval_grid
+        if _belongs(sched.teacher.get("fingerprint"), teacher):
+            yield _short(path), SolverChoice(sched.solver, sched.order, sched.options), sched.nfe, sched.grid, \
+                sched.eval_grid
+
+
+def _belongs(fingerprint: str | None, teacher) -> bool:
+    return not fingerprint or not hasattr(teacher, "fingerprint") or fingerprint == teacher.fingerprint()
+
+
+def _short(path: str) -> str:
+    return "/".join(Path(path).parts[-2:])
 
 
 def evaluate(cfg: EvalConfig) -> list[dict]:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    teacher = load_teacher(cfg.teacher)
-    shape, std = teacher.shape, teacher.noise_schedule.init_noise_std()
     features = Features(cfg.feature_extractor, cfg.feature_weights or None)
     ref = reference_features(cfg.reference, features)
+    teachers = {name: load_teacher(name) for name in cfg.teachers}
+    for kind, paths in (("schedule", cfg.schedules), ("student", cfg.students)):
+        for path in paths:
+            info = load_schedule(path).teacher if kind == "schedule" else load_student(path).info["teacher"]
+            if not any(_belongs(info.get("fingerprint"), t) for t in teachers.values()):
+                raise ValueError(f"{path} was made for another teacher ({info.get('name') or info.get('fingerprint')}) "
+                                 f"than {', '.join(cfg.teachers)}")
+    rows, samples_for_png, teacher_png = [], {}, None
+    for name, teacher in teachers.items():
+        tag = f"{name}: " if len(teachers) > 1 else ""
+        new_rows, new_samples, first = evaluate_teacher(cfg, name, teacher, features, ref)
+        rows += new_rows
+        samples_for_png.update({(s, tag + g, n): v for (s, g, n), v in new_samples.items()})
+        teacher_png = first if teacher_png is None else teacher_png
+    write_outputs(cfg, rows, samples_for_png, teacher_png, out)
+    return rows
+
+
+def evaluate_teacher(cfg: EvalConfig, name: str, teacher, features: Features, ref):
+    shape, std = teacher.shape, teacher.noise_schedule.init_noise_std()
     x_T = sample_noise(range(cfg.samples), shape, cfg.seed, std).to(_dtype(teacher))
     x_T2 = sample_noise(range(cfg.samples), shape, cfg.seed + 1, std).to(_dtype(teacher))  # for the floor
     tgrid = make_grid("logsnr", cfg.teacher_steps, teacher.noise_schedule, to_zero=cfg.to_zero)
@@ -93,35 +116,30 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     teacher_samples = sample_in_batches(teacher, x_T, tgrid, ts.solver, ts.order, cfg.batch_size, **ts.options)
     teacher_f = features(teacher_samples)
     floor_f = features(sample_in_batches(teacher, x_T2, tgrid, ts.solver, ts.order, cfg.batch_size, **ts.options))
-    rows = []
+    rows, samples_for_png = [], {}
 
     def row(label, solver, nfe, samples_f, paired=float("nan")):
         vs_data, vs_teacher = fid_kid(samples_f, ref), fid_kid(samples_f, teacher_f)
-        rows.append(dict(teacher=cfg.teacher, solver=solver, grid=label, nfe=nfe, fid_data=vs_data["fid"],
+        rows.append(dict(teacher=name, solver=solver, grid=label, nfe=nfe, fid_data=vs_data["fid"],
                          kid_data=vs_data["kid"], precision=vs_data["precision"], recall=vs_data["recall"],
                          fid_teacher=vs_teacher["fid"], kid_teacher=vs_teacher["kid"], rmse_teacher=paired))
 
     row("teacher", f"{ts.solver}-{ts.order}", cfg.teacher_steps, teacher_f, 0.0)
     row("floor (teacher, other noise)", f"{ts.solver}-{ts.order}", cfg.teacher_steps, floor_f)
-    samples_for_png = {}
-    todo = list(entries(cfg, teacher))
-    for label, case, nfe, grid, eval_grid in tqdm(todo, desc="eval", unit="entry"):
+    for label, case, nfe, grid, eval_grid in tqdm(list(entries(cfg, teacher)), desc=f"eval {name}", unit="entry"):
         x = sample_in_batches(teacher, x_T, grid, case.solver, case.order, cfg.batch_size, eval_grid, **case.options)
-        paired = float((x - teacher_samples).pow(2).mean().sqrt())
-        row(label, f"{case.solver}-{case.order}", nfe, features(x), paired)
+        row(label, f"{case.solver}-{case.order}", nfe, features(x), float((x - teacher_samples).pow(2).mean().sqrt()))
         samples_for_png[(f"{case.solver}-{case.order}", label, nfe)] = x[:16]
     for directory in cfg.students:
         student = load_student(directory)
-        fp = student.info["teacher"].get("fingerprint")
-        if fp and hasattr(teacher, "fingerprint") and fp != teacher.fingerprint():
-            raise ValueError(f"{directory} was distilled from another teacher ({student.info['teacher'].get('name')})")
+        if not _belongs(student.info["teacher"].get("fingerprint"), teacher):
+            continue
         with torch.no_grad():
             x = torch.cat([student.sample(x_T[b: b + cfg.batch_size].float()) for b in range(0, len(x_T), cfg.batch_size)])
-        paired = float((x - teacher_samples).pow(2).mean().sqrt())
-        row(Path(directory).name, f"dsno-M{student.num_times}", 1, features(x), paired)
-        samples_for_png[(f"dsno-M{student.num_times}", Path(directory).name, 1)] = x[:16]
-    write_outputs(cfg, rows, samples_for_png, teacher_samples[:16], out)
-    return rows
+        solver = f"dsno-M{student.num_times}"
+        row(_short(directory), solver, 1, features(x), float((x - teacher_samples).pow(2).mean().sqrt()))
+        samples_for_png[(solver, _short(directory), 1)] = x[:16]
+    return rows, samples_for_png, teacher_samples[:16]
 
 
 def _dtype(teacher) -> torch.dtype:
@@ -139,9 +157,9 @@ def write_outputs(cfg: EvalConfig, rows, samples, teacher_samples, out: Path) ->
     lines = [f"{cfg.samples} samples per row, features: {cfg.feature_extractor}; FID/KID against the data "
              f"({cfg.reference}) and against the teacher's {cfg.teacher_solver.solver}-{cfg.teacher_steps} samples; "
              "rmse_teacher: paired RMSE to the teacher's sample from the same noise.", "",
-             "| solver | grid | NFE | FID (data) | KID (data) | precision | recall | FID (teacher) | KID (teacher) "
-             "| RMSE (teacher) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['solver']} | {r['grid']} | {r['nfe']} | {r['fid_data']:.3f} | {r['kid_data']:.4f} | "
+             "| teacher | solver | grid | NFE | FID (data) | KID (data) | precision | recall | FID (teacher) "
+             "| KID (teacher) | RMSE (teacher) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['teacher']} | {r['solver']} | {r['grid']} | {r['nfe']} | {r['fid_data']:.3f} | {r['kid_data']:.4f} | "
               f"{r['precision']:.3f} | {r['recall']:.3f} | {r['fid_teacher']:.3f} | {r['kid_teacher']:.4f} | "
               f"{r['rmse_teacher']:.4f} |" for r in rows]
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -165,14 +183,16 @@ def plot_fid(rows, path: Path) -> None:
 
     teacher = next(r for r in rows if r["grid"] == "teacher")
     floor = next(r for r in rows if r["grid"].startswith("floor"))
-    body = [r for r in rows if r not in (teacher, floor)]
+    several = len({r["teacher"] for r in rows}) > 1
+    body = [dict(r, grid=f"{r['teacher']}: {r['grid']}" if several else r["grid"]) for r in rows
+            if r["grid"] != "teacher" and not r["grid"].startswith("floor")]
     solvers = sorted({r["solver"] for r in body})
     fig, axes = plt.subplots(1, max(1, len(solvers)), figsize=(4.8 * max(1, len(solvers)), 4), squeeze=False)
     for ax, solver in zip(axes[0], solvers):
         for grid in sorted({r["grid"] for r in body if r["solver"] == solver}):
             pts = sorted((r["nfe"], r["fid_data"]) for r in body if r["solver"] == solver and r["grid"] == grid)
             ax.plot(*zip(*pts), marker="o", label=grid, lw=2.5 if grid.endswith(".json") else 1.2)
-        ax.axhline(teacher["fid_data"], color="k", ls="--", lw=1, label="teacher")
+        ax.axhline(teacher["fid_data"], color="k", ls="--", lw=1, label=f"teacher ({teacher['teacher']})")
         ax.axhline(floor["fid_data"], color="grey", ls=":", lw=1, label="floor")
         ax.set(title=solver, xlabel="NFE", ylabel="FID against the data", yscale="log")
         ax.grid(alpha=0.3, which="both")
@@ -192,7 +212,7 @@ def _log_wandb(cfg: EvalConfig, rows, out: Path) -> None:
 
     os.environ.setdefault("WANDB_DIR", str(out.resolve()))
     run = wandb.init(project=cfg.wandb.project, name=cfg.wandb.name or "eval", mode=mode, dir=str(out),
-                     config=dict(teacher=cfg.teacher, samples=cfg.samples, nfe=cfg.nfe))
+                     config=dict(teachers=cfg.teachers, samples=cfg.samples, nfe=cfg.nfe))
     run.log({"results": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows]),
              "fid_vs_nfe": wandb.Image(str(out / "fid_vs_nfe.png"))})
     for png in sorted(out.glob("samples_nfe*.png")):
