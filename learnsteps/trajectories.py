@@ -29,6 +29,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .core.grids import make as make_grid
+from .core.denoiser import dtype_of
 from .core.reference import reference_solve
 from .core.sample import solve
 
@@ -154,7 +155,7 @@ def generate(teacher, out_dir: str | Path, spec: TrajectorySpec, rank: int = 0, 
         x_T = sample_noise(idx.tolist(), shape, spec.seed, sched.init_noise_std())
         parts = {"x_T": [], "trajectory": [], "x0": []}
         for b in range(0, len(idx), spec.batch_size):
-            x = x_T[b: b + spec.batch_size].to(_teacher_dtype(teacher))
+            x = x_T[b: b + spec.batch_size].to(dtype_of(teacher))
             with torch.no_grad():
                 traj = integrate(teacher, x, times, spec)  # (M, B, ...)
                 parts["trajectory"].append(traj.transpose(0, 1))
@@ -188,13 +189,6 @@ def generate(teacher, out_dir: str | Path, spec: TrajectorySpec, rank: int = 0, 
                         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         _write_atomic(out / "manifest.json", json.dumps(manifest, indent=2))
     return out / "manifest.json"
-
-
-def _teacher_dtype(teacher) -> torch.dtype:
-    p = next(iter(teacher.parameters()), None)
-    buffers = next(iter(teacher.buffers()), None)
-    ref = p if p is not None else buffers
-    return ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
 
 
 class TrajectoryDataset(torch.utils.data.Dataset):

@@ -26,6 +26,15 @@ def per_sample(v: Tensor, x: Tensor) -> Tensor:
     return v.reshape(v.shape + (1,) * (x.dim() - v.dim())) if v.dim() else v
 
 
+def dtype_of(module: nn.Module) -> torch.dtype:
+    """The floating dtype a module computes in (its first parameter's, else its first buffer's; float32 if none):
+    the dtype to give its inputs, e.g. float64 for the exact mixtures."""
+    for t in list(module.parameters())[:1] + list(module.buffers())[:1]:
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
 class Denoiser(nn.Module):
     """Base class: subclasses set `noise_schedule` and `prediction` and implement `forward(x, t, cond=None)`."""
 

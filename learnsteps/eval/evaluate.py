@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import SolverChoice
+from ..core.denoiser import dtype_of
 from ..core.grids import make as make_grid
 from ..core.sample import solve
 from ..dsno.student import load_student
@@ -109,8 +110,8 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
 
 def evaluate_teacher(cfg: EvalConfig, name: str, teacher, features: Features, ref):
     shape, std = teacher.shape, teacher.noise_schedule.init_noise_std()
-    x_T = sample_noise(range(cfg.samples), shape, cfg.seed, std).to(_dtype(teacher))
-    x_T2 = sample_noise(range(cfg.samples), shape, cfg.seed + 1, std).to(_dtype(teacher))  # for the floor
+    x_T = sample_noise(range(cfg.samples), shape, cfg.seed, std).to(dtype_of(teacher))
+    x_T2 = sample_noise(range(cfg.samples), shape, cfg.seed + 1, std).to(dtype_of(teacher))  # for the floor
     tgrid = make_grid("logsnr", cfg.teacher_steps, teacher.noise_schedule, to_zero=cfg.to_zero)
     ts = cfg.teacher_solver
     teacher_samples = sample_in_batches(teacher, x_T, tgrid, ts.solver, ts.order, cfg.batch_size, **ts.options)
@@ -140,13 +141,6 @@ def evaluate_teacher(cfg: EvalConfig, name: str, teacher, features: Features, re
         row(_short(directory), solver, 1, features(x), float((x - teacher_samples).pow(2).mean().sqrt()))
         samples_for_png[(solver, _short(directory), 1)] = x[:16]
     return rows, samples_for_png, teacher_samples[:16]
-
-
-def _dtype(teacher) -> torch.dtype:
-    p = next(iter(teacher.parameters()), None)
-    b = next(iter(teacher.buffers()), None)
-    ref = p if p is not None else b
-    return torch.float64 if ref is not None and ref.dtype == torch.float64 else torch.float32
 
 
 def write_outputs(cfg: EvalConfig, rows, samples, teacher_samples, out: Path) -> None:

@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from ..core.denoiser import dtype_of
 from ..core.grids import make as make_grid
 from ..core.sample import check_order, get_solver, nfe as nfe_of, solve
 from ..schedule import Schedule, save_schedule
@@ -218,14 +219,8 @@ def teacher_pairs(teacher, cfg: LD3Config, directory: Path, n: int, seed: int, n
     spec = TrajectorySpec(n=n, shard_size=max(1, min(n, 256)), seed=seed, output_times=times, solver=p.solver,
                           order=p.order, steps_per_interval=p.steps, rtol=p.rtol, batch_size=128)
     generate(teacher, directory / name, spec, teacher_name=cfg.teacher, progress=cfg.trainer.progress_bar)
-    ds = TrajectoryDataset(directory / name, dtype=_dtype(teacher))
+    ds = TrajectoryDataset(directory / name, dtype=dtype_of(teacher))
     return TensorDataset(ds.tensors["index"], ds.tensors["x_T"], ds.tensors["trajectory"][:, -1])
-
-
-def _dtype(teacher) -> torch.dtype:
-    ref = next(iter(teacher.buffers()), None) if next(iter(teacher.parameters()), None) is None else \
-        next(iter(teacher.parameters()))
-    return torch.float64 if ref is not None and ref.dtype == torch.float64 else torch.float32
 
 
 def evaluate_grids(cfg: LD3Config, teacher, learned, test: TensorDataset) -> list[dict]:
