@@ -148,10 +148,10 @@ def generate(teacher, out_dir: str | Path, spec: TrajectorySpec, rank: int = 0, 
             todo.append(k)
     bar = tqdm(total=sum(min(spec.shard_size, spec.n - k * spec.shard_size) for k in todo), unit="traj",
                desc=f"trajectories (rank {rank})", disable=not progress)
+    if todo and not shape:
+        raise ValueError("the teacher does not say its sample shape (teacher.shape)")
     for k in todo:
         idx = torch.arange(k * spec.shard_size, min((k + 1) * spec.shard_size, spec.n))
-        if not shape:
-            raise ValueError("the teacher does not say its sample shape (teacher.shape)")
         x_T = sample_noise(idx.tolist(), shape, spec.seed, sched.init_noise_std())
         parts = {"x_T": [], "trajectory": [], "x0": []}
         for b in range(0, len(idx), spec.batch_size):

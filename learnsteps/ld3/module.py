@@ -272,7 +272,7 @@ def plot_grids(cfg: LD3Config, teacher, learned, path: Path) -> None:
 
 def train_ld3(cfg: LD3Config) -> Path:
     get_solver(cfg.solver)
-    if get_solver(cfg.solver).fn.__name__ in ("er_sde",) and cfg.options.get("noise_scale", "sde5") != "ode":
+    if cfg.solver == "er_sde" and cfg.options.get("noise_scale", "sde5") != "ode":
         raise ValueError("LD3 learns grids for deterministic solvers; er_sde needs options.noise_scale=ode")
     if cfg.options.get("eta"):
         raise ValueError("LD3 learns grids for deterministic solvers; stochastic DDIM (eta > 0) is not one")
@@ -336,7 +336,7 @@ def _log_outputs(logger, run_dir: Path, module: LD3, teacher, test, learned, row
     with torch.no_grad():
         student = solve(teacher, x_T[:n], learned[0], module.cfg.solver, module.cfg.order, eval_grid=learned[1],
                         **module.cfg.options).x
-    if x_T.dim() == 4 and x_T.shape[1] == 1:  # images: student row above teacher row
+    if x_T.dim() == 4 and x_T.shape[1] == 1:  # images: each student sample beside its teacher sample
         both = torch.stack([student.clamp(-1, 1), target[:n].clamp(-1, 1)], 1).flatten(0, 1).float()
         save_image_grid(both, run_dir / "samples.png", nrow=16)
     if logger is None:

@@ -97,8 +97,7 @@ def sample_grid(teacher, n: int = 64, steps: int = 20, seed: int = 0, cond=None)
     from ..core.sample import sample
 
     g = torch.Generator().manual_seed(seed)
-    shape = (n, teacher.net.config.in_channels if hasattr(teacher.net, "config") else 1, 8, 8)
-    x_T = torch.randn(*shape, generator=g)
+    x_T = torch.randn(n, *teacher.shape, generator=g)
     grid = make("logsnr", steps, teacher.noise_schedule, to_zero=True)
     with torch.no_grad():
         return sample(teacher, x_T, grid, "unipc", 3, cond=cond).clamp(-1, 1)
@@ -131,6 +130,7 @@ def train_teacher(cfg: TeacherTrainConfig) -> Path:
     if trainer.global_rank != 0:
         return run_dir
     teacher = module.teacher().cpu()
+    teacher.shape = (module.net.config.in_channels, module.net.config.image_size, module.net.config.image_size)
     export = [run_dir / "teacher"] + ([Path(cfg.export_dir)] if cfg.export_dir else [])
     loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
     summary = dict(trained=dict(steps=trainer.global_step, final_loss=loss, seed=cfg.seed, command=cfg.command))
