@@ -1,7 +1,6 @@
 """Shared test fixtures: small exact teachers and the reference solution they are measured against."""
 import torch
 
-import learnsteps as ls
 from learnsteps.core.denoiser import Denoiser
 
 F64 = torch.float64

@@ -8,7 +8,6 @@ count) let every number be read in context.
 from __future__ import annotations
 
 import csv
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 

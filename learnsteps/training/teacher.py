@@ -5,7 +5,6 @@ continuous schedule. An exponential moving average of the weights is what gets e
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
