@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence, TypeVar
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -49,10 +50,16 @@ def load_config(schema: type[T], files: Sequence[str | Path] = (), overrides: Se
             if not path.is_file():
                 raise ConfigError(f"config file {path} does not exist")
             cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        for token in overrides:
+            try:
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([token]))
+            except yaml.YAMLError as err:
+                raise ConfigError(f"the value in {token!r} is not valid YAML: {' '.join(str(err).split())}") from None
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(_message(err)) from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"a config file is not valid YAML: {err}") from None
 
 
 def to_yaml(cfg) -> str:

@@ -38,6 +38,7 @@ def test_defaults_files_and_overrides_merge_in_order(tmp_path):
     (["nfe=6.5"], r"could not be converted to Integer"),
     (["orders=[a]"], r"could not be converted to Integer"),
     (["nfe"], r"not of the form key=value"),
+    (["sub={kind: [edm}"], r"the value in 'sub=\{kind: \[edm\}' is not valid YAML"),
 ])
 def test_bad_overrides_name_the_problem(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -50,6 +51,9 @@ def test_bad_files(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("nfe: 8\nsolvr: heun\n")
     with pytest.raises(ConfigError, match="Key 'solvr' not in 'Cfg'"):
+        load_config(Cfg, [f])
+    f.write_text("nfe: [8\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(Cfg, [f])
 
 

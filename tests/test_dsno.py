@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from learnsteps.config import load_config
-from learnsteps.dsno.module import DSNOConfig, time_weights, train_dsno
+from learnsteps.dsno.module import DSNOConfig, student_times, time_weights, train_dsno
 from learnsteps.dsno.student import DSNOStudent, StudentConfig, TemporalConv, load_student
 from learnsteps.core.schedules import VPLinear
 from learnsteps.teachers.unet import UNetConfig
@@ -57,6 +57,23 @@ def test_snr_weights_clamp_as_dsno_does():
     assert time_weights(DSNOConfig(weighting="uniform"), VPLinear(), torch.zeros(3)).tolist() == [1, 1, 1]
 
 
+def test_output_times_are_dsno_s_and_nest_across_m():
+    vp = VPLinear(t_min=0.0)
+    torch.testing.assert_close(student_times(DSNOConfig(num_times=4), vp),
+                               torch.tensor([0.5625, 0.25, 0.0625, 0.0], dtype=torch.float64))  # DSNO, CIFAR-10
+    assert student_times(DSNOConfig(num_times=1), vp).tolist() == [0.0]
+    for kind in ("quadratic", "uniform", "logsnr"):
+        t8 = student_times(DSNOConfig(num_times=8, times=kind), VPLinear())
+        for m in (1, 2, 4):
+            torch.testing.assert_close(student_times(DSNOConfig(num_times=m, times=kind), VPLinear()), t8[8 // m - 1::8 // m])
+    lam = VPLinear().lambda_(student_times(DSNOConfig(num_times=4, times="logsnr"), VPLinear())[:-1])
+    torch.testing.assert_close(lam.diff(), torch.full((2,), float(lam[1] - lam[0]), dtype=torch.float64))
+    for bad in (dict(num_times=0), dict(times="cosine"), dict(output_times=[0.5, 0.6, 0.0]),
+                dict(output_times=[0.5, 0.1])):
+        with pytest.raises(ValueError):
+            student_times(DSNOConfig(**bad), VPLinear())
+
+
 def test_dsno_end_to_end_on_the_exact_digits_teacher(tmp_path):
     cfg = load_config(DSNOConfig, [ROOT / "configs" / "dsno.yaml"], [
         "teacher=gmm_digits", f"run_dir={tmp_path}", "trainer.max_steps=20", "trainer.val_check_interval=10",
@@ -72,3 +89,17 @@ def test_dsno_end_to_end_on_the_exact_digits_teacher(tmp_path):
     (run_dir / "student" / "model.safetensors").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_student(run_dir / "student")
+    # the same trajectories serve M = 2 and plain one-step distillation (M = 1, no temporal layers)
+    for extra in (["num_times=2"], ["num_times=1", "temporal=false"]):
+        more = load_config(DSNOConfig, [ROOT / "configs" / "dsno.yaml"], [
+            "teacher=gmm_digits", f"run_dir={tmp_path / extra[0]}", f"data_dir={run_dir / 'trajectories'}",
+            "trainer.max_steps=4", "trainer.val_check_interval=2", "unet.channels=8", "batch_size=16",
+            "trainer.progress_bar=false", "wandb.mode=disabled", *extra])
+        one = load_student(train_dsno(more) / "student")
+        assert one.cfg.output_times == info["student"]["output_times"][4 // one.num_times - 1::4 // one.num_times]
+    assert not (tmp_path / "num_times=2" / "trajectories").exists()
+    with pytest.raises(ValueError, match="do not hold output time"):
+        train_dsno(load_config(DSNOConfig, [ROOT / "configs" / "dsno.yaml"], [
+            "teacher=gmm_digits", f"run_dir={tmp_path / 'bad'}", f"data_dir={run_dir / 'trajectories'}",
+            "num_times=3", "wandb.mode=disabled"]))
+    assert not (tmp_path / "bad").exists()  # nothing written for a bad request

@@ -22,21 +22,21 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from ..ld3.losses import distance
 from ..teachers.network import NetworkTeacher, load_teacher
 from ..teachers.unet import UNet, UNetConfig
-from ..trajectories import TrajectoryDataModule, TrajectorySpec, output_times
-from ..training.common import RunConfig, make_logger, make_trainer, prepare_run
+from ..trajectories import TrajectoryDataModule, TrajectorySpec
+from ..training.common import RunConfig, make_logger, make_trainer, prepare_run, run_path
 from .student import DSNOStudent, StudentConfig, save_student
 
 
 @dataclass
 class DSNOConfig(RunConfig):
     teacher: str = "digits_unet"
-    times: str = "time_quadratic"  # spacing of the M output times (or explicit `output_times`)
-    num_times: int = 4  # M
-    output_times: list[float] = field(default_factory=list)
+    times: str = "quadratic"  # spacing of the M output times: quadratic | uniform (in t) | logsnr
+    num_times: int = 4  # M, the output times after x_T (M = 1 with temporal=false: plain one-step distillation)
+    output_times: list[float] = field(default_factory=list)  # explicit, decreasing, ending at the clean data
     targets: str = "x0"  # x0 (the teacher's x0-predictions, as DSNO) or states
     trajectories: TrajectorySpec = field(default_factory=lambda: TrajectorySpec(
         n=2048, shard_size=512, solver="unipc", order=3, steps_per_interval=10, batch_size=512))
-    data_dir: str = ""  # default <run_dir>/trajectories; reusable across runs
+    data_dir: str = ""  # default <run_dir>/trajectories; reusable by any run whose times it holds
     modes: int = 2  # Fourier modes kept by the temporal convolutions
     temporal: bool = True
     unet: UNetConfig = field(default_factory=UNetConfig)  # for teachers without a UNet backbone
@@ -49,16 +49,22 @@ class DSNOConfig(RunConfig):
     val_fraction: float = 0.05
 
 
+SPACINGS = ("quadratic", "uniform", "logsnr")
+
+
 class DSNOModule(L.LightningModule):
-    def __init__(self, cfg: DSNOConfig, student: DSNOStudent, weights: torch.Tensor):
+    """`index`: where the student's M times sit among the stored trajectory times."""
+
+    def __init__(self, cfg: DSNOConfig, student: DSNOStudent, weights: torch.Tensor, index: torch.Tensor):
         super().__init__()
         self.cfg, self.student = cfg, student
         self.ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
         self.register_buffer("weights", weights / weights.sum())
+        self.register_buffer("index", index)
         self.dist = distance(cfg.loss)
 
     def _loss(self, net, batch):
-        target = batch["x0" if self.cfg.targets == "x0" else "trajectory"].float()
+        target = batch["x0" if self.cfg.targets == "x0" else "trajectory"][:, self.index].float()
         pred = net(batch["x_T"].float())
         per_time = torch.stack([self.dist(pred[:, m], target[:, m]).mean() for m in range(pred.shape[1])])
         return (self.weights * per_time).sum(), per_time
@@ -81,6 +87,43 @@ class DSNOModule(L.LightningModule):
         opt = torch.optim.Adam(self.student.parameters(), lr=self.cfg.lr)
         warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / self.cfg.warmup_steps))
         return dict(optimizer=opt, lr_scheduler=dict(scheduler=warm, interval="step"))
+
+
+def student_times(cfg: DSNOConfig, schedule) -> torch.Tensor:
+    """The M output times after x_T (at t_max), ending at the clean data. Spaced by u_m = 1 - m/M in t, in t
+    squared (DSNO's CIFAR-10 times when t_min = 0: 0.5625, 0.25, 0.0625, 0) or in lambda; the last is t_zero.
+    Depending on m/M only, M's times are among 2M's: one trajectory set serves the whole M ablation."""
+    if cfg.output_times:
+        t = torch.tensor(cfg.output_times, dtype=torch.float64)
+    else:
+        if cfg.times not in SPACINGS:
+            raise ValueError(f"unknown output time spacing {cfg.times!r}: expected one of {SPACINGS}")
+        if cfg.num_times < 1:
+            raise ValueError(f"num_times must be >= 1, got {cfg.num_times}")
+        u = 1 - torch.arange(1, cfg.num_times, dtype=torch.float64) / cfg.num_times
+        lo, hi = torch.tensor(schedule.t_min, dtype=torch.float64), torch.tensor(schedule.t_max, dtype=torch.float64)
+        if cfg.times == "logsnr":
+            t = schedule.t_of_lambda(schedule.lambda_(lo) + u * (schedule.lambda_(hi) - schedule.lambda_(lo)))
+        else:
+            t = lo + (hi - lo) * (u**2 if cfg.times == "quadratic" else u)
+        t = torch.cat([t, torch.tensor([schedule.t_zero], dtype=torch.float64)])
+    ok = torch.isfinite(t).all() and (t[1:] < t[:-1]).all() and t[0] < schedule.t_max
+    if not ok or t[-1] != schedule.t_zero:
+        raise ValueError(f"DSNO output times must decrease strictly from below t_max = {schedule.t_max} to the "
+                         f"clean data t_zero = {schedule.t_zero}; got {t.tolist()}")
+    return t
+
+
+def stored_index(data_times: torch.Tensor, times: torch.Tensor, where: Path) -> torch.Tensor:
+    """Positions of the student's times among a trajectory set's stored times (x_T first)."""
+    index = []
+    for t in times.tolist():
+        hit = torch.nonzero((data_times - t).abs() <= 1e-9 * max(1.0, abs(t))).flatten()
+        if len(hit) == 0:
+            raise ValueError(f"the trajectories in {where} do not hold output time {t:.6g} (they hold "
+                             f"{[round(x, 6) for x in data_times.tolist()]}); use another data_dir")
+        index.append(int(hit[0]))
+    return torch.tensor(index)
 
 
 def time_weights(cfg: DSNOConfig, schedule, times: torch.Tensor) -> torch.Tensor:
@@ -112,16 +155,21 @@ def train_dsno(cfg: DSNOConfig) -> Path:
     if len(getattr(teacher, "shape", ())) != 3:
         raise ValueError(f"DSNO students are UNets over images; teacher {cfg.teacher!r} has shape "
                          f"{getattr(teacher, 'shape', None)}")
+    sched = teacher.noise_schedule
+    times = student_times(cfg, sched)
     spec = copy.deepcopy(cfg.trajectories)
-    spec.output_times, spec.times, spec.num_times = cfg.output_times, cfg.times, cfg.num_times
+    spec.output_times = [float(sched.t_max)] + times.tolist()
     spec.store_x0, spec.to_zero = cfg.targets == "x0", True
-    times = output_times(spec, teacher.noise_schedule)
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else run_path(cfg) / "trajectories"
+    manifest = data_dir / "manifest.json"
+    data_times = torch.tensor(json.loads(manifest.read_text())["output_times"] if manifest.is_file()
+                              else spec.output_times, dtype=torch.float64)
+    index = stored_index(data_times, times, data_dir)
     run_dir = prepare_run(cfg)
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else run_dir / "trajectories"
     data = TrajectoryDataModule(data_dir, batch_size=cfg.batch_size, val_fraction=cfg.val_fraction, seed=cfg.seed,
                                 teacher=teacher, spec=spec, teacher_name=cfg.teacher)
     student = make_student(cfg, teacher, times)
-    module = DSNOModule(cfg, student, time_weights(cfg, teacher.noise_schedule, times))
+    module = DSNOModule(cfg, student, time_weights(cfg, sched, times), index)
     logger = make_logger(cfg, run_dir)
     ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, every_n_train_steps=200)
     trainer = make_trainer(cfg, run_dir, [ckpt], logger)

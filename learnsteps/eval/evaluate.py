@@ -136,7 +136,8 @@ def evaluate_teacher(cfg: EvalConfig, name: str, teacher, features: Features, re
             continue
         with torch.no_grad():
             x = torch.cat([student.sample(x_T[b: b + cfg.batch_size].float()) for b in range(0, len(x_T), cfg.batch_size)])
-        solver = f"dsno-M{student.num_times}"
+        temporal = student.cfg.temporal and student.num_times > 1
+        solver = f"dsno-M{student.num_times}" if temporal else f"one-step-M{student.num_times}"
         row(_short(directory), solver, 1, features(x), float((x - teacher_samples).pow(2).mean().sqrt()))
         samples_for_png[(solver, _short(directory), 1)] = x[:16]
     return rows, samples_for_png, teacher_samples[:16]

@@ -47,9 +47,13 @@ class RunConfig:
     command: str = ""  # filled in by train.py: the command line that made this run, recorded in its outputs
 
 
+def run_path(cfg: RunConfig) -> Path:
+    return Path(cfg.run_dir or f"runs/{cfg.mode}")
+
+
 def prepare_run(cfg: RunConfig) -> Path:
     """Create the run directory, save the resolved config in it, seed everything."""
-    run_dir = Path(cfg.run_dir or f"runs/{cfg.mode}")
+    run_dir = run_path(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
