@@ -18,6 +18,7 @@ from torch import Tensor
 from .core.sample import check_order, get_solver, nfe as nfe_of, solver_options
 from .core.schedules import NoiseSchedule, make_schedule
 from .core.steps import check_times
+from .files import write_text
 
 FORMAT, VERSION = "learnsteps-schedule", 1
 
@@ -92,11 +93,7 @@ def save_schedule(path: str | Path, schedule: Schedule) -> Path:
     """Write the schedule JSON to a temporary file, then rename it over `path` (never half-written)."""
     path = Path(path)
     validate(schedule.to_dict(), str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(schedule.to_dict(), indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return write_text(path, json.dumps(schedule.to_dict(), indent=2) + "\n")
 
 
 def load_schedule(path: str | Path, solver: str | None = None, order: int | None = None,
@@ -120,6 +117,7 @@ def load_schedule(path: str | Path, solver: str | None = None, order: int | None
 
 
 def _times(data: dict, key: str, where: str) -> list[float]:
+    """data[key] as a list of finite floats, or ScheduleError."""
     v = data.get(key)
     if not isinstance(v, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
         raise ScheduleError(f"{where}: '{key}' must be a list of numbers")
@@ -142,11 +140,17 @@ def validate(data, where: str = "schedule") -> Schedule:
     try:
         get_solver(data["solver"])
         noise_schedule = make_schedule(**data["noise_schedule"])
-    except (ValueError, TypeError) as err:
-        raise ScheduleError(f"{where}: {err}") from None
+        lo, hi = float(noise_schedule.t_zero), float(noise_schedule.t_max)
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ValueError(f"the noise schedule's times [{lo}, {hi}] are not a range")
+    except Exception as err:  # whatever a malformed parameter makes the schedule's constructor raise
+        raise ScheduleError(f"{where}: noise_schedule {data['noise_schedule']!r}: {err}") from None
     times, eval_times = _times(data, "times", where), _times(data, "eval_times", where)
     if len(times) < 2 or any(b >= a for a, b in zip(times, times[1:])):
         raise ScheduleError(f"{where}: 'times' must decrease strictly (at least 2 times)")
+    for key, values in (("times", times), ("eval_times", eval_times)):
+        if not all(lo <= v <= hi for v in values):
+            raise ScheduleError(f"{where}: '{key}' leave the noise schedule's range [{lo}, {hi}]")
     steps, to_zero = len(times) - 1, times[-1] == noise_schedule.t_zero
     if nfe_of(data["solver"], steps, to_zero) != data["nfe"]:
         raise ScheduleError(f"{where}: {len(times)} times give {data['solver']} "
@@ -163,8 +167,12 @@ def validate(data, where: str = "schedule") -> Schedule:
         raise ScheduleError(f"{where}: options {options!r} are not all options of {data['solver']}")
     if "sigmas" in data:  # written by us: must agree with the times under the noise schedule
         sig = noise_schedule.sigma_tilde(torch.tensor(times, dtype=torch.float64))
-        if not torch.allclose(sig, torch.as_tensor(data["sigmas"], dtype=torch.float64), rtol=1e-6, atol=1e-12):
+        given = torch.tensor(_times(data, "sigmas", where), dtype=torch.float64)
+        if given.shape != sig.shape or not torch.allclose(sig, given, rtol=1e-6, atol=1e-12):
             raise ScheduleError(f"{where}: 'sigmas' disagree with 'times' under {noise_schedule!r}")
+    for key in ("teacher", "provenance"):
+        if not isinstance(data.get(key, {}), dict):
+            raise ScheduleError(f"{where}: '{key}' must be a JSON object")
     return Schedule(solver=data["solver"], order=data["order"], nfe=data["nfe"], noise_schedule=data["noise_schedule"],
                     times=times, eval_times=eval_times, options=options, teacher=dict(data.get("teacher", {})),
                     provenance=dict(data.get("provenance", {})))

@@ -24,7 +24,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from tqdm import tqdm
 
@@ -32,6 +32,8 @@ from .core.grids import make as make_grid
 from .core.denoiser import dtype_of
 from .core.reference import reference_solve
 from .core.sample import solve
+from .files import write_safetensors, write_text
+from .loaders import train_loader
 
 FORMAT, VERSION = "learnsteps-trajectories", 1
 TIME_KINDS = ("time_uniform", "time_quadratic", "logsnr", "edm")
@@ -104,11 +106,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
 
 def shard_ok(out_dir: Path, k: int) -> bool:
     f, s = out_dir / f"shard-{k:05d}.safetensors", out_dir / f"shard-{k:05d}.sha256"
@@ -133,7 +130,7 @@ def generate(teacher, out_dir: str | Path, spec: TrajectorySpec, rank: int = 0, 
         if {k: old.get(k) for k in identity} != json.loads(json.dumps(identity)):
             raise ValueError(f"{out} holds trajectories of another teacher or spec; use a new directory")
     elif rank == 0:
-        _write_atomic(spec_file, json.dumps(identity, indent=2))
+        write_text(spec_file, json.dumps(identity, indent=2))
     if spec.dtype not in ("float32", "float16"):
         raise ValueError(f"storage dtype must be float32 or float16, not {spec.dtype!r}")
     dtype = getattr(torch, spec.dtype)
@@ -164,14 +161,11 @@ def generate(teacher, out_dir: str | Path, spec: TrajectorySpec, rank: int = 0, 
                           for m in range(len(times))]
                     parts["x0"].append(torch.stack(x0, 1))
             bar.update(len(x))
-        tensors = {key: torch.cat(v).to(dtype).contiguous() for key, v in parts.items() if v}
-        tensors["x_T"] = x_T.to(dtype).contiguous()
+        tensors = {key: torch.cat(v).to(dtype) for key, v in parts.items() if v}
+        tensors["x_T"] = x_T.to(dtype)
         tensors["index"] = idx
-        path = out / f"shard-{k:05d}.safetensors"
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp))
-        tmp.replace(path)
-        _write_atomic(out / f"shard-{k:05d}.sha256", _sha256(path) + "\n")
+        path = write_safetensors(out / f"shard-{k:05d}.safetensors", tensors)
+        write_text(out / f"shard-{k:05d}.sha256", _sha256(path) + "\n")
     bar.close()
     if barrier is not None:
         barrier()
@@ -187,7 +181,7 @@ def generate(teacher, out_dir: str | Path, spec: TrajectorySpec, rank: int = 0, 
                                      first_index=k * spec.shard_size,
                                      count=min(spec.shard_size, spec.n - k * spec.shard_size)) for k in range(n_shards)],
                         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-        _write_atomic(out / "manifest.json", json.dumps(manifest, indent=2))
+        write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     return out / "manifest.json"
 
 
@@ -247,7 +241,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.train_set = torch.utils.data.Subset(self.dataset, perm[n_val:])
 
     def train_dataloader(self):
-        return torch.utils.data.DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+        return train_loader(self.train_set, self.batch_size, self.seed)
 
     def val_dataloader(self):
         return torch.utils.data.DataLoader(self.val_set, batch_size=self.batch_size)

@@ -20,7 +20,7 @@ def baseline(nfe=6, solver="unipc", order=3, schedule=None, to_zero=False, **kw)
 
 
 def test_round_trip(tmp_path):
-    s = baseline(eval_grid=ls.grids.make("logsnr", 6, VPLinear()) * 1.01, options=dict(variant="bh1"))
+    s = baseline(eval_grid=ls.grids.make("logsnr", 6, VPLinear()) * 0.99, options=dict(variant="bh1"))
     path = save_schedule(tmp_path / "s.json", s)
     again = load_schedule(path, solver="unipc", order=3, nfe=6)
     assert again.times == s.times and again.eval_times == s.eval_times and again.options == {"variant": "bh1"}
@@ -151,3 +151,76 @@ def test_solvers_diffusers_lacks_are_refused():
         scheduler_for(baseline(solver="ipndm", order=4, schedule=DiscreteDDPM()))
     with pytest.raises(ScheduleError, match="discrete DDPM"):
         scheduler_for(baseline())
+
+
+# ---- fuzzing the loader: whatever the file holds, it loads as a usable schedule or fails with ScheduleError ------
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-10, 10) | st.floats(allow_nan=True) | st.text(max_size=5),
+                    lambda inner: st.lists(inner, max_size=8) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+                    max_leaves=12)
+KEYS = sorted(baseline().to_dict())
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def usable(sched: Schedule) -> None:
+    """What a loaded schedule promises its samplers."""
+    s = sched.make_noise_schedule()
+    t = torch.tensor(sched.times, dtype=F64)
+    assert len(t) >= 2 and torch.all(t[1:] < t[:-1]) and torch.isfinite(t).all()
+    assert float(t[0]) <= s.t_max + 1e-9 and float(t[-1]) >= s.t_zero - 1e-9
+    assert len(sched.eval_times) == len(t) and all(s.t_zero - 1e-9 <= e <= s.t_max + 1e-9 for e in sched.eval_times)
+    assert sched.nfe >= 1 and isinstance(sched.options, dict) and isinstance(sched.teacher, dict)
+
+
+def loads_usable_or_fails_cleanly(path, data) -> None:
+    """`data` written to `path` either loads as a usable schedule or fails with ScheduleError (any other exception
+    fails the test)."""
+    path.write_text(json.dumps(data))
+    try:
+        sched = load_schedule(path)
+    except ScheduleError:
+        return
+    usable(sched)
+
+
+@FUZZ
+@given(edits=st.dictionaries(st.sampled_from(KEYS + ["extra"]), JSON | st.just(None), max_size=3),
+       drop=st.sets(st.sampled_from(KEYS), max_size=2))
+def test_fuzzed_fields_load_as_usable_schedules_or_fail_with_schedule_error(tmp_path, edits, drop):
+    data = {k: v for k, v in baseline().to_dict().items() if k not in drop}
+    data.update(edits)
+    loads_usable_or_fails_cleanly(tmp_path / "fuzz.json", data)
+
+
+@FUZZ
+@given(times=st.lists(st.floats(-0.5, 1.5, allow_nan=False), min_size=2, max_size=12),
+       shift=st.floats(-0.2, 0.2))
+def test_fuzzed_times_load_as_usable_schedules_or_fail_with_schedule_error(tmp_path, times, shift):
+    data = baseline().to_dict()
+    data.update(times=times, eval_times=[t + shift for t in times], nfe=len(times) - 1, order=1, solver="euler",
+                options={})
+    data.pop("sigmas")
+    loads_usable_or_fails_cleanly(tmp_path / "fuzz.json", data)
+
+
+@FUZZ
+@given(raw=st.binary(max_size=200))
+def test_arbitrary_bytes_fail_with_schedule_error(tmp_path, raw):
+    path = tmp_path / "fuzz.json"
+    path.write_bytes(raw)
+    with pytest.raises(ScheduleError):
+        load_schedule(path)
+
+
+@FUZZ
+@given(cuts=st.lists(st.integers(1, 1000), min_size=1, max_size=10, unique=True), to_zero=st.booleans())
+def test_every_valid_grid_round_trips(tmp_path, cuts, to_zero):
+    s = VPLinear()
+    grid = s.t_max - (s.t_max - s.t_min) * torch.tensor(sorted([0, *cuts]), dtype=F64) / 1000
+    if to_zero:
+        grid = torch.cat([grid, torch.zeros(1, dtype=F64)])
+    sched = Schedule.from_grid(grid, s, "euler", 1)
+    again = load_schedule(save_schedule(tmp_path / "s.json", sched))
+    usable(again)
+    assert again.times == sched.times == grid.tolist() and again.nfe == len(grid) - 1

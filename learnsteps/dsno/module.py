@@ -16,14 +16,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..ld3.losses import distance
 from ..teachers.network import NetworkTeacher, load_teacher
 from ..teachers.unet import UNet, UNetConfig
 from ..trajectories import TrajectoryDataModule, TrajectorySpec
-from ..training.common import RunConfig, make_logger, make_trainer, prepare_run, run_path
+from ..training.common import RunConfig, fit, make_logger, make_trainer, prepare_run, run_path
 from .student import DSNOStudent, StudentConfig, save_student
 
 
@@ -59,6 +58,7 @@ class DSNOModule(L.LightningModule):
         super().__init__()
         self.cfg, self.student = cfg, student
         self.ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        self.ema.requires_grad_(False)  # updated by hand, not by gradients (and DDP must not wait for them)
         self.register_buffer("weights", weights / weights.sum())
         self.register_buffer("index", index)
         self.dist = distance(cfg.loss)
@@ -75,7 +75,10 @@ class DSNOModule(L.LightningModule):
         self.log_dict({f"train/loss_t{m}": v for m, v in enumerate(per_time)})
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
+    def optimizer_step(self, *args, **kwargs):
+        # The EMA follows each optimizer step here rather than in on_train_batch_end, which Lightning
+        # calls after the callbacks': a checkpoint saved there would miss this step's EMA update.
+        super().optimizer_step(*args, **kwargs)
         self.ema.update_parameters(self.student)
 
     def validation_step(self, batch, batch_idx):
@@ -171,11 +174,9 @@ def train_dsno(cfg: DSNOConfig) -> Path:
     student = make_student(cfg, teacher, times)
     module = DSNOModule(cfg, student, time_weights(cfg, sched, times), index)
     logger = make_logger(cfg, run_dir)
-    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, every_n_train_steps=200)
-    trainer = make_trainer(cfg, run_dir, [ckpt], logger)
-    last = run_dir / "checkpoints" / "last.ckpt"
+    trainer = make_trainer(cfg, run_dir, [], logger)
     t0 = time.perf_counter()
-    trainer.fit(module, data, ckpt_path=str(last) if last.exists() else None)
+    fit(trainer, module, data, run_dir=run_dir)
     seconds = time.perf_counter() - t0
     if trainer.global_rank != 0:
         return run_dir

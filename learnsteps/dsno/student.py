@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 from einops import rearrange, repeat
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from ..files import write_safetensors, write_text
 from ..teachers.unet import UNet, UNetConfig
 
 FORMAT, VERSION = "learnsteps-dsno", 1
@@ -103,13 +104,9 @@ class DSNOStudent(nn.Module):
 
 def save_student(directory: str | Path, student: DSNOStudent, meta: dict) -> Path:
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / "model.safetensors.tmp"
-    save_file({k: v.detach().contiguous() for k, v in student.state_dict().items()}, str(tmp))
-    tmp.replace(d / "model.safetensors")
+    write_safetensors(d / "model.safetensors", student.state_dict())
     info = dict(format=FORMAT, version=VERSION, student=asdict(student.cfg), **meta)
-    (d / "student.json.tmp").write_text(json.dumps(info, indent=2))
-    (d / "student.json.tmp").replace(d / "student.json")
+    write_text(d / "student.json", json.dumps(info, indent=2))
     return d
 
 

@@ -19,6 +19,7 @@ from ..core.denoiser import dtype_of
 from ..core.grids import make as make_grid
 from ..core.sample import solve
 from ..dsno.student import load_student
+from ..files import write_text
 from ..schedule import load_schedule
 from ..teachers.network import load_teacher
 from ..trajectories import sample_noise
@@ -85,29 +86,31 @@ def _short(path: str) -> str:
 
 
 def evaluate(cfg: EvalConfig) -> list[dict]:
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # Everything that can be wrong with the input is found here, before any sampling and before out_dir exists.
     features = Features(cfg.feature_extractor, cfg.feature_weights or None)
-    ref = reference_features(cfg.reference, features)
     teachers = {name: load_teacher(name) for name in cfg.teachers}
+    plans = {name: list(entries(cfg, teacher)) for name, teacher in teachers.items()}
     for kind, paths in (("schedule", cfg.schedules), ("student", cfg.students)):
         for path in paths:
             info = load_schedule(path).teacher if kind == "schedule" else load_student(path).info["teacher"]
             if not any(_belongs(info.get("fingerprint"), t) for t in teachers.values()):
                 raise ValueError(f"{path} was made for another teacher ({info.get('name') or info.get('fingerprint')}) "
                                  f"than {', '.join(cfg.teachers)}")
+    ref = reference_features(cfg.reference, features)
     rows, samples_for_png, teacher_png = [], {}, None
     for name, teacher in teachers.items():
         tag = f"{name}: " if len(teachers) > 1 else ""
-        new_rows, new_samples, first = evaluate_teacher(cfg, name, teacher, features, ref)
+        new_rows, new_samples, first = evaluate_teacher(cfg, name, teacher, plans[name], features, ref)
         rows += new_rows
         samples_for_png.update({(s, tag + g, n): v for (s, g, n), v in new_samples.items()})
         teacher_png = first if teacher_png is None else teacher_png
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     write_outputs(cfg, rows, samples_for_png, teacher_png, out)
     return rows
 
 
-def evaluate_teacher(cfg: EvalConfig, name: str, teacher, features: Features, ref):
+def evaluate_teacher(cfg: EvalConfig, name: str, teacher, plan: list, features: Features, ref):
     shape, std = teacher.shape, teacher.noise_schedule.init_noise_std()
     x_T = sample_noise(range(cfg.samples), shape, cfg.seed, std).to(dtype_of(teacher))
     x_T2 = sample_noise(range(cfg.samples), shape, cfg.seed + 1, std).to(dtype_of(teacher))  # for the floor
@@ -126,7 +129,7 @@ def evaluate_teacher(cfg: EvalConfig, name: str, teacher, features: Features, re
 
     row("teacher", f"{ts.solver}-{ts.order}", cfg.teacher_steps, teacher_f, 0.0)
     row("floor (teacher, other noise)", f"{ts.solver}-{ts.order}", cfg.teacher_steps, floor_f)
-    for label, case, nfe, grid, eval_grid in tqdm(list(entries(cfg, teacher)), desc=f"eval {name}", unit="entry"):
+    for label, case, nfe, grid, eval_grid in tqdm(plan, desc=f"eval {name}", unit="entry"):
         x = sample_in_batches(teacher, x_T, grid, case.solver, case.order, cfg.batch_size, eval_grid, **case.options)
         row(label, f"{case.solver}-{case.order}", nfe, features(x), float((x - teacher_samples).pow(2).mean().sqrt()))
         samples_for_png[(f"{case.solver}-{case.order}", label, nfe)] = x[:16]
@@ -156,7 +159,7 @@ def write_outputs(cfg: EvalConfig, rows, samples, teacher_samples, out: Path) ->
     lines += [f"| {r['teacher']} | {r['solver']} | {r['grid']} | {r['nfe']} | {r['fid_data']:.3f} | {r['kid_data']:.4f} | "
               f"{r['precision']:.3f} | {r['recall']:.3f} | {r['fid_teacher']:.3f} | {r['kid_teacher']:.4f} | "
               f"{r['rmse_teacher']:.4f} |" for r in rows]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "results.md", "\n".join(lines) + "\n")
     plot_fid(rows, out / "fid_vs_nfe.png")
     if teacher_samples.dim() == 4:
         from ..training.teacher import save_image_grid

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 import torch_fidelity
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
+
+from ..files import write_safetensors, write_text
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "digits_features"
 DIGITS_EXTRACTOR = "learnsteps-digits"
@@ -48,13 +50,9 @@ class DigitsFeatureNet(nn.Module):
 
 
 def save_feature_net(directory: Path, net: DigitsFeatureNet, extra: dict) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / "model.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    tmp.replace(directory / "model.safetensors")
+    write_safetensors(directory / "model.safetensors", net.state_dict())
     meta = dict(format="learnsteps-features", version=1, config=asdict(net.cfg), **extra)
-    (directory / "features.json.tmp").write_text(json.dumps(meta, indent=2))
-    (directory / "features.json.tmp").replace(directory / "features.json")
+    write_text(directory / "features.json", json.dumps(meta, indent=2))
 
 
 def load_feature_net(directory: Path = ASSET) -> DigitsFeatureNet:

@@ -6,12 +6,13 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
+from ..files import write_safetensors
 from .features import ASSET, DIGITS_EXTRACTOR, fingerprint_file
 
 EXTRACTORS = ("digits", "inception")
@@ -93,8 +94,5 @@ def reference_features(dataset: str, features: Features) -> Tensor:
     if path.is_file():
         return load_file(str(path))["features"]
     f = features(data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"features": f.contiguous()}, str(tmp))
-    tmp.replace(path)
+    write_safetensors(path, {"features": f})
     return f

@@ -28,10 +28,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from ..core.denoiser import dtype_of
 from ..core.grids import make as make_grid
 from ..core.sample import check_order, get_solver, nfe as nfe_of, solve
+from ..files import write_text
 from ..schedule import Schedule, save_schedule
 from ..teachers.network import load_teacher
 from ..trajectories import TrajectoryDataset, TrajectorySpec, generate
-from ..training.common import RunConfig, make_logger, make_trainer, prepare_run
+from ..loaders import train_loader
+from ..training.common import RunConfig, fit, make_logger, make_trainer, prepare_run
 from .grid import LD3Grid
 from .losses import distance
 
@@ -84,6 +86,8 @@ class LD3Config(RunConfig):
 
 
 def steps_for_nfe(solver: str, nfe: int, to_zero: bool) -> int:
+    if nfe < 1:
+        raise ValueError(f"nfe must be at least 1, got {nfe}")
     steps = (nfe + int(to_zero)) // 2 if solver == "heun" else nfe
     if nfe_of(solver, steps, to_zero) != nfe:
         raise ValueError(f"{solver} cannot spend exactly {nfe} model calls"
@@ -135,6 +139,7 @@ class LD3(L.LightningModule):
             self.soft_forcing_step(idx, x, target, loss_each.detach())
         self.log_dict({"train/loss": loss, "train/phase": float(self.phase()),
                        "train/lr_theta": opt_theta.param_groups[0]["lr"]}, prog_bar=True)
+        return loss.detach()  # seen by StopOnNonFiniteLoss
 
     @torch.no_grad()
     def soft_forcing_step(self, idx, x, target, loss_before):
@@ -146,6 +151,8 @@ class LD3(L.LightningModule):
         norm = delta.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, *[1] * (x.dim() - 1))
         cand = start + delta * torch.clamp(self.radius / norm, max=1.0)
         keep = self.dist(self.student(cand), target) < loss_before
+        if self.trainer.world_size > 1:  # every rank applies every rank's moves (DDP broadcasts rank 0's buffers)
+            idx, cand, keep = (self.all_gather(v).flatten(0, 1) for v in (idx, cand, keep))
         self.x_prime[idx[keep]] = cand[keep]
         self.log("train/soft_forcing_kept", keep.float().mean())
 
@@ -293,15 +300,12 @@ def train_ld3(cfg: LD3Config) -> Path:
         module.grid.init_from(init)
     logger = make_logger(cfg, run_dir)
     cfg.trainer.max_steps = -1
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, every_n_train_steps=cfg.val_every_n_steps)
-    trainer = make_trainer(cfg, run_dir, [ckpt], logger, max_epochs=cfg.rounds_theta + cfg.rounds_joint,
+    trainer = make_trainer(cfg, run_dir, [], logger, find_unused_parameters=True,  # xi waits for phase 2
+                           max_epochs=cfg.rounds_theta + cfg.rounds_joint,
                            val_check_interval=min(cfg.val_every_n_steps, max(1, p.train // cfg.batch_size)),
                            num_sanity_val_steps=-1)  # the sanity pass scores the initial (uniform) grid
-    last = run_dir / "checkpoints" / "last.ckpt"
-    trainer.fit(module, DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True),
-                DataLoader(val_set, batch_size=64), ckpt_path=str(last) if last.exists() else None)
+    fit(trainer, module, train_loader(train_set, cfg.batch_size, cfg.seed), DataLoader(val_set, batch_size=64),
+        run_dir=run_dir)
     if trainer.global_rank != 0:
         return run_dir
     learned = module.best_grid()
@@ -321,7 +325,7 @@ def train_ld3(cfg: LD3Config) -> Path:
     table = [f"{cfg.solver} order {cfg.order}, NFE {cfg.nfe}: RMSE to the teacher on {p.test} held-out pairs",
              "| grid | RMSE | / best baseline |", "|---|---|---|"]
     table += [f"| {r['grid']} | {r['rmse']:.4g} | {r['vs_best_baseline']:.3f} |" for r in rows]
-    (run_dir / "results.md").write_text("\n".join(table) + "\n")
+    write_text(run_dir / "results.md", "\n".join(table) + "\n")
     _log_outputs(logger, run_dir, module, teacher, test, learned, rows)
     print("\n".join(table))
     print(f"schedule: {run_dir / 'schedule.json'}   grid plot: {run_dir / 'grid.png'}")

@@ -16,11 +16,12 @@ import math
 from importlib import resources
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from ..core.denoiser import Denoiser, per_sample
 from ..core.schedules import NoiseSchedule, VPLinear
+from ..files import write_safetensors
 
 DIGITS_ASSET = "gmm_digits.safetensors"
 
@@ -168,9 +169,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "assets" / DIGITS_ASSET)
     args = ap.parse_args()
     params = fit_digits_mixture(args.components)
-    tmp = args.out.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in params.items()}, str(tmp))
-    tmp.replace(args.out)
+    write_safetensors(args.out, params)
     print(f"wrote {args.out} ({args.components} components)")
 
 

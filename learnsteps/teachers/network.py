@@ -8,11 +8,12 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..core.denoiser import NetworkDenoiser
 from ..core.schedules import EDM, DiscreteDDPM, NoiseSchedule, make_schedule
+from ..files import write_safetensors, write_text
 from .unet import UNet, UNetConfig
 
 TEACHER_FORMAT, TEACHER_VERSION = "learnsteps-teacher", 1
@@ -51,26 +52,16 @@ class NetworkTeacher(NetworkDenoiser):
         return self._fingerprint
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def save_unet_teacher(directory: str | Path, net: UNet, noise_schedule: NoiseSchedule, extra: dict | None = None,
                       dtype: torch.dtype = torch.float32) -> Path:
     """Write model.safetensors and teacher.json into `directory` (each written to a temporary file, then renamed)."""
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(dtype).contiguous() for k, v in net.state_dict().items()}
-    tmp = d / "model.safetensors.tmp"
-    save_file(state, str(tmp))
-    tmp.replace(d / "model.safetensors")
+    write_safetensors(d / "model.safetensors", {k: v.to(dtype) for k, v in net.state_dict().items()})
     meta = dict(format=TEACHER_FORMAT, version=TEACHER_VERSION, kind="unet", unet=net.config.to_dict(),
                 noise_schedule=noise_schedule.config(), prediction="epsilon", **(extra or {}))
-    _atomic_write_text(d / "teacher.json", json.dumps(meta, indent=2))
+    write_text(d / "teacher.json", json.dumps(meta, indent=2))
     meta["fingerprint"] = load_teacher(d, check=False).fingerprint()  # of the weights as stored
-    _atomic_write_text(d / "teacher.json", json.dumps(meta, indent=2))
+    write_text(d / "teacher.json", json.dumps(meta, indent=2))
     return d
 
 

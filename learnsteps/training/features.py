@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..eval.features import DigitsFeatureNet, FeatureNetConfig, save_feature_net
 from ..teachers.gmm import digits_data
-from .common import RunConfig, make_logger, make_trainer, prepare_run
+from ..loaders import train_loader
+from .common import RunConfig, fit, make_logger, make_trainer, prepare_run
 
 
 @dataclass
@@ -67,8 +68,8 @@ def train_features(cfg: FeatureTrainConfig) -> Path:
     module = Classifier(cfg)
     trainer = make_trainer(cfg, run_dir, [], make_logger(cfg, run_dir), val_check_interval=None,
                            check_val_every_n_epoch=5)
-    trainer.fit(module, DataLoader(TensorDataset(*train), batch_size=cfg.batch_size, shuffle=True, drop_last=True),
-                DataLoader(TensorDataset(*test), batch_size=512))
+    fit(trainer, module, train_loader(TensorDataset(*train), cfg.batch_size, cfg.seed, drop_last=True),
+        DataLoader(TensorDataset(*test), batch_size=512), run_dir=run_dir)
     net = module.net.eval()
     with torch.no_grad():
         accuracy = float((net(test[0])[1].argmax(1) == test[1]).float().mean())

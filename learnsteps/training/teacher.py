@@ -10,15 +10,15 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from ..core.schedules import make_schedule
 from ..teachers.gmm import digits_data
 from ..teachers.network import NetworkTeacher, save_unet_teacher
 from ..teachers.unet import UNet, UNetConfig
-from .common import RunConfig, ScheduleConfig, make_logger, make_trainer, prepare_run
+from ..loaders import BatchDraws, train_loader
+from .common import RunConfig, ScheduleConfig, fit, make_logger, make_trainer, prepare_run
 
 
 @dataclass
@@ -38,9 +38,9 @@ class TeacherTrainConfig(RunConfig):
 class DigitsDataModule(L.LightningDataModule):
     """scikit-learn's 8x8 digits in [-1, 1] (and their labels), shuffled mini-batches."""
 
-    def __init__(self, batch_size: int = 128):
+    def __init__(self, batch_size: int = 128, seed: int = 0):
         super().__init__()
-        self.batch_size = batch_size
+        self.batch_size, self.seed = batch_size, seed
 
     def setup(self, stage=None):
         from sklearn.datasets import load_digits
@@ -48,7 +48,7 @@ class DigitsDataModule(L.LightningDataModule):
         self.train_set = TensorDataset(digits_data(torch.float32), torch.as_tensor(load_digits().target))
 
     def train_dataloader(self):
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True)
+        return train_loader(self.train_set, self.batch_size, self.seed, drop_last=True)
 
 
 class DiffusionTraining(L.LightningModule):
@@ -58,16 +58,17 @@ class DiffusionTraining(L.LightningModule):
         unet_cfg = UNetConfig(**{**cfg.unet.to_dict(), "num_classes": 10 if cfg.class_conditional else 0})
         self.net = UNet(unet_cfg)
         self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        self.ema.requires_grad_(False)  # updated by hand, not by gradients (and DDP must not wait for them)
         self.schedule = make_schedule(cfg.schedule.kind, **cfg.schedule.params)
 
     def training_step(self, batch, batch_idx):
         x0, y = batch
-        s = self.schedule
-        t = s.t_min + (s.t_max - s.t_min) * torch.rand(x0.shape[0], device=x0.device)
-        eps = torch.randn_like(x0)
+        s, draws = self.schedule, BatchDraws(self.cfg.seed, self.global_step, len(x0), x0.device)
+        t = (s.t_min + (s.t_max - s.t_min) * draws.rand()).to(x0.dtype)
+        eps = draws.randn(*x0.shape[1:]).to(x0.dtype)
         x_t = s.alpha(t)[:, None, None, None] * x0 + s.sigma(t)[:, None, None, None] * eps
         if self.cfg.class_conditional:  # drop 10% of the labels: the null class 10 trains the unconditional model
-            y = torch.where(torch.rand_like(t) < 0.1, torch.full_like(y, 10), y)
+            y = torch.where(draws.rand() < 0.1, torch.full_like(y, 10), y)
             pred = self.net(x_t, t, y)
         else:
             pred = self.net(x_t, t)
@@ -75,7 +76,10 @@ class DiffusionTraining(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
+    def optimizer_step(self, *args, **kwargs):
+        # The EMA follows each optimizer step here rather than in on_train_batch_end, which Lightning
+        # calls after the callbacks': a checkpoint saved there would miss this step's EMA update.
+        super().optimizer_step(*args, **kwargs)
         self.ema.update_parameters(self.net)
 
     def configure_optimizers(self):
@@ -122,10 +126,8 @@ def train_teacher(cfg: TeacherTrainConfig) -> Path:
     run_dir = prepare_run(cfg)
     module = DiffusionTraining(cfg)
     logger = make_logger(cfg, run_dir)
-    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, every_n_train_steps=500)
-    trainer = make_trainer(cfg, run_dir, [ckpt], logger)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    trainer.fit(module, DigitsDataModule(cfg.batch_size), ckpt_path=str(last) if last.exists() else None)
+    trainer = make_trainer(cfg, run_dir, [], logger)
+    fit(trainer, module, DigitsDataModule(cfg.batch_size, cfg.seed), run_dir=run_dir)
     if trainer.global_rank != 0:
         return run_dir
     teacher = module.teacher().cpu()
