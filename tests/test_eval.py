@@ -95,3 +95,12 @@ def test_a_schedule_of_another_teacher_is_refused(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "eval.py"), "teachers=[gmm_digits]", f"schedules=[{path}]",
                           "samples=8", f"out_dir={tmp_path / 'o'}"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "made for another teacher" in res.stderr
+
+
+def test_schedules_in_same_named_folders_get_distinct_labels():
+    from learnsteps.eval.evaluate import short_labels
+
+    paths = ["runs/a/bare/nfe4/schedule.json", "runs/a/full/nfe4/schedule.json", "runs/a/full/nfe6/schedule.json"]
+    assert short_labels(paths) == {p: "/".join(p.split("/")[-3:]) for p in paths}
+    assert short_labels(["x/nfe4/schedule.json"]) == {"x/nfe4/schedule.json": "nfe4/schedule.json"}
+    assert short_labels(["s.json", "./s.json"]) == {"s.json": "s.json", "./s.json": "./s.json"}

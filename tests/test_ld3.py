@@ -152,8 +152,26 @@ def test_soft_forcing_stays_inside_the_ball(tmp_path):
     assert module.radius == pytest.approx(0.05 * 6 / 16)
 
 
+def test_feature_loss_is_the_squared_distance_of_the_digits_features_and_has_gradients():
+    from learnsteps.eval.features import load_feature_net
+    from learnsteps.ld3.losses import distance
+
+    dist, net = distance("features", (1, 8, 8)), load_feature_net()
+    x = torch.randn(5, 1, 8, 8, dtype=F64, requires_grad=True)
+    y = torch.randn(5, 1, 8, 8, dtype=F64)
+    d = dist(x, y)
+    expected = (net(x.detach().float())[0] - net(y.float())[0]).pow(2).mean(1).double()
+    torch.testing.assert_close(d.detach(), expected)
+    assert d.shape == (5,) and d.dtype == F64 and (d > 0).all() and (dist(y, y) == 0).all()
+    d.sum().backward()
+    assert x.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="reads 1x8x8 images"):
+        distance("features", (3, 32, 32))
+
+
 @pytest.mark.parametrize("args, match", [
     (["loss=lpips"], "lpips"),
+    (["loss=features", "teacher=toy_mixture"], "reads 1x8x8 images"),
     (["solver=heun", "order=2", "nfe=4"], "cannot spend exactly 4 model calls"),
     (["solver=ipndm", "order=4", "nfe=3"], "needs at least 4 steps"),
     (["solver=er_sde", "order=3"], "deterministic solvers"),

@@ -153,8 +153,8 @@ def make_student(cfg: DSNOConfig, teacher, times: torch.Tensor) -> DSNOStudent:
 def train_dsno(cfg: DSNOConfig) -> Path:
     if cfg.targets not in ("x0", "states"):
         raise ValueError(f"unknown targets {cfg.targets!r}: expected 'x0' or 'states'")
-    distance(cfg.loss)  # fail now, not after generating trajectories
     teacher = load_teacher(cfg.teacher)
+    distance(cfg.loss, getattr(teacher, "shape", None))  # fail now, not after generating trajectories
     if len(getattr(teacher, "shape", ())) != 3:
         raise ValueError(f"DSNO students are UNets over images; teacher {cfg.teacher!r} has shape "
                          f"{getattr(teacher, 'shape', None)}")

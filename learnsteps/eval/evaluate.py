@@ -70,10 +70,11 @@ def entries(cfg: EvalConfig, teacher):
                 if steps < case.order and case.solver not in ("euler", "heun"):
                     continue
                 yield kind, case, nfe, make_grid(kind, steps, s, to_zero=cfg.to_zero), None
+    labels = short_labels(cfg.schedules)
     for path in cfg.schedules:
         sched = load_schedule(path)
         if _belongs(sched.teacher.get("fingerprint"), teacher):
-            yield _short(path), SolverChoice(sched.solver, sched.order, sched.options), sched.nfe, sched.grid, \
+            yield labels[path], SolverChoice(sched.solver, sched.order, sched.options), sched.nfe, sched.grid, \
                 sched.eval_grid
 
 
@@ -81,8 +82,15 @@ def _belongs(fingerprint: str | None, teacher) -> bool:
     return not fingerprint or not hasattr(teacher, "fingerprint") or fingerprint == teacher.fingerprint()
 
 
-def _short(path: str) -> str:
-    return "/".join(Path(path).parts[-2:])
+def short_labels(paths: list[str]) -> dict[str, str]:
+    """Each path's shortest tail of at least two parts that tells it apart from the others (ld3/nfe4/schedule.json
+    and ld3-bare/nfe4/schedule.json get those, not two nfe4/schedule.json)."""
+    parts = {p: Path(p).parts for p in paths}
+    for k in range(2, max((len(v) for v in parts.values()), default=2) + 1):
+        labels = {p: "/".join(v[-k:]) for p, v in parts.items()}
+        if len(set(labels.values())) == len(labels):
+            return labels
+    return {p: str(p) for p in paths}
 
 
 def evaluate(cfg: EvalConfig) -> list[dict]:
@@ -133,6 +141,7 @@ def evaluate_teacher(cfg: EvalConfig, name: str, teacher, plan: list, features: 
         x = sample_in_batches(teacher, x_T, grid, case.solver, case.order, cfg.batch_size, eval_grid, **case.options)
         row(label, f"{case.solver}-{case.order}", nfe, features(x), float((x - teacher_samples).pow(2).mean().sqrt()))
         samples_for_png[(f"{case.solver}-{case.order}", label, nfe)] = x[:16]
+    student_labels = short_labels(cfg.students)
     for directory in cfg.students:
         student = load_student(directory)
         if not _belongs(student.info["teacher"].get("fingerprint"), teacher):
@@ -141,8 +150,8 @@ def evaluate_teacher(cfg: EvalConfig, name: str, teacher, plan: list, features: 
             x = torch.cat([student.sample(x_T[b: b + cfg.batch_size].float()) for b in range(0, len(x_T), cfg.batch_size)])
         temporal = student.cfg.temporal and student.num_times > 1
         solver = f"dsno-M{student.num_times}" if temporal else f"one-step-M{student.num_times}"
-        row(_short(directory), solver, 1, features(x), float((x - teacher_samples).pow(2).mean().sqrt()))
-        samples_for_png[(solver, _short(directory), 1)] = x[:16]
+        row(student_labels[directory], solver, 1, features(x), float((x - teacher_samples).pow(2).mean().sqrt()))
+        samples_for_png[(solver, student_labels[directory], 1)] = x[:16]
     return rows, samples_for_png, teacher_samples[:16]
 
 

@@ -6,13 +6,14 @@ import math
 import torch
 from torch import Tensor
 
-LOSSES = ("l2", "l1", "pseudo_huber", "lpips")
+LOSSES = ("l2", "l1", "pseudo_huber", "lpips", "features")
 
 
 def distance(name: str, shape: tuple[int, ...] | None = None):
-    """A function (x, y) -> (B,) distances. l2: mean squared error; l1: mean absolute error; pseudo_huber:
+    """A function (x, y) -> (B,) distances between samples of `shape` (checked now when given). l2: mean squared error; l1: mean absolute error; pseudo_huber:
     sqrt(|x-y|^2 + c^2) - c with c = 0.00054 sqrt(d) (Song & Dhariwal 2023); lpips: LPIPS-VGG (needs the lpips
-    package and its weights on disk)."""
+    package and its weights on disk); features: mean squared distance in the eval feature network's space (the
+    shipped digits network, 1x8x8 images), a perceptual loss that needs no download."""
     if name == "l2":
         return lambda x, y: (x - y).pow(2).flatten(1).mean(1)
     if name == "l1":
@@ -24,6 +25,8 @@ def distance(name: str, shape: tuple[int, ...] | None = None):
         return huber
     if name == "lpips":
         return _lpips()
+    if name == "features":
+        return _features(shape)
     raise ValueError(f"unknown loss {name!r}: expected one of {LOSSES}")
 
 
@@ -44,5 +47,25 @@ def _lpips():
         if x.shape[1] == 1:  # LPIPS expects RGB
             x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
         return net.to(x.device, torch.float32)(x.float(), y.float()).flatten()
+
+    return dist
+
+
+def _features(shape: tuple[int, ...] | None):
+    from ..eval.features import load_feature_net
+
+    def check(shape):
+        if tuple(shape) != (1, 8, 8):
+            raise ValueError(f"loss=features uses the digits feature network, which reads 1x8x8 images, not "
+                             f"{tuple(shape)}: choose loss=l2, l1, pseudo_huber or lpips")
+
+    if shape is not None:
+        check(shape)
+    net = load_feature_net()
+
+    def dist(x: Tensor, y: Tensor) -> Tensor:
+        check(x.shape[1:])
+        net.to(x.device)
+        return (net(x.float())[0] - net(y.float())[0]).pow(2).mean(1).to(x.dtype)
 
     return dist

@@ -285,8 +285,8 @@ def train_ld3(cfg: LD3Config) -> Path:
         raise ValueError("LD3 learns grids for deterministic solvers; stochastic DDIM (eta > 0) is not one")
     steps = steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero)
     check_order(cfg.solver, cfg.order, steps)
-    distance(cfg.loss)  # fail now, not after generating the pairs
     teacher = load_teacher(cfg.teacher)
+    distance(cfg.loss, getattr(teacher, "shape", None))  # fail now, not after generating the pairs
     run_dir = prepare_run(cfg)
     pairs_dir = Path(cfg.pairs.directory) if cfg.pairs.directory else run_dir / "pairs"
     p = cfg.pairs
