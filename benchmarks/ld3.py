@@ -3,6 +3,7 @@
     python benchmarks/ld3.py                                  # all of it (about 40 CPU minutes)
     python benchmarks/ld3.py part=memory                      # peak memory only
     python benchmarks/ld3.py teachers=[gmm_digits] nfe=[4,6]  # a subset
+    python benchmarks/ld3.py part=paired "ld3_args=[loss=features]" out_dir=runs/bench_ld3_features
 
 paired: `train.py mode=ld3` for every teacher x solver x NFE (pairs shared per teacher), each reporting RMSE to
 the teacher on 200 held-out pairs for the learned grid and every baseline grid; results.md / results.csv.
@@ -34,6 +35,7 @@ class Config:
     nfe: list[int] = field(default_factory=lambda: [4, 6, 8, 10])
     memory_nfe: list[int] = field(default_factory=lambda: [4, 6, 8, 10])
     out_dir: str = "runs/bench_ld3"
+    ld3_args: list[str] = field(default_factory=list)  # passed to every `train.py mode=ld3`, e.g. [loss=features]
 
 
 MEMORY_PROBE = r"""
@@ -91,7 +93,7 @@ def paired(cfg: Config, out: Path) -> str:
                 res = subprocess.run([sys.executable, str(ROOT / "train.py"), "mode=ld3", f"teacher={teacher}",
                                       f"solver={case.solver}", f"order={case.order}", f"nfe={nfe}", *opts,
                                       f"run_dir={run_dir}", f"pairs.directory={out / teacher / 'pairs'}",
-                                      "trainer.progress_bar=false", "wandb.mode=disabled"],
+                                      "trainer.progress_bar=false", "wandb.mode=disabled", *cfg.ld3_args],
                                      capture_output=True, text=True, cwd=ROOT)
                 seconds = time.perf_counter() - t0
                 if res.returncode != 0:

@@ -153,10 +153,12 @@ def test_soft_forcing_stays_inside_the_ball(tmp_path):
 
 
 def test_feature_loss_is_the_squared_distance_of_the_digits_features_and_has_gradients():
-    from learnsteps.eval.features import load_feature_net
+    from learnsteps.eval.features import ASSET, LOSS_ASSET, load_feature_net
     from learnsteps.ld3.losses import distance
 
-    dist, net = distance("features", (1, 8, 8)), load_feature_net()
+    dist, net = distance("features", (1, 8, 8)), load_feature_net(LOSS_ASSET)
+    fid_net = load_feature_net(ASSET)  # the loss network is not FID's
+    assert any((a - b).abs().max() > 0.1 for a, b in zip(net.state_dict().values(), fid_net.state_dict().values()))
     x = torch.randn(5, 1, 8, 8, dtype=F64, requires_grad=True)
     y = torch.randn(5, 1, 8, 8, dtype=F64)
     d = dist(x, y)
@@ -167,11 +169,14 @@ def test_feature_loss_is_the_squared_distance_of_the_digits_features_and_has_gra
     assert x.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="reads 1x8x8 images"):
         distance("features", (3, 32, 32))
+    on_fid_net = distance("features", (1, 8, 8), str(ASSET))(x.detach(), y)
+    torch.testing.assert_close(on_fid_net, (fid_net(x.detach().float())[0] - fid_net(y.float())[0]).pow(2).mean(1).double())
 
 
 @pytest.mark.parametrize("args, match", [
     (["loss=lpips"], "lpips"),
     (["loss=features", "teacher=toy_mixture"], "reads 1x8x8 images"),
+    (["loss=features", "feature_net=/no/such/dir"], "no digits feature network in /no/such/dir"),
     (["solver=heun", "order=2", "nfe=4"], "cannot spend exactly 4 model calls"),
     (["solver=ipndm", "order=4", "nfe=3"], "needs at least 4 steps"),
     (["solver=er_sde", "order=3"], "deterministic solvers"),

@@ -20,6 +20,10 @@ from torch import Tensor, nn
 from ..files import write_safetensors, write_text
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "digits_features"
+# A second digits network, trained the same way with seed 1 (`python train.py mode=features seed=1
+# export_dir=learnsteps/assets/digits_loss_features`): LD3's loss=features uses it, so that a schedule is not
+# trained on the very network FID is then measured with.
+LOSS_ASSET = ASSET.parent / "digits_loss_features"
 DIGITS_EXTRACTOR = "learnsteps-digits"
 
 

@@ -9,7 +9,7 @@ from torch import Tensor
 LOSSES = ("l2", "l1", "pseudo_huber", "lpips", "features")
 
 
-def distance(name: str, shape: tuple[int, ...] | None = None):
+def distance(name: str, shape: tuple[int, ...] | None = None, feature_net: str = ""):
     """A function (x, y) -> (B,) distances between samples of `shape` (checked now when given). l2: mean squared error; l1: mean absolute error; pseudo_huber:
     sqrt(|x-y|^2 + c^2) - c with c = 0.00054 sqrt(d) (Song & Dhariwal 2023); lpips: LPIPS-VGG (needs the lpips
     package and its weights on disk); features: mean squared distance in the eval feature network's space (the
@@ -26,7 +26,7 @@ def distance(name: str, shape: tuple[int, ...] | None = None):
     if name == "lpips":
         return _lpips()
     if name == "features":
-        return _features(shape)
+        return _features(shape, feature_net)
     raise ValueError(f"unknown loss {name!r}: expected one of {LOSSES}")
 
 
@@ -51,8 +51,8 @@ def _lpips():
     return dist
 
 
-def _features(shape: tuple[int, ...] | None):
-    from ..eval.features import load_feature_net
+def _features(shape: tuple[int, ...] | None, directory: str):
+    from ..eval.features import LOSS_ASSET, load_feature_net
 
     def check(shape):
         if tuple(shape) != (1, 8, 8):
@@ -61,7 +61,7 @@ def _features(shape: tuple[int, ...] | None):
 
     if shape is not None:
         check(shape)
-    net = load_feature_net()
+    net = load_feature_net(directory or LOSS_ASSET)
 
     def dist(x: Tensor, y: Tensor) -> Tensor:
         check(x.shape[1:])

@@ -67,7 +67,8 @@ class LD3Config(RunConfig):
     decoupled: bool = True  # learn LD3's model-evaluation offsets xi in phase 2
     window: float = 0.5  # xi clip: this fraction of the smallest grid gap
     pairs: PairsConfig = field(default_factory=PairsConfig)
-    loss: str = "l2"  # l2 | l1 | pseudo_huber | lpips
+    loss: str = "l2"  # l2 | l1 | pseudo_huber | lpips | features
+    feature_net: str = ""  # loss=features: a digits feature network directory (default: the shipped loss network)
     soft_forcing: bool = True
     gamma: float = 0.001  # ball radius r = gamma * d / NFE^2
     shift_lr: float = 0.0  # step of x'_T; 0: the official 12 / NFE
@@ -107,7 +108,7 @@ class LD3(L.LightningModule):
         self.register_buffer("x_start", x_T_train.clone())
         d = x_T_train[0].numel()
         self.radius = cfg.gamma * d / cfg.nfe**2 * teacher.noise_schedule.init_noise_std()
-        self.dist = distance(cfg.loss)
+        self.dist = distance(cfg.loss, feature_net=cfg.feature_net)
         self.automatic_optimization = False
         self.best = dict(loss=math.inf, state=copy.deepcopy(self.grid.state_dict()), step=0)
         self.bad_validations, self.val_losses = 0, []
@@ -286,7 +287,7 @@ def train_ld3(cfg: LD3Config) -> Path:
     steps = steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero)
     check_order(cfg.solver, cfg.order, steps)
     teacher = load_teacher(cfg.teacher)
-    distance(cfg.loss, getattr(teacher, "shape", None))  # fail now, not after generating the pairs
+    distance(cfg.loss, getattr(teacher, "shape", None), cfg.feature_net)  # fail now, not after generating the pairs
     run_dir = prepare_run(cfg)
     pairs_dir = Path(cfg.pairs.directory) if cfg.pairs.directory else run_dir / "pairs"
     p = cfg.pairs
