@@ -5,6 +5,13 @@ from __future__ import annotations
 import torch
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's DDP rank and the number of ranks (0, 1 outside DDP)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 class SeededShuffle(torch.utils.data.Sampler):
     """A permutation per epoch drawn from (seed, epoch) alone, sharded over DDP ranks like DistributedSampler
     (padded to a multiple of the world size), that can start part-way through an epoch. `consumed` counts this
@@ -16,17 +23,11 @@ class SeededShuffle(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int) -> None:  # called by Lightning at every epoch start
         self.epoch = epoch
 
-    @staticmethod
-    def _world() -> tuple[int, int]:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
-
     def __len__(self) -> int:
-        return -(-self.n // self._world()[1])
+        return -(-self.n // rank_and_world()[1])
 
     def __iter__(self):
-        rank, world = self._world()
+        rank, world = rank_and_world()
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
         perm = torch.cat([perm, perm[: len(self) * world - self.n]])  # every rank the same number of samples
         self.consumed, self.start = self.start, 0
@@ -40,7 +41,7 @@ class BatchDraws:
     same noise), and a resumed run needs no generator state to continue them."""
 
     def __init__(self, seed: int, step: int, n_local: int, device=None):
-        self.rank, self.world = SeededShuffle._world()
+        self.rank, self.world = rank_and_world()
         self.n, self.device = n_local * self.world, device
         self.generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
 

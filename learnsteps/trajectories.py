@@ -106,7 +106,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-
 def shard_ok(out_dir: Path, k: int) -> bool:
     f, s = out_dir / f"shard-{k:05d}.safetensors", out_dir / f"shard-{k:05d}.sha256"
     return f.is_file() and s.is_file() and s.read_text().strip() == _sha256(f)

@@ -10,10 +10,12 @@ LOSSES = ("l2", "l1", "pseudo_huber", "lpips", "features")
 
 
 def distance(name: str, shape: tuple[int, ...] | None = None, feature_net: str = ""):
-    """A function (x, y) -> (B,) distances between samples of `shape` (checked now when given). l2: mean squared error; l1: mean absolute error; pseudo_huber:
-    sqrt(|x-y|^2 + c^2) - c with c = 0.00054 sqrt(d) (Song & Dhariwal 2023); lpips: LPIPS-VGG (needs the lpips
-    package and its weights on disk); features: mean squared distance in the eval feature network's space (the
-    shipped digits network, 1x8x8 images), a perceptual loss that needs no download."""
+    """A function (x, y) -> (B,) distances between samples of `shape` (checked now when given). l2: mean squared
+    error; l1: mean absolute error; pseudo_huber: sqrt(|x-y|^2 + c^2) - c with c = 0.00054 sqrt(d) (Song &
+    Dhariwal 2023); lpips: LPIPS-VGG (needs the lpips package and its weights on disk); features: mean squared
+    distance in a digits classifier's feature space (`feature_net`, a directory written by `train.py
+    mode=features`; default the shipped loss network, trained apart from FID's; 1x8x8 images), a perceptual loss
+    that needs no download."""
     if name == "l2":
         return lambda x, y: (x - y).pow(2).flatten(1).mean(1)
     if name == "l1":

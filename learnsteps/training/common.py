@@ -92,7 +92,8 @@ def make_trainer(cfg: RunConfig, run_dir: Path, callbacks: list, logger=None, fi
     several = t.num_nodes > 1 or (len(t.devices) if isinstance(t.devices, (list, tuple)) else t.devices) not in (1, "1")
     ddp = t.strategy == "ddp" or (t.strategy == "auto" and several)
     strategy = "ddp_find_unused_parameters_true" if ddp and find_unused_parameters else t.strategy
-    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, every_n_train_steps=t.checkpoint_every)
+    ckpt = ModelCheckpoint(dirpath=last_checkpoint(run_dir).parent, save_last=True,
+                           every_n_train_steps=t.checkpoint_every)
     return L.Trainer(
         default_root_dir=str(run_dir), max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices,
         num_nodes=t.num_nodes, strategy=strategy, precision=t.precision, log_every_n_steps=t.log_every_n_steps,
@@ -101,9 +102,13 @@ def make_trainer(cfg: RunConfig, run_dir: Path, callbacks: list, logger=None, fi
         enable_model_summary=False, use_distributed_sampler=False, **kwargs)
 
 
+def last_checkpoint(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints" / "last.ckpt"
+
+
 def fit(trainer: L.Trainer, module, *data, run_dir: Path) -> None:
     """trainer.fit, resuming from run_dir/checkpoints/last.ckpt when an earlier run left one."""
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = last_checkpoint(run_dir)
     trainer.fit(module, *data, ckpt_path=str(last) if last.exists() else None)
 
 
@@ -119,7 +124,7 @@ class StopOnNonFiniteLoss(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None and not torch.isfinite(loss).all():
-            last = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+            last = last_checkpoint(trainer.default_root_dir)
             kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved yet"
             raise NonFiniteLoss(f"the training loss is {float(loss)} at step {trainer.global_step}; training stopped "
                                 f"and {kept} (a smaller learning rate may help)")
