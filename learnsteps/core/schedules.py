@@ -20,9 +20,28 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def log_alpha_sigma_vp(lam: Tensor) -> tuple[Tensor, Tensor]:
+    """alpha^2 + sigma^2 = 1: alpha^2 = sigmoid(2 lambda), sigma^2 = sigmoid(-2 lambda)."""
+    return -0.5 * F.softplus(-2 * lam), -0.5 * F.softplus(2 * lam)
+
+
+def log_alpha_sigma_ve(lam: Tensor) -> tuple[Tensor, Tensor]:
+    """alpha = 1, sigma = exp(-lambda)."""
+    return torch.zeros_like(lam), -lam
+
+
+def log_alpha_sigma_flow(lam: Tensor) -> tuple[Tensor, Tensor]:
+    """alpha + sigma = 1 (rectified flow): alpha = sigmoid(lambda), sigma = sigmoid(-lambda)."""
+    return -F.softplus(-lam), -F.softplus(lam)
+
+
+# How alpha and sigma follow from lambda on each kind of forward path: softplus keeps them finite at both ends.
+PATHS = {"vp": log_alpha_sigma_vp, "ve": log_alpha_sigma_ve, "flow": log_alpha_sigma_flow}
+
+
 class NoiseSchedule:
     kind: str = ""
-    vp: bool = True
+    path: str = "vp"  # a key of PATHS
     t_max: float
     t_min: float
     t_zero: float
@@ -38,13 +57,15 @@ class NoiseSchedule:
         raise NotImplementedError
 
     # --- what follows from lambda ----------------------------------------------------------------------
+    def log_alpha_sigma(self, lam: Tensor) -> tuple[Tensor, Tensor]:
+        """(log alpha, log sigma) at log-SNR lambda."""
+        return PATHS[self.path](lam)
+
     def log_alpha(self, t: Tensor) -> Tensor:
-        lam = self.lambda_(t)
-        return -0.5 * F.softplus(-2 * lam) if self.vp else torch.zeros_like(lam)
+        return self.log_alpha_sigma(self.lambda_(t))[0]
 
     def log_sigma(self, t: Tensor) -> Tensor:
-        lam = self.lambda_(t)
-        return -0.5 * F.softplus(2 * lam) if self.vp else -lam
+        return self.log_alpha_sigma(self.lambda_(t))[1]
 
     def alpha(self, t: Tensor) -> Tensor:
         return self.log_alpha(t).exp()
@@ -61,7 +82,7 @@ class NoiseSchedule:
 
     def init_noise_std(self) -> float:
         """Standard deviation of the noise x_T a sampler starts from (diffusers' init_noise_sigma)."""
-        return 1.0 if self.vp else float(self.sigma(torch.tensor(self.t_max, dtype=torch.float64)))
+        return 1.0 if self.path == "vp" else float(self.sigma(torch.tensor(self.t_max, dtype=torch.float64)))
 
     def fingerprint(self) -> str:
         return repr(sorted(self.config().items()))
@@ -72,12 +93,12 @@ class NoiseSchedule:
 
 
 def _vp_lambda_from_log_alpha(log_alpha: Tensor) -> Tensor:
-    # sigma^2 = 1 - alpha^2 = -expm1(2 log alpha): exact near t = 0 where alpha -> 1.
+    """lambda = log alpha - log sigma with sigma^2 = 1 - alpha^2 = -expm1(2 log alpha), exact where alpha -> 1.
+
+    log alpha is clamped to <= 0 first: at t_zero it must be exactly 0 (lambda = +inf), and a formula that
+    rounds it to +1e-20 there (or a time an ulp before t_zero) would otherwise make sigma^2 < 0 and lambda NaN."""
+    log_alpha = log_alpha.clamp(max=0)
     return log_alpha - 0.5 * torch.log(-torch.expm1(2 * log_alpha))
-
-
-def _vp_log_alpha_from_lambda(lam: Tensor) -> Tensor:
-    return -0.5 * F.softplus(-2 * lam)
 
 
 class VPLinear(NoiseSchedule):
@@ -89,8 +110,7 @@ class VPLinear(NoiseSchedule):
         self.beta_min, self.beta_max, self.t_min, self.t_max, self.t_zero = beta_min, beta_max, t_min, t_max, 0.0
 
     def lambda_(self, t):
-        log_alpha = -(self.beta_max - self.beta_min) * t**2 / 4 - self.beta_min * t / 2
-        return _vp_lambda_from_log_alpha(log_alpha)
+        return _vp_lambda_from_log_alpha(-(self.beta_max - self.beta_min) * t**2 / 4 - self.beta_min * t / 2)
 
     def t_of_lambda(self, lam):
         # Positive root of the quadratic in t, in the cancellation-free form of the DPM-Solver paper.
@@ -111,15 +131,22 @@ class VPCosine(NoiseSchedule):
 
     def __init__(self, s: float = 0.008, t_min: float = 1e-3, t_max: float = 0.9946):
         self.s, self.t_min, self.t_max, self.t_zero = s, t_min, t_max, 0.0
-        self._log_alpha_0 = math.log(math.cos(s / (1 + s) * math.pi / 2))
+        self._a = s / (1 + s) * math.pi / 2  # alpha = cos(a + d) / cos(a) with d = t / (1 + s) pi / 2
 
     def lambda_(self, t):
-        log_alpha = torch.log(torch.cos((t + self.s) / (1 + self.s) * math.pi / 2)) - self._log_alpha_0
-        return _vp_lambda_from_log_alpha(log_alpha)
+        # alpha - 1 = cos d - 1 - tan(a) sin d = -2 sin^2(d/2) - tan(a) sin d: no difference of two logarithms
+        # (which need not cancel to exactly 0 at t = 0 when two math libraries round differently), exact at d = 0.
+        d = t / (1 + self.s) * (math.pi / 2)
+        return _vp_lambda_from_log_alpha(torch.log1p(-2 * torch.sin(d / 2) ** 2 - math.tan(self._a) * torch.sin(d)))
 
     def t_of_lambda(self, lam):
-        log_alpha = _vp_log_alpha_from_lambda(lam)
-        return 2 * (1 + self.s) / math.pi * torch.arccos(torch.exp(log_alpha + self._log_alpha_0)) - self.s
+        # Invert cos(a + d) = alpha cos(a) for d without cancellation: with sigma^2 = 1 - alpha^2,
+        # sin d = cos(a) sigma^2 / (sqrt(1 - alpha^2 cos^2 a) + alpha sin a), so t = 0 exactly where sigma = 0.
+        log_alpha, log_sigma = log_alpha_sigma_vp(lam)
+        alpha, sigma2 = log_alpha.exp(), (2 * log_sigma).exp()
+        ca, sa = math.cos(self._a), math.sin(self._a)
+        sin_d = ca * sigma2 / (torch.sqrt(1 - (alpha * ca) ** 2) + alpha * sa)
+        return torch.asin(sin_d.clamp(max=1)) * (2 * (1 + self.s) / math.pi)
 
     def config(self):
         return dict(kind=self.kind, s=self.s, t_min=self.t_min, t_max=self.t_max)
@@ -152,10 +179,13 @@ def interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
 class DiscreteDDPM(NoiseSchedule):
     """A discrete DDPM schedule of n training steps, time = the model's timestep index in [0, n-1].
 
-    Between integer steps sigma_tilde = sqrt((1 - alpha_bar)/alpha_bar) is linear in t, exactly as diffusers'
-    Euler/Heun schedulers interpolate it, so fractional timesteps mean the same thing here and there. The clean
-    data sits one step before index 0, at t_zero = -1, where the interpolation reaches sigma_tilde = 0: a final
-    step to t_zero is diffusers' final_sigmas_type="zero", one to t_min = 0 is "sigma_min"."""
+    Fractional timesteps follow the convention of k-diffusion (`DiscreteSchedule.t_to_sigma`/`sigma_to_t`) and
+    diffusers (`_sigma_to_t`): between integer steps log sigma_tilde, i.e. lambda, is linear in t, so a sigma
+    list handed to either peer maps to the same model times here. The clean data sits one step before index 0,
+    at t_zero = -1; on [-1, 0] sigma_tilde itself is linear in t (from 0 to sigma_tilde_0), the only way to reach
+    sigma = 0 at a finite time. A final step to t_zero is diffusers' final_sigmas_type="zero", one to t_min = 0
+    is "sigma_min". (diffusers' `set_timesteps(N)` for Euler/Heun with fractional timesteps interpolates sigma
+    linearly instead: hand it our sigmas, as learnsteps.interop does, rather than its own.)"""
 
     kind = "ddpm"
 
@@ -164,19 +194,22 @@ class DiscreteDDPM(NoiseSchedule):
         self.betas_kind, self.n, self.beta_start, self.beta_end = betas, n, beta_start, beta_end
         self.betas = ddpm_betas(betas, n, beta_start, beta_end)
         self.alphas_cumprod = torch.cumprod(1 - self.betas, 0)
-        sigma_tilde = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
-        self._knots = torch.arange(-1, n, dtype=torch.float64)
-        self._sigma_tilde = torch.cat([torch.zeros(1, dtype=torch.float64), sigma_tilde])
+        # lambda at the knots: -log sigma_tilde = (log alpha_bar - log(1 - alpha_bar)) / 2, increasing in t
+        self._knots = torch.arange(n, dtype=torch.float64)
+        self._lam = 0.5 * (torch.log(self.alphas_cumprod) - torch.log1p(-self.alphas_cumprod))
         self.t_max, self.t_min, self.t_zero = float(n - 1), 0.0, -1.0
 
-    def sigma_tilde(self, t):
-        return interp(t, self._knots, self._sigma_tilde)
-
     def lambda_(self, t):
-        return -torch.log(self.sigma_tilde(t))
+        lam0 = self._lam[0].to(t)
+        inner = interp(t.clamp(min=0), self._knots, self._lam)
+        # on [-1, 0): sigma_tilde = (1 + t) sigma_tilde_0, so lambda = lambda_0 - log1p(t); +inf at t <= -1
+        clean_end = lam0 - torch.log1p(t.clamp(-1, 0))
+        return torch.where(t >= 0, inner, clean_end)
 
     def t_of_lambda(self, lam):
-        return interp(torch.exp(-lam), self._sigma_tilde, self._knots)
+        lam0 = self._lam[0].to(lam)
+        inner = interp(-lam.clamp(max=lam0), -self._lam, self._knots)
+        return torch.where(lam <= lam0, inner, torch.expm1(lam0 - lam.clamp(min=lam0)))
 
     def config(self):
         return dict(kind=self.kind, betas=self.betas_kind, n=self.n, beta_start=self.beta_start,
@@ -187,13 +220,13 @@ class EDM(NoiseSchedule):
     """The VE schedule in EDM's parameterization: alpha = 1 and time is sigma itself (t = sigma, lambda = -log t)."""
 
     kind = "edm"
-    vp = False
+    path = "ve"
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
         self.t_min, self.t_max, self.t_zero = sigma_min, sigma_max, 0.0
 
     def lambda_(self, t):
-        return -torch.log(t)
+        return -torch.log(t.clamp(min=0))  # sigma = 0 (lambda = +inf) at and below t_zero = 0, never NaN
 
     def t_of_lambda(self, lam):
         return torch.exp(-lam)

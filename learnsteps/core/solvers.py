@@ -35,9 +35,12 @@ def euler(model: Model, x: Tensor, g: Grid, order: int = 1, eta: float = 0.0,
         else:
             eps = (x - g.alpha[i] * m) / g.sigma[i]
             h = g.lam[i + 1] - g.lam[i]
-            sigma_eta = eta * g.sigma[i + 1] * torch.sqrt(-torch.expm1(-2 * h))
+            # sigma_eta^2 = eta^2 sigma_t^2 (1 - e^{-2h}); the share of sigma_t left to eps, written without the
+            # difference sigma_t^2 - sigma_eta^2 that rounds below zero at eta = 1 and a long last step
+            share = -torch.expm1(-2 * h)
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-            x = g.alpha[i + 1] * m + torch.sqrt(g.sigma[i + 1] ** 2 - sigma_eta**2) * eps + sigma_eta * noise
+            x = g.alpha[i + 1] * m + g.sigma[i + 1] * (torch.sqrt((1 - eta**2 * share).clamp(min=0)) * eps
+                                                       + eta * torch.sqrt(share) * noise)
         yield x
 
 

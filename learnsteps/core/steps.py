@@ -16,7 +16,6 @@ from functools import cached_property, lru_cache
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
 
@@ -55,7 +54,7 @@ class Grid:
             raise ValueError(f"grid times {t.tolist()} leave the domain of {schedule!r} (non-finite log-SNR)")
         if not (lam[1:] > lam[:-1]).all():
             raise ValueError("grid log-SNR must increase strictly along the grid")
-        log_alpha, log_sigma = log_alpha_sigma(schedule, lam)
+        log_alpha, log_sigma = schedule.log_alpha_sigma(lam)
         self.vectors = dict(lam=lam, log_alpha=log_alpha, log_sigma=log_sigma)
         # Per-point values as tuples of 0-d tensors: solvers index them once per step, and indexing a tuple is
         # ~30x cheaper than indexing a tensor (the per-step overhead is what a sampler loop costs besides the model).
@@ -72,13 +71,6 @@ class Grid:
 
     def is_zero(self, i: int) -> bool:
         return self.to_zero and i == self.n
-
-
-def log_alpha_sigma(schedule: NoiseSchedule, lam: Tensor) -> tuple[Tensor, Tensor]:
-    """log alpha and log sigma from lambda: -softplus(-2 lambda)/2 and -softplus(2 lambda)/2 for VP."""
-    if schedule.vp:
-        return -0.5 * F.softplus(-2 * lam), -0.5 * F.softplus(2 * lam)
-    return torch.zeros_like(lam), -lam
 
 
 def check_times(t, what: str = "grid", monotone: bool = True) -> Tensor:
