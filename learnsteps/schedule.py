@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .core.sample import check_order, get_solver, nfe as nfe_of, solver_options
+from .core.sample import check_options, check_order, get_solver, nfe as nfe_of, resolved_options
 from .core.schedules import NoiseSchedule, make_schedule
 from .core.steps import check_times
 from .files import write_text
@@ -55,7 +55,7 @@ class Schedule:
                     learnsteps_version=__version__, **(provenance or {}))
         return cls(solver=solver, order=order, nfe=nfe_of(solver, len(t) - 1, to_zero),
                    noise_schedule=noise_schedule.config(), times=t.tolist(), eval_times=e.tolist(),
-                   options=dict(options or {}), teacher=dict(teacher or {}), provenance=prov)
+                   options=resolved_options(solver, options), teacher=dict(teacher or {}), provenance=prov)
 
     # ---- what samplers need ------------------------------------------------------------------------------
     def make_noise_schedule(self) -> NoiseSchedule:
@@ -82,10 +82,38 @@ class Schedule:
     def decoupled(self) -> bool:
         return self.eval_times != self.times
 
+    @property
+    def to_zero(self) -> bool:
+        """Whether the grid ends at the clean data (sigma = 0)."""
+        return self.times[-1] == self.make_noise_schedule().t_zero
+
+    def x_tilde(self, x: Tensor) -> Tensor:
+        """A state of our core at times[0] as x~ = x / alpha, the state k-diffusion and diffusers' Euler/Heun start
+        from (for VP teachers and unit noise, noise * sqrt(1 + sigmas[0]^2), not their usual noise * sigmas[0])."""
+        return x / float(self.make_noise_schedule().alpha(self.grid[0]))
+
+    def from_x_tilde(self, x_tilde: Tensor) -> Tensor:
+        """The state x = alpha x~ at times[-1] from an x~ sampler's result (the same tensor when sigma ends at 0)."""
+        return x_tilde * float(self.make_noise_schedule().alpha(self.grid[-1]))
+
+    def consumers(self) -> dict:
+        """How diffusers and k-diffusion reproduce this schedule exactly ({"scheduler"/"sampler": ..., ...}), or
+        why they cannot ({"unsupported": reason}): written into the file for readers without learnsteps."""
+        from .interop import diffusers, k_diffusion
+
+        out = {}
+        for name, recipe in (("diffusers", diffusers.recipe), ("k_diffusion", k_diffusion.recipe)):
+            try:
+                out[name] = recipe(self)
+            except ScheduleError as err:
+                out[name] = dict(unsupported=str(err))
+        return out
+
     def to_dict(self) -> dict:
         d = dict(format=FORMAT, version=VERSION, **asdict(self), sigmas=self.sigmas, eval_sigmas=self.eval_sigmas)
         if self.noise_schedule.get("kind") == "ddpm":  # the model inputs a diffusers pipeline feeds its UNet
             d["diffusers_timesteps"] = self.eval_times[:-1]
+        d["consumers"] = self.consumers()
         return d
 
 
@@ -163,8 +191,12 @@ def validate(data, where: str = "schedule") -> Schedule:
     except ValueError as err:
         raise ScheduleError(f"{where}: {err}") from None
     options = data.get("options", {})
-    if not isinstance(options, dict) or set(options) - solver_options(data["solver"]):
-        raise ScheduleError(f"{where}: options {options!r} are not all options of {data['solver']}")
+    if not isinstance(options, dict) or "generator" in options:
+        raise ScheduleError(f"{where}: 'options' must be a JSON object of the solver's options")
+    try:
+        check_options(data["solver"], options)
+    except ValueError as err:
+        raise ScheduleError(f"{where}: {err}") from None
     if "sigmas" in data:  # written by us: must agree with the times under the noise schedule
         sig = noise_schedule.sigma_tilde(torch.tensor(times, dtype=torch.float64))
         given = torch.tensor(_times(data, "sigmas", where), dtype=torch.float64)
@@ -178,10 +210,7 @@ def validate(data, where: str = "schedule") -> Schedule:
                     provenance=dict(data.get("provenance", {})))
 
 
-def k_diffusion_sigmas(schedule: Schedule) -> Tensor:
-    """The sigma list of a k-diffusion sampler (decreasing, ending at 0 when the grid does). k-diffusion calls
-    the model at the integration sigmas, so decoupled evaluation times cannot be expressed: ValueError."""
-    if schedule.decoupled:
-        raise ScheduleError("this schedule evaluates the model at times of its own (LD3's offsets); a k-diffusion "
-                            "sampler cannot express that: use learnsteps' core or the diffusers interop")
-    return torch.tensor(schedule.sigmas, dtype=torch.float64)
+if __name__ == "__main__":  # python -m learnsteps.schedule export FILE --to comfyui|a1111|sigmas|diffusers|k-diffusion
+    from learnsteps.interop.export import main
+
+    raise SystemExit(main())

@@ -4,12 +4,10 @@ import pytest
 import torch
 
 import learnsteps as ls
-from learnsteps.core.denoiser import NetworkDenoiser
 from learnsteps.core.schedules import DiscreteDDPM, VPLinear
-from learnsteps.schedule import Schedule, ScheduleError, k_diffusion_sigmas, load_schedule, save_schedule
-from learnsteps.teachers.gmm import toy_mixture
+from learnsteps.schedule import Schedule, ScheduleError, load_schedule, save_schedule
 
-from helpers import F64, noise
+from helpers import F64
 
 
 def baseline(nfe=6, solver="unipc", order=3, schedule=None, to_zero=False, **kw):
@@ -23,7 +21,8 @@ def test_round_trip(tmp_path):
     s = baseline(eval_grid=ls.grids.make("logsnr", 6, VPLinear()) * 0.99, options=dict(variant="bh1"))
     path = save_schedule(tmp_path / "s.json", s)
     again = load_schedule(path, solver="unipc", order=3, nfe=6)
-    assert again.times == s.times and again.eval_times == s.eval_times and again.options == {"variant": "bh1"}
+    assert again.times == s.times and again.eval_times == s.eval_times and again.options == {
+        "variant": "bh1", "corrector": True, "data": True, "lower_order_final": True}  # every setting, resolved
     data = json.loads(path.read_text())
     assert data["format"] == "learnsteps-schedule" and data["version"] == 1 and len(data["sigmas"]) == 7
     assert data["provenance"]["method"] == "logsnr" and "learnsteps_version" in data["provenance"]
@@ -35,7 +34,8 @@ def test_discrete_teachers_get_diffusers_timesteps(tmp_path):
     s = baseline(schedule=DiscreteDDPM(), to_zero=True)
     data = json.loads(save_schedule(tmp_path / "s.json", s).read_text())
     assert data["diffusers_timesteps"] == s.eval_times[:-1] and data["sigmas"][-1] == 0.0
-    assert k_diffusion_sigmas(s)[-1] == 0 and len(k_diffusion_sigmas(s)) == 7
+    assert len(data["sigmas"]) == 7 and data["consumers"]["diffusers"]["scheduler"] == "UniPCMultistepScheduler"
+    assert "no k-diffusion sampler computes unipc" in data["consumers"]["k_diffusion"]["unsupported"]
 
 
 def write(tmp_path, **changes):
@@ -55,7 +55,11 @@ def write(tmp_path, **changes):
     (dict(eval_times=[1.0, 0.5]), "'eval_times' has 2 values"),
     (dict(order=4), "supports order"),
     (dict(solver="unipc_pp"), "unknown solver"),
-    (dict(options=dict(etaa=1)), "not all options"),
+    (dict(options=dict(etaa=1)), "unknown option"),
+    (dict(options=dict(variant="tab")), "variant='tab' is not 'bh1' or 'bh2'"),
+    (dict(options=dict(lower_order_final="yes")), "lower_order_final='yes' is not true or false"),
+    (dict(options=dict(generator=None)), "'options' must be a JSON object"),
+    (dict(options=[1]), "'options' must be a JSON object"),
     (dict(sigmas=[1.0] * 7), "disagree"),
     (dict(noise_schedule=dict(kind="vp_quadratic")), "unknown noise schedule"),
     (dict(nfe="6"), "'nfe' is missing"),
@@ -86,71 +90,6 @@ def test_a_failed_save_leaves_the_previous_file(tmp_path):
     with pytest.raises(ScheduleError):
         save_schedule(path, bad)
     assert path.read_text() == before and not list(tmp_path.glob("*.tmp"))
-
-
-def test_k_diffusion_cannot_express_decoupled_times():
-    s = baseline(eval_grid=ls.grids.make("logsnr", 6, VPLinear()) * 1.01)
-    with pytest.raises(ScheduleError, match="k-diffusion"):
-        k_diffusion_sigmas(s)
-
-
-# ------------------------------------------------------------------------------------------- diffusers interop
-diffusers = pytest.importorskip("diffusers")
-
-INTEROP = [
-    ("dpm_solver++", 2, {}, True), ("dpm_solver++", 3, {}, False), ("dpm_solver++", 2, dict(variant="taylor"), True),
-    ("dpm_solver", 2, {}, False), ("dpm_solver++", 3, dict(method="singlestep", variant="taylor"), True),
-    ("dpm_solver++", 2, dict(method="singlestep"), False),
-    ("unipc", 3, dict(variant="bh2"), True), ("unipc", 2, dict(variant="bh1"), False),
-    ("deis", 3, dict(basis="logrho"), False), ("euler", 1, {}, True), ("heun", 2, {}, True),
-]
-
-
-@pytest.mark.parametrize("solver, order, options, to_zero", INTEROP, ids=lambda v: str(v))
-def test_diffusers_runs_an_exported_schedule_like_our_core(solver, order, options, to_zero):
-    from learnsteps.interop.diffusers import scheduler_for
-
-    # an epsilon-predicting network, as diffusers assumes (with decoupled times, the output type decides the sample)
-    exact = toy_mixture(noise_schedule=DiscreteDDPM())
-    s = exact.noise_schedule
-    teacher = NetworkDenoiser(EpsNet(exact), s, "epsilon")
-    steps = 7
-    grid = ls.grids.make("time_quadratic", steps, s, to_zero=to_zero)
-    # an uneven, "learned-looking" grid with decoupled evaluation times
-    grid[1:-1 - to_zero] = grid[1:-1 - to_zero] * torch.linspace(0.97, 1.03, steps - 1 - to_zero, dtype=F64)
-    eval_grid = grid.clone()
-    eval_grid[1:steps] = eval_grid[1:steps] * 0.98
-    schedule = Schedule.from_grid(grid, s, solver, order, eval_grid=eval_grid, options=options)
-    sched = scheduler_for(schedule)
-    x_T = noise((8, 6))
-    x_tilde = solver in ("euler", "heun")
-    x = x_T * sched.init_noise_sigma if x_tilde else x_T.clone()
-    for t in sched.timesteps:
-        eps = teacher.eps(sched.scale_model_input(x, t), torch.as_tensor(t, dtype=F64).expand(len(x)))
-        x = sched.step(eps, t, x).prev_sample
-    x_vp_T = x_T * sched.init_noise_sigma * s.alpha(grid[0]) if x_tilde else x_T
-    ours = ls.sample(teacher, x_vp_T, schedule.grid, solver, order, eval_grid=schedule.eval_grid, **options)
-    if x_tilde and not to_zero:
-        x = x * s.alpha(grid[-1])
-    assert float((ours - x).norm() / x.norm()) <= 1e-5
-
-
-class EpsNet(torch.nn.Module):
-    def __init__(self, exact):
-        super().__init__()
-        self.exact = exact
-
-    def forward(self, x, t):
-        return self.exact.eps(x, t)
-
-
-def test_solvers_diffusers_lacks_are_refused():
-    from learnsteps.interop.diffusers import scheduler_for
-
-    with pytest.raises(ScheduleError, match="no diffusers scheduler implements ipndm"):
-        scheduler_for(baseline(solver="ipndm", order=4, schedule=DiscreteDDPM()))
-    with pytest.raises(ScheduleError, match="discrete DDPM"):
-        scheduler_for(baseline())
 
 
 # ---- fuzzing the loader: whatever the file holds, it loads as a usable schedule or fails with ScheduleError ------

@@ -252,9 +252,12 @@ def test_bad_grids_are_rejected(grid, match, teacher):
     (dict(solver="unipc", order=3, steps=2), "needs at least 3 steps"),
     (dict(solver="dpm_solver_pp"), "unknown solver"),
     (dict(solver="unipc", etaa=1.0), "unknown option"),
-    (dict(solver="deis", basis="t"), "unknown DEIS basis"),
-    (dict(solver="er_sde", noise_scale="x3"), "unknown ER-SDE noise scale"),
-    (dict(solver="dpm_solver", method="adaptive"), "unknown DPM-Solver method"),
+    (dict(solver="deis", basis="t"), "basis='t' is not 'tab' or 'logrho' or 'rhoab'"),
+    (dict(solver="er_sde", noise_scale="x3"), "noise_scale='x3' is not"),
+    (dict(solver="dpm_solver", method="adaptive"), "method='adaptive' is not 'multistep' or 'singlestep'"),
+    (dict(solver="unipc", variant="midpoint"), "variant='midpoint' is not 'bh1' or 'bh2'"),
+    (dict(solver="euler", eta=1.5), "eta=1.5 is not a number in"),
+    (dict(solver="unipc", corrector="yes"), "corrector='yes' is not true or false"),
     (dict(solver="dpm_solver", method="singlestep", plan=[2, 2]), "singlestep plan"),
 ])
 def test_bad_solver_arguments_are_rejected(kwargs, match, teacher):

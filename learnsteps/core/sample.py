@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from functools import lru_cache
 from dataclasses import dataclass, field
 
@@ -79,11 +80,47 @@ def solver_options(solver: str) -> frozenset[str]:
     return frozenset(params - {"model", "x", "g", "order"} - set(spec.fixed))
 
 
-def _check_options(solver: str, options: dict) -> None:
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_options(solver: str, options: dict) -> None:
+    """ValueError naming the first option `solver` does not have, or a value it does not take."""
     known = solver_options(solver)
     unknown = set(options) - known
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)} for solver {solver}: accepted {sorted(known)}")
+    choices = dict(variant=("midpoint", "taylor") if solver.startswith("dpm") else ("bh1", "bh2"),
+                   method=("multistep", "singlestep"), basis=S.DEIS_BASES, noise_scale=tuple(S.NOISE_SCALES))
+    for key, v in options.items():
+        if key in choices:
+            ok, want = isinstance(v, str) and v in choices[key], " or ".join(map(repr, choices[key]))
+        elif key in ("corrector", "data", "lower_order_final"):
+            ok, want = isinstance(v, bool), "true or false"
+        elif key == "eta":
+            ok, want = _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"
+        elif key == "plan":
+            ok = v is None or (isinstance(v, (list, tuple)) and len(v) > 0
+                               and all(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= 3 for k in v))
+            want = "a list of group orders 1..3"
+        else:  # generator
+            ok, want = v is None or isinstance(v, torch.Generator), "a torch.Generator"
+        if not ok:
+            raise ValueError(f"solver {solver}: option {key}={v!r} is not {want}")
+
+
+def resolved_options(solver: str, options: dict | None = None) -> dict:
+    """`options` with every other option of the solver at its default (the random generator aside): what a
+    schedule file records, so that a consumer sees every setting it must reproduce (e.g. lower_order_final)."""
+    options = dict(options or {})
+    check_options(solver, options)
+    spec = get_solver(solver)
+    fns = [spec.fn]
+    if spec.fn is _dpm_solver:
+        fns.append(S.dpm_singlestep if options.get("method") == "singlestep" else S.dpm_multistep)
+    defaults = {name: p.default for fn in fns for name, p in inspect.signature(fn).parameters.items()
+                if p.default is not p.empty and name not in {"order", "generator", *spec.fixed}}
+    return {**defaults, **options}
 
 
 @dataclass
@@ -102,7 +139,7 @@ def solve(teacher: Denoiser, x_T: Tensor, grid, solver: str = "dpm_solver++", or
     the number of steps when backpropagating through the sampler, e.g. to learn the grid).
     options: the solver's own (eta, variant, corrector, method, basis, noise_scale, generator, ...)."""
     spec = get_solver(solver)
-    _check_options(solver, options)
+    check_options(solver, options)
     g = Grid(teacher.noise_schedule, torch.as_tensor(grid), None if eval_grid is None else torch.as_tensor(eval_grid))
     order = check_order(solver, order, g.n)
     model = Model(teacher, g, cond, remat)

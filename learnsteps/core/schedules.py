@@ -152,12 +152,19 @@ class VPCosine(NoiseSchedule):
         return dict(kind=self.kind, s=self.s, t_min=self.t_min, t_max=self.t_max)
 
 
+# learnsteps' defaults for beta_start, beta_end when a DDPM schedule leaves them out: DDPM's for "linear", Stable
+# Diffusion's for "scaled_linear". A schedule always records the values it resolved to, so that a diffusers
+# scheduler is configured with them rather than with its own class defaults (0.0001 and 0.02 for every kind).
+DEFAULT_BETAS = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}
+
+
 def ddpm_betas(kind: str, n: int = 1000, beta_start: float | None = None, beta_end: float | None = None) -> Tensor:
     """The discrete beta tables exactly as diffusers defines them (in float64)."""
-    if kind == "linear":
-        return torch.linspace(beta_start or 1e-4, beta_end or 0.02, n, dtype=torch.float64)
-    if kind == "scaled_linear":
-        return torch.linspace((beta_start or 0.00085) ** 0.5, (beta_end or 0.012) ** 0.5, n, dtype=torch.float64) ** 2
+    if kind in DEFAULT_BETAS:
+        start, end = (d if v is None else v for v, d in zip((beta_start, beta_end), DEFAULT_BETAS[kind]))
+        if kind == "linear":
+            return torch.linspace(start, end, n, dtype=torch.float64)
+        return torch.linspace(start**0.5, end**0.5, n, dtype=torch.float64) ** 2
     if kind in ("squaredcos_cap_v2", "cosine"):
         def alpha_bar(u):
             return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -191,6 +198,8 @@ class DiscreteDDPM(NoiseSchedule):
 
     def __init__(self, betas: str = "linear", n: int = 1000, beta_start: float | None = None,
                  beta_end: float | None = None):
+        if betas in DEFAULT_BETAS:  # resolved, so that config() and every file written from it say what was used
+            beta_start, beta_end = (d if v is None else v for v, d in zip((beta_start, beta_end), DEFAULT_BETAS[betas]))
         self.betas_kind, self.n, self.beta_start, self.beta_end = betas, n, beta_start, beta_end
         self.betas = ddpm_betas(betas, n, beta_start, beta_end)
         self.alphas_cumprod = torch.cumprod(1 - self.betas, 0)

@@ -66,7 +66,8 @@ def dpm_multistep(model: Model, x: Tensor, g: Grid, order: int = 2, data: bool =
     With r0 = h_{i-1}/h_i, D1_0 = (m_i - m_{i-1}) / r0 estimates h m'. Order 2 adds -scale (0.5 g1) D1 ("midpoint",
     DPM-Solver's "dpmsolver" type) or -scale g2 D1 ("taylor", diffusers' "heun"). Order 3 adds
     -scale (g2 D1 + g3 D2) with D2 = (D1_0 - D1_1)/(r0 + r1): half the exact second-derivative term, as
-    published and as diffusers and k-diffusion compute it, which makes 3M converge at about order 2.5."""
+    published and as diffusers and k-diffusion compute it, which leaves 3M a second-order method (measured on a
+    log-SNR grid: local slopes 2.4, 2.15, 2.05, 2.02 from 20 to 320 steps; docs/solvers.md)."""
     form = ExpForm(g, data)
     ms = [form.predict(model, x, 0)]
     for i in range(g.n):

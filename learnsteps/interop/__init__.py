@@ -1,2 +1,2 @@
-"""Interoperability with other samplers: diffusers schedulers (diffusers.py) and k-diffusion sigma lists
-(learnsteps.schedule.k_diffusion_sigmas)."""
+"""Interoperability with other samplers: diffusers schedulers (diffusers.py), k-diffusion samplers
+(k_diffusion.py), and the plain sigma lists of ComfyUI, A1111 and pipelines (export.py)."""

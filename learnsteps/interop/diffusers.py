@@ -1,24 +1,36 @@
 """Run a learnsteps schedule in diffusers' schedulers.
 
 `scheduler_for(schedule)` builds the diffusers scheduler that implements the schedule's solver, configured
-like our core (order, variant, final step), and `apply_schedule(scheduler, schedule)` gives it the grid.
-No diffusers scheduler takes an arbitrary grid *and* separate model times through set_timesteps, so we use
-the documented workaround for all of them: call set_timesteps(N), then overwrite `sigmas` (sigma/alpha at the
-integration times, N+1 values) and `timesteps` (the model-evaluation times, N values; Heun repeats them as it
-repeats its sigmas) and fix the step index to 0. Every DPM/UniPC/DEIS/Euler/Heun update reads only
-`sigmas[step_index +- k]`; the timesteps only reach the model, which is how LD3's decoupled times carry over.
+like our core (order, variant, final step, and the schedule's own beta table), and `apply_schedule(scheduler,
+schedule)` gives a scheduler the grid. No diffusers scheduler takes an arbitrary grid *and* separate model
+times through set_timesteps, so we use the documented workaround for all of them: call set_timesteps(N), then
+overwrite `sigmas` (sigma/alpha at the integration times, N+1 values) and `timesteps` (the model-evaluation
+times, N values; Heun repeats them as it repeats its sigmas) and fix the step index to 0. Every
+DPM/UniPC/DEIS/Euler/Heun update reads only `sigmas[step_index +- k]`; the timesteps only reach the model,
+which is how LD3's decoupled times carry over. `initial_sample` scales the starting noise to the scheduler's
+own state, so that the usual denoising loop starts where our core does.
 """
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from ..core.solvers import singlestep_plan
 from ..schedule import Schedule, ScheduleError
 
+# Schedulers whose state is x~ = x / alpha (k-diffusion's), not the VP state x: they start from noise * sigma~_max
+# scaled up by init_noise_sigma, and scale the model input back down.
+X_TILDE_SCHEDULERS = ("EulerDiscreteScheduler", "HeunDiscreteScheduler")
 
-def _config(schedule: Schedule) -> tuple[str, dict]:
-    """The diffusers class and config for the schedule's solver, order and options."""
-    o, to_zero = schedule.options, schedule.times[-1] == schedule.make_noise_schedule().t_zero
+
+def recipe(schedule: Schedule) -> dict:
+    """{"scheduler": diffusers class name, "config": its configuration} that runs `schedule` as our core does,
+    or ScheduleError saying why no diffusers scheduler can."""
+    ns, o = schedule.noise_schedule, schedule.options
+    if ns.get("kind") != "ddpm":
+        raise ScheduleError("diffusers' DDPM-family schedulers need a discrete DDPM teacher schedule "
+                            f"(this one is {ns.get('kind')!r})")
+    to_zero = schedule.to_zero
     final = dict(final_sigmas_type="zero" if to_zero else "sigma_min")
     name, order = schedule.solver, schedule.order
     if name in ("dpm_solver", "dpm_solver++"):
@@ -30,48 +42,71 @@ def _config(schedule: Schedule) -> tuple[str, dict]:
         if o.get("method", "multistep") == "singlestep":
             if order == 3 and o.get("variant", "midpoint") != "taylor":
                 raise ScheduleError("diffusers' singlestep order 3 matches DPM-Solver only with variant=taylor")
-            return "DPMSolverSinglestepScheduler", common
-        return "DPMSolverMultistepScheduler", dict(common, lower_order_final=o.get("lower_order_final", True))
-    if name == "unipc":
-        return "UniPCMultistepScheduler", dict(solver_order=order, solver_type=o.get("variant", "bh2"),
-                                               predict_x0=o.get("data", True), **final,
-                                               lower_order_final=o.get("lower_order_final", True))
-    if name == "deis" and o.get("basis", "tab") == "logrho":
-        return "DEISMultistepScheduler", dict(solver_order=order, lower_order_final=o.get("lower_order_final", True))
-    if name in ("euler", "ddim") and not o.get("eta"):
-        return "EulerDiscreteScheduler", {}
-    if name == "heun":
-        return "HeunDiscreteScheduler", {}
-    raise ScheduleError(f"no diffusers scheduler implements {name} with options {o} (diffusers has DPM-Solver(++), "
-                        f"UniPC, DEIS log-rho, Euler and Heun)")
+            cls, config = "DPMSolverSinglestepScheduler", common
+        else:
+            cls, config = "DPMSolverMultistepScheduler", dict(common, lower_order_final=o.get("lower_order_final", True))
+    elif name == "unipc":
+        check_unipc_final_step(o.get("variant", "bh2"), to_zero)
+        cls, config = "UniPCMultistepScheduler", dict(solver_order=order, solver_type=o.get("variant", "bh2"),
+                                                      predict_x0=o.get("data", True), **final,
+                                                      lower_order_final=o.get("lower_order_final", True))
+    elif name == "deis" and o.get("basis", "tab") == "logrho":
+        cls, config = "DEISMultistepScheduler", dict(solver_order=order,
+                                                     lower_order_final=o.get("lower_order_final", True))
+    elif name in ("euler", "ddim") and not o.get("eta"):
+        cls, config = "EulerDiscreteScheduler", {}
+    elif name == "heun":
+        if not to_zero:
+            raise ScheduleError("diffusers' HeunDiscreteScheduler takes an Euler last step into sigma_min where our "
+                                "core (and k-diffusion) take a Heun step: end the grid at sigma = 0")
+        cls, config = "HeunDiscreteScheduler", {}
+    else:
+        raise ScheduleError(f"no diffusers scheduler implements {name} with options {o} (diffusers has "
+                            f"DPM-Solver(++), UniPC, DEIS log-rho, Euler and Heun)")
+    betas = dict(num_train_timesteps=ns["n"], beta_schedule=ns["betas"])
+    betas.update({k: ns[k] for k in ("beta_start", "beta_end") if ns.get(k) is not None})
+    return dict(scheduler=cls, config={**betas, **config})
+
+
+def check_unipc_final_step(variant: str, to_zero: bool) -> None:
+    # diffusers' UniPC multiplies B(h) = hh = -inf by a zero residual on a bh1 step to sigma = 0: NaN samples
+    if variant == "bh1" and to_zero:
+        raise ScheduleError("diffusers' UniPC with variant bh1 returns NaN on a step to sigma = 0 (B(h) = -inf "
+                            "times 0): use a schedule that ends at t_min, or variant bh2")
 
 
 def scheduler_for(schedule: Schedule, **base_config):
-    """A diffusers scheduler that runs `schedule` (base_config: e.g. the pipeline's beta settings)."""
+    """A diffusers scheduler that runs `schedule` (base_config: further settings of the class, e.g. steps_offset)."""
     import diffusers
 
-    if schedule.noise_schedule.get("kind") != "ddpm":
-        raise ScheduleError("diffusers' DDPM-family schedulers need a discrete DDPM teacher schedule "
-                            f"(this one is {schedule.noise_schedule.get('kind')!r})")
-    cls, config = _config(schedule)
-    ns = schedule.noise_schedule
-    betas = dict(num_train_timesteps=ns["n"], beta_schedule=ns["betas"])
-    betas.update({k: ns[k] for k in ("beta_start", "beta_end") if ns.get(k) is not None})
-    scheduler = getattr(diffusers, cls)(**{**betas, **base_config, **config})
+    r = recipe(schedule)
+    scheduler = getattr(diffusers, r["scheduler"])(**{**base_config, **r["config"]})
     return apply_schedule(scheduler, schedule)
 
 
 def apply_schedule(scheduler, schedule: Schedule, device: str | torch.device = "cpu"):
-    """Put the schedule's grid into a configured diffusers scheduler (see the module docstring)."""
-    n = len(schedule.times) - 1
+    """Put the schedule's grid into a configured diffusers scheduler (see the module docstring); ScheduleError if
+    the scheduler's beta table is not the schedule's, or if it would sample the grid wrongly."""
+    cls = type(scheduler).__name__
+    ns = schedule.make_noise_schedule()
+    if getattr(scheduler, "alphas_cumprod", None) is not None and schedule.noise_schedule.get("kind") == "ddpm":
+        theirs = scheduler.alphas_cumprod.to(torch.float64)
+        if theirs.shape != ns.alphas_cumprod.shape or not torch.allclose(theirs, ns.alphas_cumprod, rtol=1e-4, atol=1e-7):
+            c = scheduler.config
+            raise ScheduleError(f"{cls}'s beta table (beta_schedule={c.get('beta_schedule')!r}, beta_start="
+                                f"{c.get('beta_start')}, beta_end={c.get('beta_end')}, {len(theirs)} steps) is not the "
+                                f"schedule's {ns!r}: configure the scheduler with the schedule's betas")
+    n, to_zero = len(schedule.times) - 1, schedule.to_zero
+    if cls == "UniPCMultistepScheduler":
+        check_unipc_final_step(scheduler.config.solver_type, to_zero)
     scheduler.set_timesteps(n, device=device)
     sigmas = torch.tensor(schedule.sigmas, dtype=torch.float64, device=device)
     timesteps = torch.tensor(schedule.eval_times[:-1], dtype=torch.float64, device=device)
-    if type(scheduler).__name__ == "HeunDiscreteScheduler":  # first- and second-order halves of every step
+    if cls == "HeunDiscreteScheduler":  # first- and second-order halves of every step
         sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])
         timesteps = torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)])
-    if type(scheduler).__name__ == "DPMSolverSinglestepScheduler":
-        plan = schedule.options.get("plan") or singlestep_plan(n, schedule.order, sigmas[-1] == 0)
+    if cls == "DPMSolverSinglestepScheduler":
+        plan = schedule.options.get("plan") or singlestep_plan(n, schedule.order, to_zero)
         scheduler.order_list = [k for group in plan for k in range(1, group + 1)]
         scheduler.sample = None
     scheduler.sigmas, scheduler.timesteps = sigmas, timesteps
@@ -79,3 +114,16 @@ def apply_schedule(scheduler, schedule: Schedule, device: str | torch.device = "
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
     return scheduler
+
+
+def initial_sample(scheduler, schedule: Schedule, noise: Tensor) -> Tensor:
+    """The scheduler's starting state for unit Gaussian `noise`, equal to our core's x_T = noise * std.
+
+    Euler and Heun work on x~ = x / alpha and start from x~_T = x_T / alpha(t_0) = noise sqrt(1 + sigma~_0^2) for VP
+    teachers; their `init_noise_sigma` is sigma~_0 instead under timestep_spacing="linspace" or "trailing" (a
+    relative difference of 1 / (2 sigma~_0^2), 2e-5 for DDPM's table, 2e-3 for Stable Diffusion's), so the
+    pipelines' own `noise * init_noise_sigma` is not our start. The other classes work on x itself."""
+    x_T = noise * schedule.make_noise_schedule().init_noise_std()
+    if type(scheduler).__name__ in X_TILDE_SCHEDULERS:
+        return schedule.x_tilde(x_T)
+    return x_T

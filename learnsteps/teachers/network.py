@@ -160,8 +160,9 @@ def diffusers_teacher(model: str, scheduler_config: dict | None = None, subfolde
     sc = scheduler_config
     if sc.get("trained_betas") is not None:
         raise TeacherLoadError("schedulers with trained_betas are not supported yet")
+    # a config without beta_start/beta_end means diffusers' class defaults, 0.0001 and 0.02 whatever the kind
     schedule = DiscreteDDPM(sc.get("beta_schedule", "linear"), sc.get("num_train_timesteps", 1000),
-                            sc.get("beta_start"), sc.get("beta_end"))
+                            sc.get("beta_start", 0.0001), sc.get("beta_end", 0.02))
     prediction = sc.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
         raise TeacherLoadError(f"prediction_type {prediction!r} is not supported: expected one of {list(PREDICTION_TYPES)}")
