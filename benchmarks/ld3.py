@@ -1,22 +1,32 @@
-"""LD3 benchmark: learned grids against every baseline grid, training time, and backward-pass memory.
+"""LD3 benchmark: learned grids against every baseline grid, training time, backward-pass memory, and how robust
+the outcome is to the seed and to the CPU's kernel path.
 
-    python benchmarks/ld3.py                                  # all of it (about 40 CPU minutes)
+    python benchmarks/ld3.py                                  # paired + memory (about 40 CPU minutes)
     python benchmarks/ld3.py part=memory                      # peak memory only
     python benchmarks/ld3.py teachers=[gmm_digits] nfe=[4,6]  # a subset
     python benchmarks/ld3.py part=paired "ld3_args=[loss=features]" out_dir=runs/bench_ld3_features
+    python benchmarks/ld3.py part=robustness                  # seeds x CPU kernel paths x NFE (about 1 h)
 
 paired: `train.py mode=ld3` for every teacher x solver x NFE (pairs shared per teacher), each reporting RMSE to
 the teacher on 200 held-out pairs for the learned grid and every baseline grid; results.md / results.csv.
 memory: peak resident memory of one forward + backward pass through the sampler (DPM-Solver++(3M), batch 4)
 with a 3x32x32 UNet of 64 channels, with and without per-step rematerialisation, each in a fresh process.
+robustness: `train.py mode=ld3` with its defaults (the demo's run) for every seed x CPU kernel path
+(ATEN_CPU_CAPABILITY: default, avx2, avx512 where the CPU has them) x NFE; seed s draws its own teacher pairs
+(pairs.seed = s), shared by the kernel paths. Each learned grid and every baseline grid is scored on the demo's
+200 held-out pairs (paired RMSE, as `make demo` prints it) and on 2000 (FID against the teacher's samples and
+against the data, digits feature network): median, worst and best of learned / best baseline; robustness.md.
 """
 from __future__ import annotations
 
 import csv
 import json
+import os
+import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +38,7 @@ from learnsteps.config import SolverChoice, load_config  # noqa: E402
 
 @dataclass
 class Config:
-    part: str = "all"  # all | paired | memory
+    part: str = "all"  # all (paired and memory) | paired | memory | robustness
     teachers: list[str] = field(default_factory=lambda: ["gmm_digits", "digits_unet"])
     solvers: list[SolverChoice] = field(default_factory=lambda: [
         SolverChoice("dpm_solver++", 3), SolverChoice("unipc", 3, {"variant": "bh1"}), SolverChoice("ipndm", 4)])
@@ -36,6 +46,14 @@ class Config:
     memory_nfe: list[int] = field(default_factory=lambda: [4, 6, 8, 10])
     out_dir: str = "runs/bench_ld3"
     ld3_args: list[str] = field(default_factory=list)  # passed to every `train.py mode=ld3`, e.g. [loss=features]
+    # part=robustness
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    cpu_paths: list[str] = field(default_factory=list)  # ATEN_CPU_CAPABILITY values; default: all this CPU runs
+    robust_nfe: list[int] = field(default_factory=lambda: [4, 6])
+    demo_test: int = 200  # held-out pairs of `make demo` (paired RMSE)
+    bench_test: int = 2000  # held-out pairs of the benchmark size (FID)
+    workers: int = 2  # runs at a time
+    threads: int = 1  # torch threads per run (OMP_NUM_THREADS)
 
 
 MEMORY_PROBE = r"""
@@ -120,6 +138,99 @@ def paired(cfg: Config, out: Path) -> str:
     return text
 
 
+PATH_PROBE = "import torch; print(torch.backends.cpu.get_cpu_capability().lower())"
+
+
+def cpu_paths() -> list[str]:
+    """The kernel paths torch really runs here, the native one first (a path the CPU lacks falls back)."""
+    native = subprocess.run([sys.executable, "-c", PATH_PROBE], capture_output=True, text=True).stdout.strip()
+    paths = [native]
+    for cap in ("default", "avx2", "avx512"):
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=cap)
+        got = subprocess.run([sys.executable, "-c", PATH_PROBE], env=env, capture_output=True, text=True).stdout.strip()
+        if got == cap and cap not in paths:
+            paths.append(cap)
+    return paths
+
+
+def score(run_dir: Path, pairs_dir: Path, n: int) -> dict:
+    """Learned / best baseline by RMSE and FID on the first n held-out pairs of the run (its own table's metrics)."""
+    from torch.utils.data import TensorDataset
+
+    from learnsteps.core.denoiser import dtype_of
+    from learnsteps.ld3.module import LD3Config, evaluate_grids
+    from learnsteps.schedule import load_schedule
+    from learnsteps.teachers.network import load_teacher
+    from learnsteps.trajectories import TrajectoryDataset
+
+    cfg = load_config(LD3Config, [run_dir / "config.yaml"])
+    teacher = load_teacher(cfg.teacher)
+    ds = TrajectoryDataset(pairs_dir / "test", dtype=dtype_of(teacher)).tensors
+    test = TensorDataset(ds["index"][:n], ds["x_T"][:n], ds["trajectory"][:n, -1])
+    s = load_schedule(run_dir / "schedule.json")
+    rows = evaluate_grids(cfg, teacher, (s.grid, s.eval_grid), test)
+    learned = rows[0]
+    return {k.removesuffix("_vs_best"): v for k, v in learned.items() if k.endswith("_vs_best")}
+
+
+def robustness(cfg: Config, out: Path) -> str:
+    paths = cfg.cpu_paths or cpu_paths()
+    root = out / "robustness"
+    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
+
+    def run(seed: int, path: str, nfe: int) -> dict:
+        run_dir = root / f"seed{seed}" / path / f"nfe{nfe}"
+        pairs_dir = root / f"seed{seed}" / "pairs"
+        t0 = time.perf_counter()
+        if not (run_dir / "schedule.json").is_file():
+            res = subprocess.run([sys.executable, str(ROOT / "train.py"), "mode=ld3", f"nfe={nfe}", f"seed={seed}",
+                                  f"pairs.seed={seed}", f"pairs.test={cfg.bench_test}", f"pairs.directory={pairs_dir}",
+                                  f"run_dir={run_dir}", "trainer.progress_bar=false", "wandb.mode=disabled",
+                                  *cfg.ld3_args], capture_output=True, text=True, cwd=ROOT,
+                                 env=dict(env, ATEN_CPU_CAPABILITY=path))
+            if res.returncode != 0:
+                raise SystemExit(f"ld3 run failed: {run_dir}\n{res.stderr[-3000:]}")
+        row = dict(seed=seed, path=path, nfe=nfe, seconds=round(time.perf_counter() - t0, 1))
+        row.update({f"demo_{k}": v for k, v in score(run_dir, pairs_dir, cfg.demo_test).items()})
+        row.update({f"bench_{k}": v for k, v in score(run_dir, pairs_dir, cfg.bench_test).items()})
+        print(row, flush=True)
+        return row
+
+    jobs = [(s, p, n) for s in cfg.seeds for p in paths for n in cfg.robust_nfe]
+    firsts = {s: next(j for j in jobs if j[0] == s) for s in cfg.seeds}  # generates the seed's pairs alone
+    rows = [run(*j) for j in firsts.values()]
+    with ThreadPoolExecutor(cfg.workers) as pool:
+        rows += list(pool.map(lambda j: run(*j), [j for j in jobs if j not in firsts.values()]))
+    rows.sort(key=lambda r: (r["nfe"], r["seed"], paths.index(r["path"])))
+    with open(root / "robustness.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    metrics = [("demo_rmse", f"paired RMSE, {cfg.demo_test} pairs"),
+               ("bench_rmse", f"paired RMSE, {cfg.bench_test} pairs"),
+               ("bench_fid_teacher", f"FID vs teacher, {cfg.bench_test}"),
+               ("bench_fid_data", f"FID vs data, {cfg.bench_test}")]
+    lines = [f"LD3 defaults{' ' + ' '.join(cfg.ld3_args) if cfg.ld3_args else ''}: learned / best hand grid over "
+             f"seeds {cfg.seeds} x kernel paths {paths} ({len(cfg.seeds) * len(paths)} runs a cell; "
+             f"{cfg.threads} thread(s) a run)", "",
+             "| NFE | measure | median | worst | best |", "|---|---|---|---|---|"]
+    for nfe in cfg.robust_nfe:
+        for key, label in metrics:
+            vals = [r[key] for r in rows if r["nfe"] == nfe and key in r]
+            if vals:
+                lines.append(f"| {nfe} | {label} | {statistics.median(vals):.3f} | {max(vals):.3f} | {min(vals):.3f} |")
+    lines += ["", "| NFE | seed | " + " | ".join(paths) + " |", "|---|---|" + "---|" * len(paths)]
+    for nfe in cfg.robust_nfe:
+        for seed in cfg.seeds:
+            cells = [next((f"{r['demo_rmse']:.3f} / {r.get('bench_fid_teacher', float('nan')):.3f}" for r in rows
+                           if (r["nfe"], r["seed"], r["path"]) == (nfe, seed, p)), "") for p in paths]
+            lines.append(f"| {nfe} | {seed} | " + " | ".join(cells) + " |")
+    lines.append("\n(per-run cells: paired RMSE ratio on the demo's pairs / FID-vs-teacher ratio on the benchmark's)")
+    text = "\n".join(lines) + "\n"
+    (root / "robustness.md").write_text(text)
+    return text
+
+
 def main(argv):
     cfg = load_config(Config, [], argv)
     out = ROOT / cfg.out_dir
@@ -128,6 +239,8 @@ def main(argv):
         print(memory(cfg, out))
     if cfg.part in ("all", "paired"):
         print(paired(cfg, out))
+    if cfg.part == "robustness":
+        print(robustness(cfg, out))
     (out / "config.json").write_text(json.dumps(dict(argv=argv), indent=2))
 
 

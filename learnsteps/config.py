@@ -1,14 +1,19 @@
 """Configuration: dataclass schemas, YAML files under configs/, and key=value overrides from the command line.
 
 Plain omegaconf (Hydra would pin an older omegaconf). The schema is the single source of truth for names,
-types and defaults; a YAML file or an override that names an unknown key, or gives a value of the wrong type,
-is a ConfigError that names the key (with omegaconf's "did you mean").
+types, defaults and bounds; a YAML file or an override that names an unknown key, gives a value of the wrong
+type (with omegaconf's "did you mean"), or one outside the bounds a schema states in its RULES, is a ConfigError
+that names the key. Loading checks everything it can without doing any work, so a bad value is refused before a
+run creates anything; what needs the mode's own knowledge (a solver's orders, a teacher's shape) each mode
+checks next, still before it writes.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Sequence, TypeVar
 
 import yaml
 from omegaconf import OmegaConf
@@ -16,6 +21,82 @@ from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration that does not fit its schema."""
+
+
+# ---- bounds: a rule maps a value to None (fine) or to what is wrong with it ------------------------------------
+Rule = Callable[[Any], "str | None"]
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def at_least(lo: float) -> Rule:
+    return lambda v: None if _number(v) and v >= lo else f"must be a number >= {lo}"
+
+
+def between(lo: float, hi: float) -> Rule:
+    return lambda v: None if _number(v) and lo <= v <= hi else f"must be a number in [{lo}, {hi}]"
+
+
+def positive(v) -> str | None:
+    return None if _number(v) and v > 0 else "must be a finite number > 0"
+
+
+def fraction(v) -> str | None:
+    return None if _number(v) and 0 <= v < 1 else "must be a number in [0, 1)"
+
+
+def one_of(*choices) -> Rule:
+    return lambda v: None if v in choices else f"must be one of {', '.join(map(repr, choices))}"
+
+
+def each(rule: Rule, non_empty: bool = False) -> Rule:
+    def check(values):
+        if non_empty and not values:
+            return "must not be empty"
+        for i, v in enumerate(values):
+            if (problem := rule(v)) is not None:
+                return f"[{i}]={v!r} {problem}"
+        return None
+    return check
+
+
+def not_a_file(v) -> str | None:
+    """An output directory: empty (the default) or a path that is not an existing file."""
+    return "is an existing file, not a directory" if v and Path(v).is_file() else None
+
+
+def existing_dir(v) -> str | None:
+    """An input directory: empty (the default) or an existing directory."""
+    if not v:
+        return None
+    return None if Path(v).is_dir() else ("is a file, not a directory" if Path(v).exists() else "does not exist")
+
+
+def all_of(*rules: Rule) -> Rule:
+    def check(v):
+        return next((p for rule in rules if (p := rule(v)) is not None), None)
+    return check
+
+
+def check_config(cfg, prefix: str = "") -> None:
+    """ConfigError for the first value that breaks its schema's RULES, in this dataclass or any nested one."""
+    rules = getattr(cfg, "RULES", {})
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if f.name in rules and (problem := rules[f.name](value)) is not None:
+            raise ConfigError(f"{key}={value!r}: {problem}")
+        if dataclasses.is_dataclass(value):
+            check_config(value, key + ".")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    check_config(item, f"{key}[{i}].")
 
 
 @dataclass
@@ -26,10 +107,7 @@ class SolverChoice:
     order: int = 1
     options: dict = field(default_factory=dict)
     label: str = ""
-
-
-class ConfigError(ValueError):
-    """A configuration that does not fit its schema."""
+    RULES: ClassVar = dict(order=at_least(1))
 
 
 def _message(err: OmegaConfBaseException) -> str:
@@ -55,11 +133,13 @@ def load_config(schema: type[T], files: Sequence[str | Path] = (), overrides: Se
                 cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([token]))
             except yaml.YAMLError as err:
                 raise ConfigError(f"the value in {token!r} is not valid YAML: {' '.join(str(err).split())}") from None
-        return OmegaConf.to_object(cfg)
+        cfg = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(_message(err)) from None
     except yaml.YAMLError as err:
         raise ConfigError(f"a config file is not valid YAML: {err}") from None
+    check_config(cfg)
+    return cfg
 
 
 def to_yaml(cfg) -> str:

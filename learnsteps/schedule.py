@@ -7,7 +7,6 @@ the problem when something is off.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from torch import Tensor
 from .core.sample import check_options, check_order, get_solver, nfe as nfe_of, resolved_options
 from .core.schedules import NoiseSchedule, make_schedule
 from .core.steps import check_times
-from .files import write_text
+from .files import read_json, write_json
 
 FORMAT, VERSION = "learnsteps-schedule", 1
 
@@ -118,22 +117,22 @@ class Schedule:
 
 
 def save_schedule(path: str | Path, schedule: Schedule) -> Path:
-    """Write the schedule JSON to a temporary file, then rename it over `path` (never half-written)."""
+    """Write the schedule JSON, with its checksum, to a temporary file renamed over `path` (never half-written)."""
     path = Path(path)
-    validate(schedule.to_dict(), str(path))
-    return write_text(path, json.dumps(schedule.to_dict(), indent=2) + "\n")
+    data = schedule.to_dict()
+    validate(data, str(path))
+    return write_json(path, data)
 
 
 def load_schedule(path: str | Path, solver: str | None = None, order: int | None = None,
-                  nfe: int | None = None) -> Schedule:
-    """Read and validate a schedule file; `solver`, `order`, `nfe`: what the caller will run it with."""
+                  nfe: int | None = None, noise_schedule: NoiseSchedule | None = None) -> Schedule:
+    """Read and validate a schedule file; `solver`, `order`, `nfe`, `noise_schedule`: what the caller will run it
+    with (a teacher's noise schedule must be the file's). Whatever the bytes, the only error is ScheduleError.
+    The checksum learnsteps writes is verified when present (a file written by hand has none)."""
     path = Path(path)
     if not path.is_file():
         raise ScheduleError(f"{path}: no such schedule file")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ScheduleError(f"{path}: not valid JSON ({err})") from None
+    data = read_json(path, ScheduleError, checksum="optional")
     sched = validate(data, str(path))
     if solver is not None and solver != sched.solver:
         raise ScheduleError(f"{path}: made for solver {sched.solver!r}, not {solver!r}")
@@ -141,7 +140,20 @@ def load_schedule(path: str | Path, solver: str | None = None, order: int | None
         raise ScheduleError(f"{path}: made for order {sched.order}, not {order}")
     if nfe is not None and nfe != sched.nfe:
         raise ScheduleError(f"{path}: made for NFE {sched.nfe}, not {nfe}")
+    if noise_schedule is not None:
+        check_fits(sched, noise_schedule, str(path))
     return sched
+
+
+def check_fits(schedule: Schedule, noise_schedule: NoiseSchedule, where: str = "schedule") -> None:
+    """ScheduleError unless the schedule's times are in `noise_schedule`'s units: the same kind and parameters
+    (an EDM-sigma grid run on a VP teacher would sample nonsense without a single error)."""
+    if schedule.make_noise_schedule().config() != noise_schedule.config():
+        raise ScheduleError(f"{where}: made for the noise schedule {schedule.make_noise_schedule()!r}, not the "
+                            f"teacher's {noise_schedule!r}")
+
+
+MAX_TIMES = 1001  # a schedule of up to 1000 steps
 
 
 def _times(data: dict, key: str, where: str) -> list[float]:
@@ -149,6 +161,8 @@ def _times(data: dict, key: str, where: str) -> list[float]:
     v = data.get(key)
     if not isinstance(v, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
         raise ScheduleError(f"{where}: '{key}' must be a list of numbers")
+    if len(v) > MAX_TIMES:
+        raise ScheduleError(f"{where}: '{key}' has {len(v)} values, more than the {MAX_TIMES} of a 1000-step schedule")
     if not all(math.isfinite(x) for x in v):
         raise ScheduleError(f"{where}: '{key}' has non-finite values")
     return [float(x) for x in v]
@@ -179,6 +193,8 @@ def validate(data, where: str = "schedule") -> Schedule:
     for key, values in (("times", times), ("eval_times", eval_times)):
         if not all(lo <= v <= hi for v in values):
             raise ScheduleError(f"{where}: '{key}' leave the noise schedule's range [{lo}, {hi}]")
+    if any(v <= lo for v in eval_times[:-1]):  # the model cannot be called at sigma = 0
+        raise ScheduleError(f"{where}: 'eval_times' reach the clean end t_zero = {lo} before their last value")
     steps, to_zero = len(times) - 1, times[-1] == noise_schedule.t_zero
     if nfe_of(data["solver"], steps, to_zero) != data["nfe"]:
         raise ScheduleError(f"{where}: {len(times)} times give {data['solver']} "

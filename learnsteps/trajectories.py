@@ -4,39 +4,47 @@ From seeded noise, a high-accuracy solver of the core integrates the frozen teac
 output times are stored (with the x0-predictions there, when asked), in shards:
 
     out_dir/spec.json                   what is being generated (teacher fingerprint, solver, times, seed, ...)
-    out_dir/shard-00000.safetensors     x_T (S, ...), trajectory (S, M, ...), [x0 (S, M, ...)], index (S,)
-    out_dir/shard-00000.sha256          its checksum, written after the shard: a shard without one is unfinished
-    out_dir/manifest.json               written once every shard is done: shapes, dtypes, counts, checksums
+    out_dir/shard-00000.safetensors     x_T (S, ...), trajectory (S, M, ...), [x0 (S, M, ...)], index (S,), with
+                                        the sha256 of its tensors in its metadata (written atomically: a shard
+                                        that is there and verifies is finished)
+    out_dir/manifest.json               written once every shard is done: shapes, dtypes, counts, each file's sha256
 
-Sample j always starts from the noise of seed (seed, j), whatever the shard size or the number of ranks.
-A rerun generates only the missing shards (and regenerates, with a warning, any whose checksum fails); under
-DDP rank r takes shards r, r + world, ... so that ranks share no shard and leave none out.
+Every JSON file carries its own sha256 (learnsteps.files). Sample j always starts from the noise of seed (seed,
+j), whatever the shard size or the number of ranks. A rerun generates only the missing shards (and regenerates,
+with a warning, any whose checksum fails); a reader refuses a missing or damaged shard. Under DDP rank r takes
+shards r, r + world, ... so that ranks share no shard and leave none out.
 """
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import warnings
+import math
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 from tqdm import tqdm
 
+from .config import at_least, between, each, one_of, positive
 from .core.grids import make as make_grid
 from .core.denoiser import dtype_of
 from .core.reference import reference_solve
 from .core.sample import solve
-from .files import write_safetensors, write_text
+from .core.sample import check_options, check_order, get_solver
+from .files import read_json, read_safetensors, sha256_file, write_json, write_safetensors
 from .loaders import train_loader
 
 FORMAT, VERSION = "learnsteps-trajectories", 1
 TIME_KINDS = ("time_uniform", "time_quadratic", "logsnr", "edm")
+
+
+class TrajectoryError(ValueError):
+    """A trajectory directory that cannot be used: missing, damaged, or made for something else."""
 
 
 @dataclass
@@ -56,6 +64,11 @@ class TrajectorySpec:
     store_x0: bool = False  # also store the teacher's x0-prediction at each output time (DSNO's targets)
     dtype: str = "float32"  # storage dtype: float32 or float16
     batch_size: int = 256
+    RULES: ClassVar = dict(n=between(1, 10**8), shard_size=at_least(1), num_times=at_least(2),
+                           times=one_of(*TIME_KINDS), order=at_least(1), steps_per_interval=at_least(1),
+                           rtol=positive, dtype=one_of("float32", "float16"), batch_size=at_least(1),
+                           output_times=each(lambda v: None if isinstance(v, float) and math.isfinite(v)
+                                             else "must be a finite number"))
 
 
 def output_times(spec: TrajectorySpec, schedule) -> Tensor:
@@ -98,17 +111,52 @@ def integrate(teacher, x_T: Tensor, times: Tensor, spec: TrajectorySpec) -> Tens
     return traj[marks]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def shard_path(out_dir: Path, k: int) -> Path:
+    return out_dir / f"shard-{k:05d}.safetensors"
 
 
 def shard_ok(out_dir: Path, k: int) -> bool:
-    f, s = out_dir / f"shard-{k:05d}.safetensors", out_dir / f"shard-{k:05d}.sha256"
-    return f.is_file() and s.is_file() and s.read_text().strip() == _sha256(f)
+    """Whether shard k is there and its tensors match their checksum."""
+    try:
+        read_safetensors(shard_path(out_dir, k))
+        return True
+    except ValueError:
+        return False
+
+
+def check_spec(spec: TrajectorySpec, schedule) -> Tensor:
+    """The output times of `spec` for `schedule`, after checking the solver, its order and options: ValueError
+    before anything is generated or written."""
+    times = output_times(spec, schedule)
+    if float(times[0]) > schedule.t_max or float(times[-1]) < schedule.t_zero:
+        raise ValueError(f"output times {times.tolist()} leave the schedule's range [{schedule.t_zero}, {schedule.t_max}]")
+    if spec.solver != "reference":
+        get_solver(spec.solver)
+        to_zero = int(times[-1] == schedule.t_zero)  # that interval is one step: x0
+        check_order(spec.solver, spec.order, (len(times) - 1 - to_zero) * spec.steps_per_interval + to_zero)
+        check_options(spec.solver, spec.options)
+    elif spec.options:
+        raise ValueError(f"the reference solver takes no options, got {spec.options}")
+    return times
+
+
+def check_directory(out: Path, spec: TrajectorySpec, teacher, teacher_name: str = "") -> dict:
+    """What `generate` would record in out/spec.json, after checking the spec against the teacher and, if `out`
+    already holds trajectories, that they are of this teacher and spec: ValueError before anything is written."""
+    times = check_spec(spec, teacher.noise_schedule)
+    if not tuple(getattr(teacher, "shape", None) or ()):
+        raise ValueError("the teacher does not say its sample shape (teacher.shape)")
+    if Path(out).is_file():
+        raise TrajectoryError(f"{out} is a file, not a trajectory directory")
+    fingerprint = teacher.fingerprint() if hasattr(teacher, "fingerprint") else ""
+    identity = dict(format=FORMAT, version=VERSION, spec=asdict(spec), output_times=times.tolist(),
+                    teacher=dict(fingerprint=fingerprint, name=teacher_name), noise_schedule=teacher.noise_schedule.config())
+    spec_file = Path(out) / "spec.json"
+    if spec_file.is_file():
+        old = read_json(spec_file, TrajectoryError)
+        if {k: old.get(k) for k in identity} != json.loads(json.dumps(identity)):
+            raise TrajectoryError(f"{out} holds trajectories of another teacher or spec; use a new directory")
+    return identity
 
 
 def generate(teacher, out_dir: str | Path, spec: TrajectorySpec, rank: int = 0, world_size: int = 1,
@@ -117,35 +165,23 @@ def generate(teacher, out_dir: str | Path, spec: TrajectorySpec, rank: int = 0, 
 
     `barrier`: a callable that waits for every rank (e.g. Fabric.barrier) under DDP."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     sched = teacher.noise_schedule
-    times = output_times(spec, sched)
-    fingerprint = teacher.fingerprint() if hasattr(teacher, "fingerprint") else ""
-    identity = dict(format=FORMAT, version=VERSION, spec=asdict(spec), output_times=times.tolist(),
-                    teacher=dict(fingerprint=fingerprint, name=teacher_name), noise_schedule=sched.config())
-    spec_file = out / "spec.json"
-    if spec_file.is_file():
-        old = json.loads(spec_file.read_text())
-        if {k: old.get(k) for k in identity} != json.loads(json.dumps(identity)):
-            raise ValueError(f"{out} holds trajectories of another teacher or spec; use a new directory")
-    elif rank == 0:
-        write_text(spec_file, json.dumps(identity, indent=2))
-    if spec.dtype not in ("float32", "float16"):
-        raise ValueError(f"storage dtype must be float32 or float16, not {spec.dtype!r}")
+    identity = check_directory(out, spec, teacher, teacher_name)
+    times = torch.tensor(identity["output_times"], dtype=torch.float64)
+    shape = tuple(teacher.shape)
+    if rank == 0 and not (out / "spec.json").is_file():
+        write_json(out / "spec.json", identity)
     dtype = getattr(torch, spec.dtype)
-    shape = tuple(getattr(teacher, "shape", None) or ())
     n_shards = -(-spec.n // spec.shard_size)
     mine = [k for k in range(rank, n_shards, world_size)]
     todo = []
     for k in mine:
-        if (out / f"shard-{k:05d}.sha256").exists() and not shard_ok(out, k):
-            warnings.warn(f"shard {k} of {out} fails its checksum: generating it again")
         if not shard_ok(out, k):
+            if shard_path(out, k).exists():
+                warnings.warn(f"shard {k} of {out} fails its checksum: generating it again")
             todo.append(k)
     bar = tqdm(total=sum(min(spec.shard_size, spec.n - k * spec.shard_size) for k in todo), unit="traj",
                desc=f"trajectories (rank {rank})", disable=not progress)
-    if todo and not shape:
-        raise ValueError("the teacher does not say its sample shape (teacher.shape)")
     for k in todo:
         idx = torch.arange(k * spec.shard_size, min((k + 1) * spec.shard_size, spec.n))
         x_T = sample_noise(idx.tolist(), shape, spec.seed, sched.init_noise_std())
@@ -163,8 +199,7 @@ def generate(teacher, out_dir: str | Path, spec: TrajectorySpec, rank: int = 0, 
         tensors = {key: torch.cat(v).to(dtype) for key, v in parts.items() if v}
         tensors["x_T"] = x_T.to(dtype)
         tensors["index"] = idx
-        path = write_safetensors(out / f"shard-{k:05d}.safetensors", tensors)
-        write_text(out / f"shard-{k:05d}.sha256", _sha256(path) + "\n")
+        write_safetensors(shard_path(out, k), tensors)
     bar.close()
     if barrier is not None:
         barrier()
@@ -172,43 +207,51 @@ def generate(teacher, out_dir: str | Path, spec: TrajectorySpec, rank: int = 0, 
         missing = [k for k in range(n_shards) if not shard_ok(out, k)]
         if missing:
             raise RuntimeError(f"shards {missing} of {out} are not finished; run the generation again")
-        first = load_file(str(out / "shard-00000.safetensors"))
+        first = read_safetensors(shard_path(out, 0), TrajectoryError)
         manifest = dict(identity, n=spec.n, shard_size=spec.shard_size, count=n_shards,
                         shapes={k: [spec.n] + list(v.shape[1:]) for k, v in first.items()},
                         dtypes={k: str(v.dtype).replace("torch.", "") for k, v in first.items()},
-                        shards=[dict(file=f"shard-{k:05d}.safetensors", sha256=_sha256(out / f"shard-{k:05d}.safetensors"),
+                        shards=[dict(file=shard_path(out, k).name, sha256=sha256_file(shard_path(out, k)),
                                      first_index=k * spec.shard_size,
                                      count=min(spec.shard_size, spec.n - k * spec.shard_size)) for k in range(n_shards)],
                         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-        write_text(out / "manifest.json", json.dumps(manifest, indent=2))
+        write_json(out / "manifest.json", manifest)
     return out / "manifest.json"
 
 
 class TrajectoryDataset(torch.utils.data.Dataset):
-    """A generated trajectory set, read back into memory. Shards whose checksum fails are reported and skipped."""
+    """A generated trajectory set, read back into memory after checking the manifest and every shard (a missing or
+    damaged shard is a TrajectoryError: training on fewer samples than the manifest promises would be silent)."""
 
     def __init__(self, directory: str | Path, dtype: torch.dtype = torch.float32):
         d = Path(directory)
         if not (d / "manifest.json").is_file():
-            raise ValueError(f"{d} has no manifest.json: generate the trajectories first (or finish the run)")
-        self.manifest = json.loads((d / "manifest.json").read_text())
-        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
-            raise ValueError(f"{d / 'manifest.json'}: not a {FORMAT} v{VERSION} manifest")
+            raise TrajectoryError(f"{d} has no manifest.json: generate the trajectories first (or finish the run)")
+        self.manifest = m = read_json(d / "manifest.json", TrajectoryError)
+        try:
+            if m.get("format") != FORMAT or m.get("version") != VERSION:
+                raise ValueError(f"not a {FORMAT} v{VERSION} manifest")
+            shards, times, fingerprint = m["shards"], m["output_times"], m["teacher"]["fingerprint"]
+            files = [(d / s["file"], s["sha256"], int(s["count"])) for s in shards]
+            self.times = torch.tensor(times, dtype=torch.float64)
+        except (KeyError, TypeError, ValueError) as err:
+            raise TrajectoryError(f"{d / 'manifest.json'}: malformed manifest ({type(err).__name__}: {err})") from None
         parts = []
-        for shard in self.manifest["shards"]:
-            path = d / shard["file"]
-            if not path.is_file() or _sha256(path) != shard["sha256"]:
-                warnings.warn(f"{path}: missing or fails its checksum; left out")
-                continue
-            parts.append(load_file(str(path)))
+        for path, sha, count in files:
+            if not path.is_file() or sha256_file(path) != sha:
+                raise TrajectoryError(f"{path}: {'missing' if not path.is_file() else 'fails its checksum'}; rerun "
+                                      f"the generation into {d} (`python train.py mode=trajectories out_dir={d} ...` "
+                                      f"regenerates damaged shards) or use a new directory")
+            parts.append(read_safetensors(path, TrajectoryError))
+            if len(parts[-1]["x_T"]) != count:
+                raise TrajectoryError(f"{path}: {len(parts[-1]['x_T'])} trajectories, the manifest says {count}")
         if not parts:
-            raise ValueError(f"{d}: no usable shard")
+            raise TrajectoryError(f"{d}: the manifest lists no shard")
         self.tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         for k, v in self.tensors.items():
             if v.is_floating_point():
                 self.tensors[k] = v.to(dtype)
-        self.times = torch.tensor(self.manifest["output_times"], dtype=torch.float64)
-        self.teacher_fingerprint = self.manifest["teacher"]["fingerprint"]
+        self.teacher_fingerprint = fingerprint
 
     def __len__(self) -> int:
         return len(self.tensors["x_T"])

@@ -1,4 +1,5 @@
 """Shared test fixtures: small exact teachers and the reference solution they are measured against."""
+import lightning as L
 import torch
 
 from learnsteps.core.denoiser import Denoiser
@@ -21,3 +22,22 @@ class CountingDenoiser(Denoiser):
 
 def noise(shape, seed=0):
     return torch.randn(*shape, dtype=F64, generator=torch.Generator().manual_seed(seed))
+
+
+class Linear(L.LightningModule):
+    """Fits y = 2x with SGD at cfg.lr; its loss turns NaN at step `nan_at` (as a diverging run's would)."""
+
+    LR_KEYS = {"lr": 0}
+
+    def __init__(self, lr: float, nan_at: int = -1):
+        super().__init__()
+        self.cfg = type("Cfg", (), dict(lr=lr))()
+        self.w, self.nan_at = torch.nn.Parameter(torch.zeros(1)), nan_at
+
+    def training_step(self, batch, batch_idx):
+        x = batch[0]
+        loss = (self.w * x - 2 * x).pow(2).mean()
+        return loss * torch.nan if self.global_step == self.nan_at else loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.cfg.lr)

@@ -10,7 +10,7 @@ import torch
 import learnsteps as ls
 from learnsteps.config import SolverChoice
 from learnsteps.eval.evaluate import EvalConfig, evaluate
-from learnsteps.eval.metrics import Features, cache_dir, fid_kid, reference_features
+from learnsteps.quality.metrics import Features, cache_dir, fid_kid, reference_features
 from learnsteps.schedule import Schedule, save_schedule
 from learnsteps.teachers.gmm import digits_data, gmm_digits
 

@@ -106,7 +106,7 @@ def test_rematerialisation_keeps_the_network_activations_out_of_the_graph():
 def tiny(tmp_path, **kw):
     overrides = [f"run_dir={tmp_path}", "teacher=toy_mixture", "nfe=4", "solver=unipc", "order=2",
                  "pairs.train=8", "pairs.val=8", "pairs.test=32", "pairs.solver=reference", "pairs.rtol=1e-7", "rounds_theta=1",
-                 "rounds_joint=2", "batch_size=4", "val_every_n_steps=1", "trainer.progress_bar=false",
+                 "rounds_joint=2", "batch_size=4", "val_every_n_steps=1", "loss=l2", "restarts=1", "trainer.progress_bar=false",
                  "wandb.mode=disabled"] + [f"{k}={v}" for k, v in kw.items()]
     return load_config(LD3Config, [ROOT / "configs" / "ld3.yaml"], overrides)
 
@@ -153,8 +153,8 @@ def test_soft_forcing_stays_inside_the_ball(tmp_path):
 
 
 def test_feature_loss_is_the_squared_distance_of_the_digits_features_and_has_gradients():
-    from learnsteps.eval.features import ASSET, LOSS_ASSET, load_feature_net
-    from learnsteps.ld3.losses import distance
+    from learnsteps.quality.features import ASSET, LOSS_ASSET, load_feature_net
+    from learnsteps.quality.losses import distance
 
     dist, net = distance("features", (1, 8, 8)), load_feature_net(LOSS_ASSET)
     fid_net = load_feature_net(ASSET)  # the loss network is not FID's
@@ -176,14 +176,52 @@ def test_feature_loss_is_the_squared_distance_of_the_digits_features_and_has_gra
 @pytest.mark.parametrize("args, match", [
     (["loss=lpips"], "lpips"),
     (["loss=features", "teacher=toy_mixture"], "reads 1x8x8 images"),
-    (["loss=features", "feature_net=/no/such/dir"], "no digits feature network in /no/such/dir"),
+    (["loss=features", "feature_net=/no/such/dir"], "feature_net='/no/such/dir': does not exist"),
     (["solver=heun", "order=2", "nfe=4"], "cannot spend exactly 4 model calls"),
     (["solver=ipndm", "order=4", "nfe=3"], "needs at least 4 steps"),
     (["solver=er_sde", "order=3"], "deterministic solvers"),
-    (["teacher=/no/such/dir"], "could not load"),
+    (["teacher=/no/such/dir"], "unknown teacher '/no/such/dir'"),
 ])
 def test_bad_ld3_arguments_exit_2(args, match, tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "train.py"), "mode=ld3", f"run_dir={tmp_path / 'r'}", *args],
                          capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "WANDB_MODE": "disabled"})
     assert res.returncode == 2 and match in res.stderr, res.stderr[-1500:]
     assert not (tmp_path / "r").exists()
+
+
+def test_restarts_run_from_the_best_baselines_and_export_the_best_on_validation(tmp_path, capsys):
+    """restarts=3: training runs three times, from the three best baseline grids on validation (best first); the
+    exported grid is the best-validation grid of all three, never worse than any of the grids they started from."""
+    cfg = tiny(tmp_path, restarts=3)
+    run_dir = train_ld3(cfg)
+    starts = capsys.readouterr().out.split("LD3 starts from the ")[1].split(" grids")[0].split(" / ")
+    assert len(starts) == 3
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["ld3_started"] == 2 and ckpt["epoch"] == 3 * (cfg.rounds_theta + cfg.rounds_joint)  # epochs done
+    schedule = load_schedule(run_dir / "schedule.json")
+    teacher = toy_mixture()
+    from learnsteps.trajectories import TrajectoryDataset
+    ds = TrajectoryDataset(run_dir / "pairs" / "train", dtype=F64)
+    x_T, target = ds.tensors["x_T"][8:], ds.tensors["trajectory"][8:, -1]
+
+    def val(grid, eval_grid=None):
+        return float((ls.sample(teacher, x_T, grid, "unipc", 2, eval_grid=eval_grid) - target).pow(2).mean())
+
+    learned = val(schedule.grid, schedule.eval_grid)
+    assert learned == pytest.approx(schedule.provenance["validation"]["l2"], rel=1e-6)
+    scores = {k: val(ls.grids.make(k, 4, teacher.noise_schedule, to_zero=True)) for k in starts}
+    assert list(scores.values()) == sorted(scores.values())  # started best first
+    assert learned <= min(scores.values())
+
+
+def test_a_sum_of_losses_weights_each_term_to_one_on_its_calibration_set():
+    from learnsteps.quality.losses import distance
+
+    x, y = noise((16, 1, 8, 8)).float().clamp(-1, 1), noise((16, 1, 8, 8), seed=1).float().clamp(-1, 1)
+    both = distance("l2+features", (1, 8, 8))
+    both.calibrate(x, y)
+    for name, d in both.parts.items():
+        assert float((both.weights[name] * d(x, y)).mean()) == pytest.approx(1.0, rel=1e-5)
+    assert float(both(x, y).mean()) == pytest.approx(2.0, rel=1e-5)
+    with pytest.raises(ValueError, match="several joined by"):
+        distance("l2+l2")

@@ -50,7 +50,17 @@ def write(tmp_path, **changes):
     (dict(format="ld3"), "unknown format"),
     (dict(version=2), "unsupported version"),
     (dict(times=[1.0, 0.5, 0.6, 0.1, 0.05, 0.01, 0.001]), "decrease strictly"),
-    (dict(times=[1.0, float("nan"), 0.3, 0.1, 0.05, 0.01, 0.001]), "non-finite"),
+    (dict(times=[1.0, float("nan"), 0.3, 0.1, 0.05, 0.01, 0.001]), "NaN is not a JSON number"),
+    (dict(times=[1.0, 1e300 * 1e10, 0.3, 0.1, 0.05, 0.01, 0.001]), "Infinity is not a JSON number"),
+    (dict(times=[10**400, 0.5, 0.3, 0.1, 0.05, 0.01, 0.001]), "an integer of 401 digits"),
+    (dict(times=[[[[1.0]]]] * 7), "'times' must be a list of numbers"),
+    (dict(noise_schedule=dict(kind="vp_linear", beta_min="0.1")), "beta_min='0.1' must be a number"),
+    (dict(noise_schedule=dict(kind="ddpm", n=10**7)), "n=10000000 must be an integer in"),
+    (dict(noise_schedule=dict(kind=["vp_linear"])), "unknown noise schedule"),
+    (dict(noise_schedule=dict(kind="edm", sigma_max=1e400 if False else -3.0)), "sigma_max=-3.0 must be"),
+    (dict(eval_times=[1.0, 0.5, 0.0, 0.1, 0.05, 0.01, 0.001]), "reach the clean end"),
+    (dict(options=dict(method=-1)), "unknown option"),
+    (dict(times=[1.0 - k * 1e-4 for k in range(2000)]), "2000 values, more than"),
     (dict(times=[1.0, 0.5, 0.1, 0.01, 0.001]), "not the NFE 6"),
     (dict(eval_times=[1.0, 0.5]), "'eval_times' has 2 values"),
     (dict(order=4), "supports order"),
@@ -65,8 +75,48 @@ def write(tmp_path, **changes):
     (dict(nfe="6"), "'nfe' is missing"),
 ])
 def test_bad_files_are_rejected_with_the_reason(tmp_path, changes, match):
-    with pytest.raises(ScheduleError, match=match):
-        load_schedule(write(tmp_path, **changes))
+    path = write(tmp_path, **changes)
+    with pytest.raises(ScheduleError, match=match) as err:
+        load_schedule(path)
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ("[1, 2]", "not a JSON object"),
+    ("{" + " " * (17 << 20) + "}", "more than any learnsteps file holds"),
+    ("\xff\xfe{", "not valid|codec|decode|Expecting"),
+    (json.dumps(baseline().to_dict()).replace('"nfe": 6', '"nfe": ' + "9" * 5000), "an integer of 5000 digits"),
+])
+def test_bytes_no_schedule_holds_fail_with_the_file_name(tmp_path, text, match):
+    path = tmp_path / "bad.json"
+    path.write_bytes(text.encode("latin-1") if text.startswith("\xff") else text.encode())
+    with pytest.raises(ScheduleError, match=match) as err:
+        load_schedule(path)
+    assert str(err.value).startswith(str(path))
+
+
+def test_a_schedule_learnsteps_wrote_is_checksummed_and_a_change_is_caught(tmp_path):
+    path = save_schedule(tmp_path / "s.json", baseline())
+    data = json.loads(path.read_text())
+    assert "sha256" in data
+    data["times"][2] += 1e-3  # a plausible edit: still a valid grid
+    path.write_text(json.dumps(data))
+    with pytest.raises(ScheduleError, match="checksum mismatch"):
+        load_schedule(path)
+    del data["sha256"]  # a file written by hand (no checksum) is validated, not refused
+    path.write_text(json.dumps(data))
+    data.pop("sigmas")
+    path.write_text(json.dumps(data))
+    assert load_schedule(path).times == data["times"]
+
+
+def test_a_schedule_of_another_noise_schedule_is_refused(tmp_path):
+    from learnsteps.core.schedules import EDM
+
+    path = save_schedule(tmp_path / "s.json", baseline())
+    with pytest.raises(ScheduleError, match="not the teacher's EDM"):
+        load_schedule(path, noise_schedule=EDM())
 
 
 def test_caller_expectations_are_checked(tmp_path):
@@ -103,13 +153,19 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 
 
 def usable(sched: Schedule) -> None:
-    """What a loaded schedule promises its samplers."""
+    """What a loaded schedule promises its samplers: sane fields, and our core runs it on a teacher of its noise
+    schedule without an error (a NaN from an extreme but valid grid is allowed; an exception is not)."""
+    from learnsteps.teachers.gmm import gaussian
+
     s = sched.make_noise_schedule()
     t = torch.tensor(sched.times, dtype=F64)
     assert len(t) >= 2 and torch.all(t[1:] < t[:-1]) and torch.isfinite(t).all()
     assert float(t[0]) <= s.t_max + 1e-9 and float(t[-1]) >= s.t_zero - 1e-9
     assert len(sched.eval_times) == len(t) and all(s.t_zero - 1e-9 <= e <= s.t_max + 1e-9 for e in sched.eval_times)
     assert sched.nfe >= 1 and isinstance(sched.options, dict) and isinstance(sched.teacher, dict)
+    x = torch.randn(2, 2, dtype=F64) * s.init_noise_std()
+    ls.sample(gaussian(dim=2, noise_schedule=s), x, sched.grid, sched.solver, sched.order, eval_grid=sched.eval_grid,
+              **sched.options)
 
 
 def loads_usable_or_fails_cleanly(path, data) -> None:
@@ -140,6 +196,35 @@ def test_fuzzed_times_load_as_usable_schedules_or_fail_with_schedule_error(tmp_p
     data.update(times=times, eval_times=[t + shift for t in times], nfe=len(times) - 1, order=1, solver="euler",
                 options={})
     data.pop("sigmas")
+    loads_usable_or_fails_cleanly(tmp_path / "fuzz.json", data)
+
+
+NASTY = (st.integers(-10**60, 10**60) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=4)
+         | st.sampled_from(["0.1", "-1", "", "tab", "bh1", "singlestep", None, True, [], {}, [[[[1]]]], 0, -1, 1e-300]))
+
+
+@FUZZ
+@given(where=st.sampled_from(["noise_schedule", "options", "times", "eval_times", "teacher", "provenance"]),
+       key=st.sampled_from(["kind", "beta_min", "beta_max", "t_min", "t_max", "n", "betas", "beta_start", "s",
+                            "sigma_min", "sigma_max", "variant", "method", "corrector", "data", "lower_order_final",
+                            "plan", "basis", "eta", 0, 1, -1, 3]),
+       value=NASTY, solver=st.sampled_from(["unipc", "dpm_solver++", "euler", "deis", "heun", "er_sde"]),
+       kind=st.sampled_from(["vp_linear", "ddpm", "edm", "vp_cosine"]))
+def test_structured_mutations_load_as_usable_schedules_or_fail_with_schedule_error(tmp_path, where, key, value,
+                                                                                  solver, kind):
+    """One field deep inside a valid file set to something nasty: any solver, any noise schedule."""
+    from learnsteps.core.schedules import make_schedule
+
+    ns = make_schedule(kind)
+    order = {"unipc": 2, "dpm_solver++": 2, "euler": 1, "deis": 2, "heun": 2, "er_sde": 2}[solver]
+    data = Schedule.from_grid(ls.grids.make("logsnr", 4, ns, to_zero=True), ns, solver, order).to_dict()
+    target = data[where]
+    if isinstance(target, dict) and isinstance(key, str):
+        target[key] = value
+    elif isinstance(target, list) and isinstance(key, int) and -len(target) <= key < len(target):
+        target[key] = value
+    else:
+        data[where] = value
     loads_usable_or_fails_cleanly(tmp_path / "fuzz.json", data)
 
 

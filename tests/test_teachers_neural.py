@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from learnsteps.files import write_safetensors
 from safetensors.torch import save_file
 
 import learnsteps as ls
@@ -38,7 +40,7 @@ def test_own_unet_teacher_round_trip_and_fingerprint(tmp_path):
     out = ls.sample(teacher, torch.randn(2, 1, 8, 8), ls.grids.make("logsnr", 4, teacher.noise_schedule), "unipc", 2)
     assert torch.isfinite(out).all()
     # other weights under the same teacher.json: the fingerprint catches it
-    save_file({k: v + 1e-3 for k, v in net.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    write_safetensors(tmp_path / "model.safetensors", {k: v + 1e-3 for k, v in net.state_dict().items()})
     with pytest.raises(TeacherLoadError, match="do not match the fingerprint"):
         load_teacher(tmp_path)
 
@@ -136,7 +138,7 @@ def test_train_teacher_mode_exports_a_loadable_teacher(tmp_path):
     (["mode=teachr"], "unknown mode 'teachr'"),
     ([], "say which mode"),
     (["mode=teacher", "batch_sise=3"], "Did you mean: 'batch_size'"),
-    (["mode=teacher", "data=cifar"], "unknown data set 'cifar'"),
+    (["mode=teacher", "data=cifar"], "data='cifar': must be one of 'digits'"),
 ])
 def test_bad_train_arguments_exit_2_with_a_message(args, match, tmp_path):
     res = run_train(*args, f"run_dir={tmp_path}")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import learnsteps as ls
-from learnsteps.trajectories import (TrajectoryDataModule, TrajectoryDataset, TrajectorySpec, generate, sample_noise,
+from learnsteps.trajectories import (TrajectoryDataModule, TrajectoryDataset, TrajectorySpec, generate, TrajectoryError, sample_noise,
                                      shard_ok)
 from learnsteps.teachers.gmm import toy_mixture
 
@@ -47,7 +47,6 @@ def test_noise_depends_only_on_seed_and_index():
 def test_rerun_finishes_only_missing_shards_and_replaces_corrupt_ones(tmp_path, teacher):
     generate(teacher, tmp_path, spec(), progress=False)
     (tmp_path / "shard-00001.safetensors").unlink()
-    (tmp_path / "shard-00001.sha256").unlink()
     corrupt = tmp_path / "shard-00002.safetensors"
     corrupt.write_bytes(corrupt.read_bytes()[:-8] + b"garbage!")
     untouched = os.stat(tmp_path / "shard-00000.safetensors").st_mtime_ns
@@ -57,13 +56,20 @@ def test_rerun_finishes_only_missing_shards_and_replaces_corrupt_ones(tmp_path, 
     assert all(shard_ok(tmp_path, k) for k in range(3))
 
 
-def test_a_corrupt_shard_is_reported_and_left_out_when_reading(tmp_path, teacher):
+def test_a_corrupt_or_missing_shard_stops_reading(tmp_path, teacher):
+    """Training on fewer trajectories than the manifest promises would be silent: the reader refuses instead, and a
+    rerun of the generation repairs the directory."""
     generate(teacher, tmp_path, spec(), progress=False)
     corrupt = tmp_path / "shard-00001.safetensors"
-    corrupt.write_bytes(corrupt.read_bytes()[:-8] + b"garbage!")
-    with pytest.warns(UserWarning, match="fails its checksum; left out"):
-        ds = TrajectoryDataset(tmp_path)
-    assert len(ds) == 6 and sorted(ds.tensors["index"].tolist()) == [0, 1, 2, 3, 8, 9]
+    good = corrupt.read_bytes()
+    corrupt.write_bytes(good[:-8] + b"garbage!")
+    with pytest.raises(TrajectoryError, match="shard-00001.safetensors: fails its checksum; rerun the generation"):
+        TrajectoryDataset(tmp_path)
+    corrupt.unlink()
+    with pytest.raises(TrajectoryError, match="shard-00001.safetensors: missing"):
+        TrajectoryDataset(tmp_path)
+    generate(teacher, tmp_path, spec(), progress=False)
+    assert len(TrajectoryDataset(tmp_path)) == 10
 
 
 def test_another_spec_in_the_same_directory_is_refused(tmp_path, teacher):

@@ -39,6 +39,16 @@ def log_alpha_sigma_flow(lam: Tensor) -> tuple[Tensor, Tensor]:
 PATHS = {"vp": log_alpha_sigma_vp, "ve": log_alpha_sigma_ve, "flow": log_alpha_sigma_flow}
 
 
+def check_params(kind: str, integer: bool = False, **bounds) -> None:
+    """ValueError unless each parameter, name=(value, low, high), is a finite number (an int if `integer`) in
+    [low, high]: a schedule built from a file or a command line is checked before anything computes with it."""
+    for name, (value, lo, hi) in bounds.items():
+        if not isinstance(value, int if integer else (int, float)) or isinstance(value, bool) \
+                or not math.isfinite(value) or not lo <= value <= hi:
+            raise ValueError(f"{kind} schedule: {name}={value!r} must be {'an integer' if integer else 'a number'} "
+                             f"in [{lo}, {hi}]")
+
+
 class NoiseSchedule:
     kind: str = ""
     path: str = "vp"  # a key of PATHS
@@ -107,6 +117,10 @@ class VPLinear(NoiseSchedule):
     kind = "vp_linear"
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3, t_max: float = 1.0):
+        check_params(self.kind, beta_min=(beta_min, 1e-6, 1e3), beta_max=(beta_max, 1e-6, 1e3), t_min=(t_min, 0.0, 1.0),
+                     t_max=(t_max, 1e-9, 1.0))
+        if not (beta_min < beta_max and t_min < t_max):
+            raise ValueError(f"{self.kind} schedule: needs beta_min < beta_max and t_min < t_max")
         self.beta_min, self.beta_max, self.t_min, self.t_max, self.t_zero = beta_min, beta_max, t_min, t_max, 0.0
 
     def lambda_(self, t):
@@ -130,6 +144,9 @@ class VPCosine(NoiseSchedule):
     kind = "vp_cosine"
 
     def __init__(self, s: float = 0.008, t_min: float = 1e-3, t_max: float = 0.9946):
+        check_params(self.kind, s=(s, 1e-6, 1.0), t_min=(t_min, 0.0, 0.9999), t_max=(t_max, 1e-9, 0.9999))
+        if not t_min < t_max:
+            raise ValueError(f"{self.kind} schedule: needs t_min < t_max")
         self.s, self.t_min, self.t_max, self.t_zero = s, t_min, t_max, 0.0
         self._a = s / (1 + s) * math.pi / 2  # alpha = cos(a + d) / cos(a) with d = t / (1 + s) pi / 2
 
@@ -198,6 +215,13 @@ class DiscreteDDPM(NoiseSchedule):
 
     def __init__(self, betas: str = "linear", n: int = 1000, beta_start: float | None = None,
                  beta_end: float | None = None):
+        if betas not in ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine"):
+            raise ValueError(f"unknown beta schedule {betas!r}: expected 'linear', 'scaled_linear' or "
+                             f"'squaredcos_cap_v2'")
+        check_params(self.kind, integer=True, n=(n, 2, 100_000))
+        for name, v in (("beta_start", beta_start), ("beta_end", beta_end)):
+            if v is not None:
+                check_params(self.kind, **{name: (v, 1e-8, 0.999)})
         if betas in DEFAULT_BETAS:  # resolved, so that config() and every file written from it say what was used
             beta_start, beta_end = (d if v is None else v for v, d in zip((beta_start, beta_end), DEFAULT_BETAS[betas]))
         self.betas_kind, self.n, self.beta_start, self.beta_end = betas, n, beta_start, beta_end
@@ -232,6 +256,9 @@ class EDM(NoiseSchedule):
     path = "ve"
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        check_params(self.kind, sigma_min=(sigma_min, 1e-9, 1e6), sigma_max=(sigma_max, 1e-9, 1e6))
+        if not sigma_min < sigma_max:
+            raise ValueError(f"{self.kind} schedule: needs sigma_min < sigma_max")
         self.t_min, self.t_max, self.t_zero = sigma_min, sigma_max, 0.0
 
     def lambda_(self, t):
@@ -247,8 +274,11 @@ class EDM(NoiseSchedule):
 SCHEDULES = {cls.kind: cls for cls in (VPLinear, VPCosine, DiscreteDDPM, EDM)}
 
 
-def make_schedule(kind: str, **params) -> NoiseSchedule:
+def make_schedule(kind: str | None = None, **params) -> NoiseSchedule:
     """Build a noise schedule from its kind and parameters (the inverse of `schedule.config()`)."""
-    if kind not in SCHEDULES:
+    if not isinstance(kind, str) or kind not in SCHEDULES:
         raise ValueError(f"unknown noise schedule {kind!r}: expected one of {sorted(SCHEDULES)}")
-    return SCHEDULES[kind](**params)
+    try:
+        return SCHEDULES[kind](**params)
+    except TypeError as err:  # a parameter the schedule does not have
+        raise ValueError(f"{kind} schedule: {err}") from None

@@ -12,16 +12,19 @@ import copy
 import json
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ..ld3.losses import distance
+from ..config import all_of, at_least, between, fraction, not_a_file, one_of, positive
+from ..quality.losses import LOSSES, distance
 from ..teachers.network import NetworkTeacher, load_teacher
-from ..teachers.unet import UNet, UNetConfig
-from ..trajectories import TrajectoryDataModule, TrajectorySpec
+from ..teachers.unet import UNet, UNetConfig, check_unet
+from ..files import read_json
+from ..trajectories import TrajectoryDataModule, TrajectoryError, TrajectorySpec, check_directory
 from ..training.common import RunConfig, fit, make_logger, make_trainer, prepare_run, run_path
 from .student import DSNOStudent, StudentConfig, save_student
 
@@ -46,6 +49,11 @@ class DSNOConfig(RunConfig):
     warmup_steps: int = 100
     ema_decay: float = 0.999
     val_fraction: float = 0.05
+    RULES: ClassVar = dict(
+        RunConfig.RULES, times=one_of("quadratic", "uniform", "logsnr"), num_times=between(1, 64),
+        targets=one_of("x0", "states"), data_dir=not_a_file, modes=at_least(1), loss=one_of(*LOSSES),
+        weighting=one_of("snr", "uniform"), batch_size=at_least(1), lr=positive, warmup_steps=at_least(0),
+        ema_decay=fraction, val_fraction=all_of(positive, fraction))
 
 
 SPACINGS = ("quadratic", "uniform", "logsnr")
@@ -53,6 +61,8 @@ SPACINGS = ("quadratic", "uniform", "logsnr")
 
 class DSNOModule(L.LightningModule):
     """`index`: where the student's M times sit among the stored trajectory times."""
+
+    LR_KEYS = {"lr": 0}  # the configuration's learning rate -> its optimizer (applied anew on a resume that changes it)
 
     def __init__(self, cfg: DSNOConfig, student: DSNOStudent, weights: torch.Tensor, index: torch.Tensor):
         super().__init__()
@@ -88,7 +98,7 @@ class DSNOModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.student.parameters(), lr=self.cfg.lr)
-        warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / self.cfg.warmup_steps))
+        warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / max(1, self.cfg.warmup_steps)))
         return dict(optimizer=opt, lr_scheduler=dict(scheduler=warm, interval="step"))
 
 
@@ -150,24 +160,38 @@ def make_student(cfg: DSNOConfig, teacher, times: torch.Tensor) -> DSNOStudent:
                                      modes=cfg.modes, temporal=cfg.temporal), backbone)
 
 
-def train_dsno(cfg: DSNOConfig) -> Path:
-    if cfg.targets not in ("x0", "states"):
-        raise ValueError(f"unknown targets {cfg.targets!r}: expected 'x0' or 'states'")
+def check_dsno(cfg: DSNOConfig):
+    """Everything that can be wrong with a DSNO run's input, found before anything is written: (teacher, the
+    student's times, the trajectory spec, the data directory, where the times sit among the stored ones)."""
     teacher = load_teacher(cfg.teacher)
     distance(cfg.loss, getattr(teacher, "shape", None))  # fail now, not after generating trajectories
     if len(getattr(teacher, "shape", ())) != 3:
         raise ValueError(f"DSNO students are UNets over images; teacher {cfg.teacher!r} has shape "
                          f"{getattr(teacher, 'shape', None)}")
+    if not (isinstance(teacher, NetworkTeacher) and isinstance(teacher.net, UNet)):  # a fresh UNet student
+        check_unet(UNetConfig(**{**cfg.unet.to_dict(), "in_channels": teacher.shape[0],
+                                 "image_size": teacher.shape[-1]}))
     sched = teacher.noise_schedule
     times = student_times(cfg, sched)
     spec = copy.deepcopy(cfg.trajectories)
     spec.output_times = [float(sched.t_max)] + times.tolist()
     spec.store_x0, spec.to_zero = cfg.targets == "x0", True
     data_dir = Path(cfg.data_dir) if cfg.data_dir else run_path(cfg) / "trajectories"
-    manifest = data_dir / "manifest.json"
-    data_times = torch.tensor(json.loads(manifest.read_text())["output_times"] if manifest.is_file()
-                              else spec.output_times, dtype=torch.float64)
-    index = stored_index(data_times, times, data_dir)
+    if (data_dir / "manifest.json").is_file():  # a finished set: any whose times include the student's will do
+        manifest = read_json(data_dir / "manifest.json", TrajectoryError)
+        try:
+            data_times = torch.tensor(manifest["output_times"], dtype=torch.float64)
+        except (KeyError, TypeError, ValueError) as err:
+            raise TrajectoryError(f"{data_dir / 'manifest.json'}: malformed ({type(err).__name__}: {err})") from None
+    else:  # generated (or resumed) here: it must be this spec
+        check_directory(data_dir, spec, teacher, cfg.teacher)
+        data_times = torch.tensor(spec.output_times, dtype=torch.float64)
+    return teacher, times, spec, data_dir, stored_index(data_times, times, data_dir)
+
+
+def train_dsno(cfg: DSNOConfig) -> Path:
+    teacher, times, spec, data_dir, index = check_dsno(cfg)
+    sched = teacher.noise_schedule
     run_dir = prepare_run(cfg)
     data = TrajectoryDataModule(data_dir, batch_size=cfg.batch_size, val_fraction=cfg.val_fraction, seed=cfg.seed,
                                 teacher=teacher, spec=spec, teacher_name=cfg.teacher)

@@ -13,16 +13,14 @@ the M output times; sampling keeps the last one.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from einops import rearrange, repeat
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ..files import write_safetensors, write_text
+from ..files import load_weights, read_json, write_json, write_safetensors
 from ..teachers.unet import UNet, UNetConfig
 
 FORMAT, VERSION = "learnsteps-dsno", 1
@@ -102,30 +100,33 @@ class DSNOStudent(nn.Module):
         return self(x_T, y)[:, -1].to(x_T.dtype)
 
 
+class StudentError(ValueError):
+    """A DSNO student directory that cannot be loaded; the message names the file and the problem."""
+
+
 def save_student(directory: str | Path, student: DSNOStudent, meta: dict) -> Path:
     d = Path(directory)
     write_safetensors(d / "model.safetensors", student.state_dict())
-    info = dict(format=FORMAT, version=VERSION, student=asdict(student.cfg), **meta)
-    write_text(d / "student.json", json.dumps(info, indent=2))
+    write_json(d / "student.json", dict(format=FORMAT, version=VERSION, student=asdict(student.cfg), **meta))
     return d
 
 
 def load_student(directory: str | Path) -> DSNOStudent:
-    """A one-step checkpoint written by `train.py mode=dsno`, ready to sample (eval mode)."""
+    """A one-step checkpoint written by `train.py mode=dsno`, ready to sample (eval mode); StudentError if the
+    directory holds none, or one that is damaged (checksums) or malformed."""
     d = Path(directory)
     if not (d / "student.json").is_file():
-        raise ValueError(f"{d} holds no DSNO student (student.json)")
-    info = json.loads((d / "student.json").read_text())
-    if info.get("format") != FORMAT or info.get("version") != VERSION:
-        raise ValueError(f"{d / 'student.json'}: not a {FORMAT} v{VERSION} checkpoint")
-    s = info["student"]
-    cfg = StudentConfig(unet=UNetConfig(**s["unet"]), output_times=s["output_times"], time_input=s["time_input"],
-                        modes=s["modes"], temporal=s["temporal"])
-    student = DSNOStudent(cfg)
+        raise StudentError(f"{d} holds no DSNO student (student.json)")
+    info = read_json(d / "student.json", StudentError)
     try:
-        state = load_file(str(d / "model.safetensors"))
-    except Exception as err:
-        raise ValueError(f"{d / 'model.safetensors'} is not a readable safetensors file: {err}") from None
-    student.load_state_dict(state)
+        if info.get("format") != FORMAT or info.get("version") != VERSION:
+            raise ValueError(f"not a {FORMAT} v{VERSION} checkpoint")
+        s = info["student"]
+        cfg = StudentConfig(unet=UNetConfig(**s["unet"]), output_times=s["output_times"], time_input=s["time_input"],
+                            modes=s["modes"], temporal=s["temporal"])
+        student = DSNOStudent(cfg)
+    except (KeyError, TypeError, ValueError) as err:
+        raise StudentError(f"{d / 'student.json'}: {type(err).__name__}: {err}") from None
+    load_weights(student, d / "model.safetensors", StudentError, "student.json")
     student.info = info
     return student.eval().requires_grad_(False)

@@ -1,1 +1,1 @@
-"""Evaluation: feature extractors registered with torch-fidelity, FID/KID, and the eval.py grid of runs."""
+"""Evaluation: the eval.py grid of runs (teacher x solver x grid x NFE, schedules, students) and its reports."""

@@ -9,22 +9,26 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from ..config import SolverChoice
+from ..config import SolverChoice, at_least, between, each, not_a_file, one_of
 from ..core.denoiser import dtype_of
 from ..core.grids import make as make_grid
-from ..core.sample import solve
+from ..core.sample import check_options, check_order, solve
 from ..dsno.student import load_student
 from ..files import write_text
-from ..schedule import load_schedule
+from ..core.schedules import make_schedule
+from ..schedule import check_fits, load_schedule
 from ..teachers.network import load_teacher
 from ..trajectories import sample_noise
 from ..training.common import WandbConfig
-from .metrics import Features, fid_kid, reference_features
+from ..quality.metrics import EXTRACTORS, Features, fid_kid, reference_features
+
+GRID_KINDS = ("time_uniform", "time_quadratic", "logsnr", "edm")  # the hand grids eval.py compares
 
 
 @dataclass
@@ -48,6 +52,11 @@ class EvalConfig:
     out_dir: str = "runs/eval"
     wandb: WandbConfig = field(default_factory=lambda: WandbConfig(mode="disabled"))
     command: str = ""
+    RULES: ClassVar = dict(
+        teachers=each(lambda v: None if v else "must name a teacher", non_empty=True),
+        grids=each(one_of(*GRID_KINDS)), nfe=each(between(1, 200)),
+        samples=between(2, 10**6), batch_size=at_least(1), reference=one_of("digits"),
+        feature_extractor=one_of(*EXTRACTORS), teacher_steps=between(1, 10_000), out_dir=not_a_file)
 
 
 def sample_in_batches(teacher, x_T, grid, solver, order, batch_size, eval_grid=None, **options):
@@ -68,6 +77,8 @@ def entries(cfg: EvalConfig, teacher):
 
                 steps = steps_for_nfe(case.solver, nfe, cfg.to_zero)
                 if steps < case.order and case.solver not in ("euler", "heun"):
+                    print(f"note: {case.solver} order {case.order} needs {case.order} steps, NFE {nfe} gives {steps}: "
+                          f"that cell is left out")
                     continue
                 yield kind, case, nfe, make_grid(kind, steps, s, to_zero=cfg.to_zero), None
     labels = short_labels(cfg.schedules)
@@ -95,15 +106,27 @@ def short_labels(paths: list[str]) -> dict[str, str]:
 
 def evaluate(cfg: EvalConfig) -> list[dict]:
     # Everything that can be wrong with the input is found here, before any sampling and before out_dir exists.
+    for case in [*cfg.solvers, cfg.teacher_solver]:
+        check_order(case.solver, case.order)
+        check_options(case.solver, case.options)
     features = Features(cfg.feature_extractor, cfg.feature_weights or None)
     teachers = {name: load_teacher(name) for name in cfg.teachers}
-    plans = {name: list(entries(cfg, teacher)) for name, teacher in teachers.items()}
     for kind, paths in (("schedule", cfg.schedules), ("student", cfg.students)):
         for path in paths:
-            info = load_schedule(path).teacher if kind == "schedule" else load_student(path).info["teacher"]
-            if not any(_belongs(info.get("fingerprint"), t) for t in teachers.values()):
+            made = load_schedule(path) if kind == "schedule" else load_student(path).info
+            info = made.teacher if kind == "schedule" else made["teacher"]
+            fits = [t for t in teachers.values() if _belongs(info.get("fingerprint"), t)]
+            if not fits:
                 raise ValueError(f"{path} was made for another teacher ({info.get('name') or info.get('fingerprint')}) "
                                  f"than {', '.join(cfg.teachers)}")
+            for t in fits:  # the right teacher, but are the times in its units?
+                if kind == "schedule":
+                    check_fits(made, t.noise_schedule, path)
+                elif "noise_schedule" in made and make_schedule(**made["noise_schedule"]).config() != \
+                        t.noise_schedule.config():
+                    raise ValueError(f"{path}: made for the noise schedule {made.get('noise_schedule')}, not the "
+                                     f"teacher's {t.noise_schedule.config()}")
+    plans = {name: list(entries(cfg, teacher)) for name, teacher in teachers.items()}
     ref = reference_features(cfg.reference, features)
     rows, samples_for_png, teacher_png = [], {}, None
     for name, teacher in teachers.items():

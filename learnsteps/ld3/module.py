@@ -19,6 +19,7 @@ import csv
 import math
 import re
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import lightning as L
@@ -27,15 +28,16 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..core.denoiser import dtype_of
 from ..core.grids import make as make_grid
-from ..core.sample import check_order, get_solver, nfe as nfe_of, solve
+from ..config import at_least, between, each, existing_dir, not_a_file, one_of, positive
+from ..core.sample import check_options, check_order, get_solver, nfe as nfe_of, solve
 from ..files import write_text
+from ..loaders import train_loader
+from ..quality.losses import check_loss_name, distance
 from ..schedule import Schedule, save_schedule
 from ..teachers.network import load_teacher
-from ..trajectories import TrajectoryDataset, TrajectorySpec, generate
-from ..loaders import train_loader
-from ..training.common import RunConfig, fit, make_logger, make_trainer, prepare_run
+from ..trajectories import TrajectoryDataset, TrajectorySpec, check_directory, generate
+from ..training.common import RunConfig, fit, make_logger, make_trainer, prepare_run, run_path
 from .grid import LD3Grid
-from .losses import distance
 
 BASELINES = ("time_uniform", "time_quadratic", "logsnr", "edm")
 
@@ -51,6 +53,8 @@ class PairsConfig:
     steps: int = 40  # its steps from t_max to t_min (LD3's own teachers use UniPC-3 with 20)
     rtol: float = 1e-5  # tolerance of the reference solver
     directory: str = ""  # default <run_dir>/pairs; reusable across runs with the same teacher
+    RULES: ClassVar = dict(train=at_least(1), val=at_least(1), test=at_least(2), order=at_least(1),
+                           steps=between(1, 10_000), rtol=positive, directory=not_a_file)
 
 
 @dataclass
@@ -75,7 +79,9 @@ class LD3Config(RunConfig):
     batch_size: int = 2
     rounds_theta: int = 2  # phase 1 epochs (grid only)
     rounds_joint: int = 5  # phase 2 epochs (grid and offsets)
+    restarts: int = 1  # train this many times, from the best `restarts` baseline grids (init=best); export the best
     lr_theta: float = 0.005
+    optimizer: str = "rmsprop"  # for theta: rmsprop (the official code's, momentum 0.9) or adam (bias-corrected)
     lr_xi: float = 0.1  # divided by NFE, as the official code does
     patience: int = 5
     lr_decay: float = 0.8
@@ -84,6 +90,14 @@ class LD3Config(RunConfig):
     val_every_n_steps: int = 5
     remat: bool = True
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    RULES: ClassVar = dict(
+        RunConfig.RULES, order=at_least(1), nfe=between(1, 100), time_mode=one_of("lambda", "time"),
+        init=one_of("uniform", "best", *BASELINES), window=between(0, 0.5), loss=check_loss_name,
+        feature_net=existing_dir, gamma=at_least(0), shift_lr=at_least(0), batch_size=at_least(1),
+        rounds_theta=at_least(0), rounds_joint=at_least(0), restarts=between(1, 10), lr_theta=positive,
+        optimizer=one_of("rmsprop", "adam"), lr_xi=at_least(0), patience=at_least(1),
+        lr_decay=between(1e-6, 1), min_lr_theta=at_least(0), min_lr_xi=at_least(0), val_every_n_steps=at_least(1),
+        baselines=each(one_of(*BASELINES), non_empty=True))
 
 
 def steps_for_nfe(solver: str, nfe: int, to_zero: bool) -> int:
@@ -97,9 +111,11 @@ def steps_for_nfe(solver: str, nfe: int, to_zero: bool) -> int:
 
 
 class LD3(L.LightningModule):
+    LR_KEYS = {"lr_theta": 0, "lr_xi": 1}  # -> optimizers (a resume with changed rates applies them)
+
     def __init__(self, cfg: LD3Config, teacher, x_T_train: torch.Tensor):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.starts = cfg, []
         self.__dict__["teacher"] = teacher  # frozen and not ours: kept out of the state dict and the optimisers
         self.steps = steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero)
         check_order(cfg.solver, cfg.order, self.steps)
@@ -111,10 +127,39 @@ class LD3(L.LightningModule):
         self.dist = distance(cfg.loss, feature_net=cfg.feature_net)
         self.automatic_optimization = False
         self.best = dict(loss=math.inf, state=copy.deepcopy(self.grid.state_dict()), step=0)
-        self.bad_validations, self.val_losses = 0, []
+        self.best_of_start = dict(self.best)
+        self.bad_validations, self.val_losses, self.started = 0, [], 0
+
+    def set_starts(self, starts: list[torch.Tensor]) -> None:
+        """The grids the restarts begin from, in order (none: the grid's own uniform initialisation)."""
+        self.starts = list(starts)
+        if self.starts:
+            self.grid.init_from(self.starts[0])
+            self.best["state"] = copy.deepcopy(self.grid.state_dict())
+            self.best_of_start = dict(self.best)
+
+    @property
+    def epochs_per_start(self) -> int:
+        return self.cfg.rounds_theta + self.cfg.rounds_joint
 
     def phase(self) -> int:
-        return 1 if self.current_epoch < self.cfg.rounds_theta else 2
+        return 1 if self.current_epoch % self.epochs_per_start < self.cfg.rounds_theta else 2
+
+    def on_train_epoch_start(self):
+        """A restart: the grid goes back to its next starting grid, the optimisers to their first state. The
+        best grid so far is kept (it is what gets exported); `started` makes a resumed epoch not restart twice."""
+        start = self.current_epoch // self.epochs_per_start
+        if start <= self.started:
+            return
+        self.started = start
+        self.grid.init_from(self.starts[start])
+        self.best_of_start = dict(loss=math.inf, state=copy.deepcopy(self.grid.state_dict()), step=self.global_step)
+        for opt, lr in zip(self.optimizers(), (self.cfg.lr_theta, self.cfg.lr_xi / self.cfg.nfe)):
+            opt.optimizer.state.clear()
+            for group in opt.param_groups:
+                group["lr"] = lr
+        self.bad_validations = 0
+        self.x_prime.copy_(self.x_start)
 
     def student(self, x_T: torch.Tensor, decoupled: bool | None = None) -> torch.Tensor:
         decoupled = self.cfg.decoupled and (self.phase() == 2 if decoupled is None else decoupled)
@@ -168,30 +213,37 @@ class LD3(L.LightningModule):
         val = float(self.all_gather(torch.cat(self.val_losses)).mean())
         self.val_losses = []
         self.log("val/loss", val, prog_bar=True, sync_dist=False)
-        if val < self.best["loss"]:
-            self.best = dict(loss=val, state=copy.deepcopy(self.grid.state_dict()), step=self.global_step)
-            self.bad_validations = 0
+        state = dict(loss=val, state=copy.deepcopy(self.grid.state_dict()), step=self.global_step)
+        if val < self.best["loss"]:  # the best of all starts: what gets exported
+            self.best = state
+        if val < self.best_of_start["loss"]:  # the best of this start: where a plateau sends it back
+            self.best_of_start, self.bad_validations = state, 0
         elif not self.trainer.sanity_checking:
             self.bad_validations += 1
-            if self.bad_validations >= self.cfg.patience:  # decay, and restart from the best grid
+            if self.bad_validations >= self.cfg.patience:  # decay, and go back to this start's best grid
                 for opt, floor in zip(self.optimizers(), (self.cfg.min_lr_theta, self.cfg.min_lr_xi)):
                     for group in opt.param_groups:
                         group["lr"] = max(floor, group["lr"] * self.cfg.lr_decay)
-                self.grid.load_state_dict(self.best["state"])
+                self.grid.load_state_dict(self.best_of_start["state"])
                 self.bad_validations = 0
         self.log("val/best", self.best["loss"])
 
     def configure_optimizers(self):
-        return [torch.optim.RMSprop([self.grid.theta], lr=self.cfg.lr_theta, momentum=0.9),
-                torch.optim.SGD([self.grid.xi], lr=self.cfg.lr_xi / self.cfg.nfe)]
+        theta = (torch.optim.RMSprop([self.grid.theta], lr=self.cfg.lr_theta, momentum=0.9)
+                 if self.cfg.optimizer == "rmsprop" else torch.optim.Adam([self.grid.theta], lr=self.cfg.lr_theta))
+        return [theta, torch.optim.SGD([self.grid.xi], lr=self.cfg.lr_xi / self.cfg.nfe)]
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["ld3_best"] = self.best
         checkpoint["ld3_bad_validations"] = self.bad_validations
+        checkpoint["ld3_started"] = self.started
+        checkpoint["ld3_best_of_start"] = self.best_of_start
 
     def on_load_checkpoint(self, checkpoint):
         self.best = checkpoint["ld3_best"]
         self.bad_validations = checkpoint["ld3_bad_validations"]
+        self.started = checkpoint.get("ld3_started", 0)
+        self.best_of_start = checkpoint.get("ld3_best_of_start", self.best)
 
     def best_grid(self) -> tuple[torch.Tensor, torch.Tensor]:
         grid = copy.deepcopy(self.grid)
@@ -200,54 +252,76 @@ class LD3(L.LightningModule):
             return grid(self.cfg.decoupled)
 
 
-def initial_grid(cfg: LD3Config, teacher, module: LD3, val_set):
-    """The grid LD3 starts from: None for LD3's uniform one, a baseline kind, or the best baseline on `val_set`."""
+def initial_grids(cfg: LD3Config, teacher, module: LD3, val_set) -> list[torch.Tensor]:
+    """The grids LD3 starts from: none for LD3's uniform one (init=uniform), a baseline kind, or the `restarts`
+    best baselines on `val_set` (init=best), best first. A sum of losses is calibrated here, on the validation
+    outputs of the candidate grids."""
+    kinds = list(cfg.baselines) if cfg.init == "best" else [] if cfg.init == "uniform" else [cfg.init]
+    grids = {kind: make_grid(kind, module.steps, teacher.noise_schedule, to_zero=cfg.to_zero) for kind in kinds}
     if cfg.init == "uniform":
-        return None
-    kinds = list(cfg.baselines) if cfg.init == "best" else [cfg.init]
-    if cfg.init != "best" and cfg.init not in BASELINES:
-        raise ValueError(f"unknown init {cfg.init!r}: expected 'uniform', 'best' or one of {BASELINES}")
+        grids["uniform"] = module.grid(False)[0].detach()
     _, x_T, target = (torch.stack([val_set[i][k] for i in range(len(val_set))]) for k in range(3))
-    scores = {}
-    for kind in kinds:
-        g = make_grid(kind, module.steps, teacher.noise_schedule, to_zero=cfg.to_zero)
+    outs = {}
+    for kind, g in grids.items():
         with torch.no_grad():
-            out = solve(teacher, x_T, g, cfg.solver, cfg.order, **cfg.options).x
-        scores[kind] = float(module.dist(out, target).mean())
-    best = min(scores, key=scores.get)
-    print(f"LD3 starts from the {best} grid (validation {cfg.loss}: " +
-          ", ".join(f"{k} {v:.4g}" for k, v in scores.items()) + ")")
-    return make_grid(best, module.steps, teacher.noise_schedule, to_zero=cfg.to_zero)
+            outs[kind] = solve(teacher, x_T, g, cfg.solver, cfg.order, **cfg.options).x
+    if hasattr(module.dist, "calibrate"):  # a sum of losses: each term normalised over all candidates' outputs
+        module.dist.calibrate(torch.cat(list(outs.values())), target.repeat(len(outs), *[1] * (target.dim() - 1)))
+    if cfg.init == "uniform":
+        return []
+    scores = {kind: float(module.dist(out, target).mean()) for kind, out in outs.items()}
+    ranked = sorted(scores, key=scores.get)[: cfg.restarts]
+    print(f"LD3 starts from the {' / '.join(ranked)} grid{'s' if len(ranked) > 1 else ''} (validation {cfg.loss}: "
+          + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()) + ")")
+    return [grids[kind] for kind in ranked]
 
 
-def teacher_pairs(teacher, cfg: LD3Config, directory: Path, n: int, seed: int, name: str) -> TensorDataset:
-    s = teacher.noise_schedule
+def pairs_spec(cfg: LD3Config, teacher, n: int, seed: int) -> TrajectorySpec:
+    """The trajectory spec of n teacher pairs (x_T at t_max, the teacher's sample at t_min or t_zero)."""
+    s, p = teacher.noise_schedule, cfg.pairs
     times = [s.t_max, s.t_min] + ([s.t_zero] if cfg.to_zero else [])
-    p = cfg.pairs
-    spec = TrajectorySpec(n=n, shard_size=max(1, min(n, 256)), seed=seed, output_times=times, solver=p.solver,
+    return TrajectorySpec(n=n, shard_size=max(1, min(n, 256)), seed=seed, output_times=times, solver=p.solver,
                           order=p.order, steps_per_interval=p.steps, rtol=p.rtol, batch_size=128)
+
+
+def pair_sets(cfg: LD3Config, teacher, pairs_dir: Path) -> dict[str, TrajectorySpec]:
+    p = cfg.pairs
+    return {"train": pairs_spec(cfg, teacher, p.train + p.val, p.seed), "test": pairs_spec(cfg, teacher, p.test, p.seed + 1)}
+
+
+def teacher_pairs(teacher, cfg: LD3Config, directory: Path, spec: TrajectorySpec, name: str) -> TensorDataset:
     generate(teacher, directory / name, spec, teacher_name=cfg.teacher, progress=cfg.trainer.progress_bar)
     ds = TrajectoryDataset(directory / name, dtype=dtype_of(teacher))
     return TensorDataset(ds.tensors["index"], ds.tensors["x_T"], ds.tensors["trajectory"][:, -1])
 
 
 def evaluate_grids(cfg: LD3Config, teacher, learned, test: TensorDataset) -> list[dict]:
-    """RMSE to the teacher on held-out pairs for the learned grid and every baseline grid (same solver, NFE)."""
+    """On the held-out pairs, for the learned grid and every baseline grid (same solver, NFE): RMSE to the teacher
+    and, for 1x8x8 teachers, FID (digits feature network) against the teacher's samples and against the data."""
+    from ..quality.metrics import Features, fid_features, reference_features
+
     _, x_T, target = test.tensors
     steps = steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero)
     grids = {"ld3 (learned)": learned}
     for kind in cfg.baselines:
         g = make_grid(kind, steps, teacher.noise_schedule, to_zero=cfg.to_zero)
         grids[kind] = (g, g)
+    digits = tuple(target.shape[1:]) == (1, 8, 8) and len(target) >= 2
+    if digits:
+        features = Features("digits")
+        f_teacher, f_data = features(target.float()), reference_features("digits", features)
     rows = []
     with torch.no_grad():
         for name, (t, t_eval) in grids.items():
             out = solve(teacher, x_T, t, cfg.solver, cfg.order, eval_grid=t_eval, **cfg.options).x
-            rmse = float((out - target).pow(2).mean().sqrt())
-            rows.append(dict(grid=name, rmse=rmse))
-    best_baseline = min(r["rmse"] for r in rows[1:]) if len(rows) > 1 else math.nan
-    for r in rows:
-        r["vs_best_baseline"] = r["rmse"] / best_baseline
+            rows.append(dict(grid=name, rmse=float((out - target).pow(2).mean().sqrt())))
+            if digits:
+                f = features(out.float())
+                rows[-1].update(fid_teacher=fid_features(f, f_teacher), fid_data=fid_features(f, f_data))
+    for key in [k for k in rows[0] if k != "grid"]:
+        best = min(r[key] for r in rows[1:]) if len(rows) > 1 else math.nan
+        for r in rows:
+            r[f"{key}_vs_best"] = r[key] / best
     return rows
 
 
@@ -278,31 +352,46 @@ def plot_grids(cfg: LD3Config, teacher, learned, path: Path) -> None:
     plt.close(fig)
 
 
-def train_ld3(cfg: LD3Config) -> Path:
+def check_ld3(cfg: LD3Config):
+    """Everything that can be wrong with an LD3 run's input, found before anything is written: the teacher."""
     get_solver(cfg.solver)
+    check_options(cfg.solver, cfg.options)
     if cfg.solver == "er_sde" and cfg.options.get("noise_scale", "sde5") != "ode":
         raise ValueError("LD3 learns grids for deterministic solvers; er_sde needs options.noise_scale=ode")
     if cfg.options.get("eta"):
         raise ValueError("LD3 learns grids for deterministic solvers; stochastic DDIM (eta > 0) is not one")
+    if cfg.rounds_theta + cfg.rounds_joint < 1:
+        raise ValueError("rounds_theta + rounds_joint must be at least 1: LD3 would export its initial grid untrained")
+    if cfg.restarts > 1 and (cfg.init != "best" or cfg.restarts > len(cfg.baselines)):
+        raise ValueError(f"restarts={cfg.restarts} start from the best baseline grids: it needs init=best and at "
+                         f"least as many baselines ({len(cfg.baselines)} given)")
     steps = steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero)
     check_order(cfg.solver, cfg.order, steps)
     teacher = load_teacher(cfg.teacher)
+    LD3Grid(teacher.noise_schedule, steps, cfg.time_mode, cfg.to_zero, cfg.window)  # at least one point to learn
     distance(cfg.loss, getattr(teacher, "shape", None), cfg.feature_net)  # fail now, not after generating the pairs
+    pairs_dir = Path(cfg.pairs.directory) if cfg.pairs.directory else run_path(cfg) / "pairs"
+    for name, spec in pair_sets(cfg, teacher, pairs_dir).items():
+        check_directory(pairs_dir / name, spec, teacher, cfg.teacher)
+    return teacher
+
+
+def train_ld3(cfg: LD3Config) -> Path:
+    teacher = check_ld3(cfg)
     run_dir = prepare_run(cfg)
     pairs_dir = Path(cfg.pairs.directory) if cfg.pairs.directory else run_dir / "pairs"
     p = cfg.pairs
-    pairs = teacher_pairs(teacher, cfg, pairs_dir, p.train + p.val, p.seed, "train")
-    test = teacher_pairs(teacher, cfg, pairs_dir, p.test, p.seed + 1, "test")
+    specs = pair_sets(cfg, teacher, pairs_dir)
+    pairs = teacher_pairs(teacher, cfg, pairs_dir, specs["train"], "train")
+    test = teacher_pairs(teacher, cfg, pairs_dir, specs["test"], "test")
     train_set = torch.utils.data.Subset(pairs, range(p.train))
     val_set = torch.utils.data.Subset(pairs, range(p.train, p.train + p.val))
     module = LD3(cfg, teacher, pairs.tensors[1])
-    init = initial_grid(cfg, teacher, module, val_set)
-    if init is not None:
-        module.grid.init_from(init)
+    module.set_starts(initial_grids(cfg, teacher, module, val_set))
     logger = make_logger(cfg, run_dir)
     cfg.trainer.max_steps = -1
     trainer = make_trainer(cfg, run_dir, [], logger, find_unused_parameters=True,  # xi waits for phase 2
-                           max_epochs=cfg.rounds_theta + cfg.rounds_joint,
+                           max_epochs=module.epochs_per_start * max(1, len(module.starts)),
                            val_check_interval=min(cfg.val_every_n_steps, max(1, p.train // cfg.batch_size)),
                            num_sanity_val_steps=-1)  # the sanity pass scores the initial (uniform) grid
     fit(trainer, module, train_loader(train_set, cfg.batch_size, cfg.seed), DataLoader(val_set, batch_size=64),
@@ -323,14 +412,28 @@ def train_ld3(cfg: LD3Config) -> Path:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    table = [f"{cfg.solver} order {cfg.order}, NFE {cfg.nfe}: RMSE to the teacher on {p.test} held-out pairs",
-             "| grid | RMSE | / best baseline |", "|---|---|---|"]
-    table += [f"| {r['grid']} | {r['rmse']:.4g} | {r['vs_best_baseline']:.3f} |" for r in rows]
+    table = results_table(cfg, rows, p.test)
     write_text(run_dir / "results.md", "\n".join(table) + "\n")
     _log_outputs(logger, run_dir, module, teacher, test, learned, rows)
     print("\n".join(table))
     print(f"schedule: {run_dir / 'schedule.json'}   grid plot: {run_dir / 'grid.png'}")
     return run_dir
+
+
+def results_table(cfg: LD3Config, rows: list[dict], n: int) -> list[str]:
+    """The held-out comparison as markdown lines: each metric and its ratio to the best baseline grid."""
+    fid = "fid_teacher" in rows[0]
+    lines = [f"{cfg.solver} order {cfg.order}, NFE {cfg.nfe}, on {n} held-out teacher pairs: RMSE to the teacher"
+             + ("; FID (digits features) against the teacher's samples and against the data" if fid else ""),
+             "| grid | RMSE | / best baseline |" + (" FID (teacher) | / best | FID (data) | / best |" if fid else ""),
+             "|---|---|---|" + ("---|---|---|---|" if fid else "")]
+    for r in rows:
+        cells = [r["grid"], f"{r['rmse']:.4g}", f"{r['rmse_vs_best']:.3f}"]
+        if fid:
+            cells += [f"{r['fid_teacher']:.2f}", f"{r['fid_teacher_vs_best']:.3f}", f"{r['fid_data']:.2f}",
+                      f"{r['fid_data_vs_best']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _log_outputs(logger, run_dir: Path, module: LD3, teacher, test, learned, rows) -> None:

@@ -16,12 +16,11 @@ import math
 from importlib import resources
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from ..core.denoiser import Denoiser, per_sample
 from ..core.schedules import NoiseSchedule, VPLinear
-from ..files import write_safetensors
+from ..files import read_safetensors, write_safetensors
 
 DIGITS_ASSET = "gmm_digits.safetensors"
 
@@ -134,7 +133,7 @@ def fit_digits_mixture(components: int = 20, reg_covar: float = 1e-3, seed: int 
 def gmm_digits(noise_schedule: NoiseSchedule | None = None) -> GaussianMixture:
     """The embedded default exact teacher: the shipped mixture fit of the 8x8 digits, as 1x8x8 images."""
     with resources.as_file(resources.files("learnsteps.assets") / DIGITS_ASSET) as path:
-        p = load_file(str(path))
+        p = read_safetensors(path)
     return GaussianMixture(p["weights"], p["means"], p["covs"], noise_schedule, shape=(1, 8, 8))
 
 

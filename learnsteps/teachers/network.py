@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import socket
+import warnings
 from pathlib import Path
 
 import torch
@@ -13,7 +16,7 @@ from torch import Tensor, nn
 
 from ..core.denoiser import NetworkDenoiser
 from ..core.schedules import EDM, DiscreteDDPM, NoiseSchedule, make_schedule
-from ..files import write_safetensors, write_text
+from ..files import load_weights, parse_json, read_json, write_json, write_safetensors
 from .unet import UNet, UNetConfig
 
 TEACHER_FORMAT, TEACHER_VERSION = "learnsteps-teacher", 1
@@ -59,19 +62,44 @@ def save_unet_teacher(directory: str | Path, net: UNet, noise_schedule: NoiseSch
     write_safetensors(d / "model.safetensors", {k: v.to(dtype) for k, v in net.state_dict().items()})
     meta = dict(format=TEACHER_FORMAT, version=TEACHER_VERSION, kind="unet", unet=net.config.to_dict(),
                 noise_schedule=noise_schedule.config(), prediction="epsilon", **(extra or {}))
-    write_text(d / "teacher.json", json.dumps(meta, indent=2))
+    write_json(d / "teacher.json", meta)
     meta["fingerprint"] = load_teacher(d, check=False).fingerprint()  # of the weights as stored
-    write_text(d / "teacher.json", json.dumps(meta, indent=2))
+    write_json(d / "teacher.json", meta)
     return d
 
 
-def _load_state(path: Path) -> dict[str, Tensor]:
-    if path.suffix == ".safetensors":
-        try:
+def _load_user_state(path: Path) -> dict[str, Tensor]:
+    """A user's own weights file (safetensors, or a torch state dict read with weights_only=True)."""
+    try:
+        if path.suffix == ".safetensors":
             return load_file(str(path))
-        except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
-            raise TeacherLoadError(f"{path} is not a readable safetensors file: {err}") from None
-    return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors and torch raise their own types for truncated or corrupt files
+        raise TeacherLoadError(f"{path} is not a readable weights file ({type(err).__name__}: {err})") from None
+
+
+BUILT_IN = ("gmm_digits", "toy_mixture", "gaussian", "digits_unet")
+# A Hugging Face hub id: "org/name" (one slash, no leading dot or slash). Anything else that is not a local path
+# is a typo, and is said so at once instead of being sent to the hub (which retries for half a minute).
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def _learnsteps_teacher(path: Path, check: bool) -> "NetworkTeacher":
+    meta = read_json(path / "teacher.json", TeacherLoadError)
+    if meta.get("format") != TEACHER_FORMAT or meta.get("version") != TEACHER_VERSION:
+        raise TeacherLoadError(f"{path / 'teacher.json'}: unknown teacher format "
+                               f"{meta.get('format')!r} version {meta.get('version')!r}")
+    try:
+        net = UNet(UNetConfig(**meta["unet"]))
+        schedule = make_schedule(**meta["noise_schedule"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise TeacherLoadError(f"{path / 'teacher.json'}: malformed ({type(err).__name__}: {err})") from None
+    load_weights(net, path / "model.safetensors", TeacherLoadError, "teacher.json's UNet", lambda v: v.float())
+    teacher = NetworkTeacher(net, schedule, "epsilon", dict(kind="unet", unet=meta["unet"]))
+    teacher.shape = (net.config.in_channels, net.config.image_size, net.config.image_size)
+    if check and "fingerprint" in meta and meta["fingerprint"] != teacher.fingerprint():
+        raise TeacherLoadError(f"{path}: weights do not match the fingerprint in teacher.json")
+    return teacher
 
 
 def load_teacher(spec: str | Path, *, check: bool = True, **kwargs):
@@ -90,21 +118,19 @@ def load_teacher(spec: str | Path, *, check: bool = True, **kwargs):
     if name == "digits_unet":
         return load_teacher(Path(__file__).resolve().parents[1] / "assets" / "digits_unet")
     path = Path(name)
-    if (path / "teacher.json").is_file():
-        meta = json.loads((path / "teacher.json").read_text())
-        if meta.get("format") != TEACHER_FORMAT or meta.get("version") != TEACHER_VERSION:
-            raise TeacherLoadError(f"{path / 'teacher.json'}: unknown teacher format "
-                                   f"{meta.get('format')!r} version {meta.get('version')!r}")
-        net = UNet(UNetConfig(**meta["unet"]))
-        state = _load_state(path / "model.safetensors")
-        net.load_state_dict({k: v.float() for k, v in state.items()})
-        schedule = make_schedule(**meta["noise_schedule"])
-        teacher = NetworkTeacher(net, schedule, "epsilon", dict(kind="unet", unet=meta["unet"]))
-        teacher.shape = (net.config.in_channels, net.config.image_size, net.config.image_size)
-        if check and "fingerprint" in meta and meta["fingerprint"] != teacher.fingerprint():
-            raise TeacherLoadError(f"{path}: weights do not match the fingerprint in teacher.json")
-        return teacher
-    return diffusers_teacher(name, **kwargs)
+    if path.is_dir():
+        if (path / "teacher.json").is_file():
+            return _learnsteps_teacher(path, check)
+        if (path / "model_index.json").is_file() or (path / "config.json").is_file():
+            return diffusers_teacher(name, **kwargs)
+        raise TeacherLoadError(f"{path} is a directory but not a teacher: it has no teacher.json (a learnsteps "
+                               f"teacher, `train.py mode=teacher`) and no model_index.json or config.json (diffusers)")
+    if path.exists():
+        raise TeacherLoadError(f"{path} is a file; a teacher is a directory (teacher.json or a diffusers model)")
+    if HUB_ID.match(name):
+        return diffusers_teacher(name, **kwargs)
+    raise TeacherLoadError(f"unknown teacher {name!r}: not one of {', '.join(BUILT_IN)}, no such directory, and "
+                           f"not a Hugging Face hub id (org/name)")
 
 
 class DiffusersUNet(nn.Module):
@@ -124,6 +150,18 @@ class DiffusersUNet(nn.Module):
 PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x0"}
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (its endpoint from HF_ENDPOINT, if set)."""
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def diffusers_teacher(model: str, scheduler_config: dict | None = None, subfolder: str | None = None,
                       local_files_only: bool | None = None, dtype: torch.dtype = torch.float32) -> NetworkTeacher:
     """A diffusers UNet2DModel with its DDPM scheduler config, from a local directory or a hub id.
@@ -139,8 +177,12 @@ def diffusers_teacher(model: str, scheduler_config: dict | None = None, subfolde
     if subfolder is None and (path / "model_index.json").is_file():
         subfolder = "unet"
     offline = local_files_only if local_files_only is not None else os.environ.get("HF_HUB_OFFLINE") == "1"
+    if not offline and not path.exists() and not hub_reachable():
+        offline = True  # the cache or nothing: one clear line now, not half a minute of retries and warnings
     try:
-        unet = UNet2DModel.from_pretrained(model, subfolder=subfolder, local_files_only=offline, torch_dtype=dtype)
+        with warnings.catch_warnings():  # hub client deprecation notices: not the user's business
+            warnings.simplefilter("ignore")
+            unet = UNet2DModel.from_pretrained(model, subfolder=subfolder, local_files_only=offline, torch_dtype=dtype)
     except (OSError, ValueError) as err:
         where = "no such local directory, and " if not path.exists() else ""
         raise TeacherLoadError(
@@ -151,7 +193,10 @@ def diffusers_teacher(model: str, scheduler_config: dict | None = None, subfolde
     if scheduler_config is None:
         for candidate in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json"):
             if candidate.is_file():
-                scheduler_config = json.loads(candidate.read_text())
+                try:
+                    scheduler_config = parse_json(candidate.read_bytes())
+                except ValueError as err:
+                    raise TeacherLoadError(f"{candidate}: not valid JSON ({err})") from None
                 break
         else:
             raise TeacherLoadError(f"{model!r}: no scheduler config found; pass scheduler_config= (the DDPM "
@@ -180,5 +225,5 @@ def edm_teacher(net: nn.Module, weights: str | Path | None = None, sigma_min: fl
         path = Path(weights)
         if not path.is_file():
             raise TeacherLoadError(f"EDM weights {path} do not exist")
-        net.load_state_dict(_load_state(path))
+        net.load_state_dict(_load_user_state(path))
     return NetworkTeacher(net, EDM(sigma_min, sigma_max), "edm", dict(kind="edm", net=type(net).__name__))

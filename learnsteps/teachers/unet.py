@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
+
+from ..config import at_least, each, fraction, positive
 
 
 @dataclass
@@ -26,6 +29,11 @@ class UNetConfig:
     num_classes: int = 0  # > 0: class-conditional; label num_classes means "no label" (classifier-free guidance)
     dropout: float = 0.0
     time_scale: float = 1000.0  # continuous t in [0, 1] is embedded as t * time_scale
+    RULES: ClassVar = dict(
+        in_channels=at_least(1), image_size=at_least(1), blocks_per_level=at_least(1), num_classes=at_least(0),
+        channels=lambda v: None if isinstance(v, int) and v >= 8 and v % 8 == 0 else "must be a multiple of 8 (>= 8)",
+        channel_mult=each(at_least(1), non_empty=True), attention_levels=each(at_least(0)), dropout=fraction,
+        time_scale=positive)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,6 +98,17 @@ class Level(nn.Module):
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         x = self.res(x, emb)
         return self.attn(x) if self.attn is not None else x
+
+
+def check_unet(cfg: UNetConfig) -> None:
+    """ValueError for a configuration the UNet cannot be built with (each level but the last halves the image)."""
+    levels = len(cfg.channel_mult)
+    if cfg.image_size % 2 ** (levels - 1):
+        raise ValueError(f"unet.image_size={cfg.image_size} cannot be halved {levels - 1} times "
+                         f"(unet.channel_mult has {levels} levels)")
+    if any(lvl >= levels for lvl in cfg.attention_levels):
+        raise ValueError(f"unet.attention_levels={cfg.attention_levels} names a level beyond the {levels} of "
+                         f"unet.channel_mult")
 
 
 class UNet(nn.Module):

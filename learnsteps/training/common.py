@@ -1,20 +1,26 @@
 """What every training mode shares: the run configuration, W&B (offline by default), the Lightning Trainer."""
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import OmegaConf
 
-from ..config import to_yaml
-from ..files import write_atomically, write_text
+from ..config import at_least, not_a_file, one_of, to_yaml
+from ..core.schedules import SCHEDULES
+from ..files import checksum_path, verify_checksum, write_checksummed, write_text
 from ..loaders import SeededShuffle
 
 
@@ -30,6 +36,14 @@ class TrainerConfig:
     val_check_interval: int = 500  # steps between validations
     checkpoint_every: int = 100  # steps between checkpoints (a rerun in the same run_dir resumes from the last)
     progress_bar: bool = True
+    RULES: ClassVar = dict(
+        max_steps=at_least(-1), accelerator=one_of("cpu", "gpu", "cuda", "mps", "auto"), num_nodes=at_least(1),
+        devices=lambda v: None if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1) or (
+            isinstance(v, list) and v and all(isinstance(i, int) and i >= 0 for i in v))
+        else "must be a count >= 1, a list of device indices, or 'auto'",
+        strategy=one_of("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp"),
+        precision=one_of("32-true", "32", "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"),
+        log_every_n_steps=at_least(1), val_check_interval=at_least(1), checkpoint_every=at_least(1))
 
 
 @dataclass
@@ -37,12 +51,14 @@ class WandbConfig:
     mode: str = "offline"  # offline (sync later with `wandb sync`), online, or disabled
     project: str = "learnsteps"
     name: str | None = None
+    RULES: ClassVar = dict(mode=one_of("offline", "online", "disabled"))
 
 
 @dataclass
 class ScheduleConfig:
     kind: str = "vp_linear"
     params: dict = field(default_factory=dict)
+    RULES: ClassVar = dict(kind=one_of(*SCHEDULES))
 
 
 @dataclass
@@ -53,17 +69,99 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     command: str = ""  # filled in by train.py: the command line that made this run, recorded in its outputs
+    restart: bool = False  # empty an existing run_dir and start over (instead of resuming it)
+    RULES: ClassVar = dict(run_dir=not_a_file)
 
 
 def run_path(cfg: RunConfig) -> Path:
     return Path(cfg.run_dir or f"runs/{cfg.mode}")
 
 
+class RunDirError(ValueError):
+    """A run directory that this run may not use: another process holds it, or it holds another run."""
+
+
+# What a rerun in the same run directory may change and still resume: how it reports, how long it trains, and
+# learning rates (applied on resume by ApplyChangedLearningRates, so that "rerun with a smaller rate" works).
+RESUMABLE_CHANGES = {"command", "restart", "trainer.progress_bar", "trainer.log_every_n_steps",
+                     "trainer.checkpoint_every", "trainer.max_steps", "wandb.mode", "wandb.name", "wandb.project"}
+LEARNING_RATES = {"lr", "lr_theta", "lr_xi"}
+_LOCKS: dict[str, int] = {}  # run directories this process holds, kept open (and locked) until it exits
+
+
+def _primary_process() -> bool:
+    """Whether this is global rank 0 (or no DDP launcher set a rank): the process that owns the run directory."""
+    return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def _lock(run_dir: Path) -> None:
+    """Hold an exclusive lock on the directory itself (no file is created) until this process exits."""
+    key = str(run_dir.resolve())
+    if key in _LOCKS:
+        return
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise RunDirError(f"{run_dir} is in use by another learnsteps process (it holds the directory's lock); wait "
+                          f"for it to finish, or choose another run_dir") from None
+    _LOCKS[key] = fd
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and all(isinstance(x, str) for x in v):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def read_run_config(path: Path) -> dict:
+    """The flattened configuration a run directory's config.yaml records, after checking its checksum line."""
+    text = path.read_text()
+    body, _, last = text.rstrip("\n").rpartition("\n")
+    if not last.startswith("# sha256: ") or last.removeprefix("# sha256: ") != hashlib.sha256(body.encode()).hexdigest():
+        raise RunDirError(f"{path} is damaged or was edited (its checksum line does not match): restart=true to start "
+                          f"over in {path.parent}")
+    return _flat(yaml.safe_load(body) or {})
+
+
+def resume_conflicts(cfg: RunConfig, run_dir: Path) -> list[str]:
+    """The settings in which `cfg` differs from the run already in run_dir, other than those a resume may change."""
+    old = read_run_config(run_dir / "config.yaml")
+    new = _flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    default = _flat(OmegaConf.to_container(OmegaConf.structured(type(cfg))))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES and k not in LEARNING_RATES
+            and not (k not in old and new.get(k) == default.get(k))]  # a setting added since, at its default
+
+
 def prepare_run(cfg: RunConfig) -> Path:
-    """Create the run directory, save the resolved config in it, seed everything."""
+    """Take the run directory: lock it against other processes; refuse it if it holds a run of another
+    configuration (unless cfg.restart, which empties it); save the resolved config (with a checksum line); seed
+    everything. Called after all input checks, so a refused run creates nothing."""
     run_dir = run_path(cfg)
+    primary = _primary_process()
+    if run_dir.is_dir() and primary:
+        _lock(run_dir)
+        if cfg.restart:
+            for entry in run_dir.iterdir():
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        elif (run_dir / "config.yaml").is_file():
+            conflicts = resume_conflicts(cfg, run_dir)
+            if conflicts:
+                raise RunDirError(f"{run_dir} holds a run of another configuration ({'; '.join(conflicts)}): choose "
+                                  f"another run_dir, or restart=true to start over there")
+            if last_checkpoint(run_dir).exists():  # the run will resume from it: checked now, before any work
+                AtomicCheckpointIO.verify(last_checkpoint(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", to_yaml(cfg))
+    if primary:
+        _lock(run_dir)
+        text = to_yaml(cfg)
+        write_text(run_dir / "config.yaml", text + f"# sha256: {hashlib.sha256(text.rstrip(chr(10)).encode()).hexdigest()}\n")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     return run_dir
 
@@ -98,7 +196,8 @@ def make_trainer(cfg: RunConfig, run_dir: Path, callbacks: list, logger=None, fi
         default_root_dir=str(run_dir), max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices,
         num_nodes=t.num_nodes, strategy=strategy, precision=t.precision, log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.progress_bar, logger=logger if logger is not None else False,
-        callbacks=[StopOnNonFiniteLoss(), ExactResume(), *callbacks, ckpt], plugins=[AtomicCheckpointIO()],
+        callbacks=[StopOnNonFiniteLoss(), ExactResume(), ApplyChangedLearningRates(), *callbacks, ckpt],
+        plugins=[AtomicCheckpointIO()],
         enable_model_summary=False, use_distributed_sampler=False, **kwargs)
 
 
@@ -125,22 +224,84 @@ class StopOnNonFiniteLoss(Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None and not torch.isfinite(loss).all():
             last = last_checkpoint(trainer.default_root_dir)
-            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved yet"
-            raise NonFiniteLoss(f"the training loss is {float(loss)} at step {trainer.global_step}; training stopped "
-                                f"and {kept} (a smaller learning rate may help)")
+            keys = sorted(k for k in LEARNING_RATES if hasattr(getattr(pl_module, "cfg", None), k))
+            advice = (f"rerun the same command with a smaller {' / '.join(keys)}: it resumes from {last} with the "
+                      f"new rate" if last.exists() else f"no checkpoint was saved yet; rerun with a smaller "
+                      f"{' / '.join(keys) or 'learning rate'}")
+            raise NonFiniteLoss(f"the training loss is {float(loss)} at step {trainer.global_step}; training "
+                                f"stopped ({advice})")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that fails its checksum or cannot be read."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch.save, to a temporary file renamed over the target: a kill mid-write keeps the old file.
-    Loading is torch.load with weights_only=True whatever the Lightning version: a checkpoint holds tensors and
-    plain values only, so a tampered one cannot run code."""
+    """Lightning's torch.save, to a temporary file renamed over the target (a kill mid-write keeps the old file),
+    with its sha256 beside it; loading verifies that checksum first (a flipped bit or a truncated file is a
+    CheckpointError, never a silent resume into something else), then torch.load with weights_only=True whatever
+    the Lightning version: a checkpoint holds tensors and plain values only, so a tampered one cannot run code."""
+
+    @staticmethod
+    def verify(path) -> None:
+        try:
+            verify_checksum(path, CheckpointError)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}: restart=true starts the run over in {Path(path).parent.parent}") from None
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        advice = f"restart=true starts the run over in {Path(path).parent.parent}"
+        self.verify(path)
+        try:
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        except Exception as err:  # torch raises several types for a file it cannot unpickle
+            raise CheckpointError(f"{path} cannot be read ({type(err).__name__}): {advice}") from None
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        write_atomically(Path(path), lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp,
-                                                                                                  storage_options))
+        write_checksummed(Path(path), lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp,
+                                                                                                   storage_options))
+
+    def remove_checkpoint(self, path):
+        super().remove_checkpoint(path)
+        checksum_path(Path(path)).unlink(missing_ok=True)
+
+
+class ApplyChangedLearningRates(Callback):
+    """Checkpoints record the learning rates of the configuration (`cfg.lr`, `lr_theta`, `lr_xi`); a resume whose
+    configuration asks for another one scales that optimizer's rates (and its scheduler's base rates) by new / old,
+    keeping any decay the run had applied. The module says which optimizer each key drives (LR_KEYS)."""
+
+    def __init__(self):
+        self.module, self.saved = None, {}
+
+    def setup(self, trainer, pl_module, stage):
+        self.module = pl_module
+
+    def _current(self) -> dict:
+        cfg = getattr(self.module, "cfg", None)
+        return {k: float(getattr(cfg, k)) for k in getattr(self.module, "LR_KEYS", {}) if hasattr(cfg, k)}
+
+    def state_dict(self):
+        return dict(lrs=self._current())
+
+    def load_state_dict(self, state):
+        self.saved = dict(state.get("lrs", {}))
+
+    def on_train_start(self, trainer, pl_module):
+        for key, new in self._current().items():
+            old = self.saved.get(key)
+            if old is None or old == new or old <= 0:
+                continue
+            factor, opt = new / old, trainer.optimizers[pl_module.LR_KEYS[key]]
+            for group in opt.param_groups:
+                group["lr"] *= factor
+                if "initial_lr" in group:
+                    group["initial_lr"] *= factor
+            for config in trainer.lr_scheduler_configs:
+                if config.scheduler.optimizer is opt:
+                    config.scheduler.base_lrs = [b * factor for b in config.scheduler.base_lrs]
+            print(f"resuming with {key}={new} (the checkpoint's run used {old}): learning rates scaled x{factor:.4g}")
+        self.saved = {}
 
 
 class ExactResume(Callback):

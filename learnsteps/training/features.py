@@ -7,13 +7,15 @@ held-out accuracy, to run_dir/features (and `export_dir`, e.g. learnsteps/assets
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..eval.features import DigitsFeatureNet, FeatureNetConfig, save_feature_net
+from ..config import all_of, at_least, between, not_a_file, one_of, positive
+from ..quality.features import DigitsFeatureNet, FeatureNetConfig, save_feature_net
 from ..teachers.gmm import digits_data
 from ..loaders import train_loader
 from .common import RunConfig, fit, make_logger, make_trainer, prepare_run
@@ -27,6 +29,8 @@ class FeatureTrainConfig(RunConfig):
     lr: float = 2e-3
     holdout: float = 0.2
     export_dir: str = ""
+    RULES: ClassVar = dict(RunConfig.RULES, data=one_of("digits"), batch_size=at_least(1), lr=positive,
+                           holdout=all_of(positive, between(0, 0.5)), export_dir=not_a_file)
 
 
 def digits_split(holdout: float, seed: int = 0):
@@ -39,6 +43,8 @@ def digits_split(holdout: float, seed: int = 0):
 
 
 class Classifier(L.LightningModule):
+    LR_KEYS = {"lr": 0}  # a resume with another lr applies it
+
     def __init__(self, cfg: FeatureTrainConfig):
         super().__init__()
         self.cfg, self.net = cfg, DigitsFeatureNet(cfg.net)
@@ -61,8 +67,6 @@ class Classifier(L.LightningModule):
 
 
 def train_features(cfg: FeatureTrainConfig) -> Path:
-    if cfg.data != "digits":
-        raise ValueError(f"unknown data set {cfg.data!r}: the embedded one is 'digits'")
     run_dir = prepare_run(cfg)
     train, test = digits_split(cfg.holdout, cfg.seed)
     module = Classifier(cfg)

@@ -6,6 +6,7 @@ continuous schedule. An exponential moving average of the weights is what gets e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import lightning as L
@@ -13,10 +14,11 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import TensorDataset
 
+from ..config import at_least, fraction, not_a_file, one_of, positive
 from ..core.schedules import make_schedule
 from ..teachers.gmm import digits_data
 from ..teachers.network import NetworkTeacher, save_unet_teacher
-from ..teachers.unet import UNet, UNetConfig
+from ..teachers.unet import UNet, UNetConfig, check_unet
 from ..loaders import BatchDraws, train_loader
 from .common import RunConfig, ScheduleConfig, fit, make_logger, make_trainer, prepare_run
 
@@ -33,6 +35,9 @@ class TeacherTrainConfig(RunConfig):
     class_conditional: bool = False  # train with labels (dropped 10% of the time, for classifier-free guidance)
     export_dir: str = ""  # also write the exported teacher here (e.g. learnsteps/assets/digits_unet)
     sample_steps: int = 20  # UniPC steps for the sample grid logged at the end
+    RULES: ClassVar = dict(RunConfig.RULES, data=one_of("digits"), batch_size=at_least(1), lr=positive,
+                           warmup_steps=at_least(0), ema_decay=fraction, export_dir=not_a_file,
+                           sample_steps=at_least(1))
 
 
 class DigitsDataModule(L.LightningDataModule):
@@ -52,6 +57,8 @@ class DigitsDataModule(L.LightningDataModule):
 
 
 class DiffusionTraining(L.LightningModule):
+    LR_KEYS = {"lr": 0}  # a resume with another lr applies it
+
     def __init__(self, cfg: TeacherTrainConfig):
         super().__init__()
         self.cfg = cfg
@@ -86,7 +93,7 @@ class DiffusionTraining(L.LightningModule):
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.cfg.lr, weight_decay=0.0)
         total, warm = self.cfg.trainer.max_steps, self.cfg.warmup_steps
         cosine = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda k: min(1.0, (k + 1) / warm) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * k / total)).item()))
+            opt, lambda k: min(1.0, (k + 1) / max(1, warm)) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * k / total)).item()))
         return dict(optimizer=opt, lr_scheduler=dict(scheduler=cosine, interval="step"))
 
     def teacher(self) -> NetworkTeacher:
@@ -121,8 +128,8 @@ def save_image_grid(images: torch.Tensor, path: Path, nrow: int = 8, scale: int 
 
 
 def train_teacher(cfg: TeacherTrainConfig) -> Path:
-    if cfg.data != "digits":
-        raise ValueError(f"unknown data set {cfg.data!r}: the embedded one is 'digits'")
+    make_schedule(cfg.schedule.kind, **cfg.schedule.params)  # bad schedule parameters: refused before any write
+    check_unet(cfg.unet)
     run_dir = prepare_run(cfg)
     module = DiffusionTraining(cfg)
     logger = make_logger(cfg, run_dir)

@@ -3,11 +3,14 @@ split across the DDP ranks that Lightning Fabric launches (trainer.devices, trai
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
 
 import lightning as L
 
+from ..config import not_a_file
 from ..teachers.network import load_teacher
-from ..trajectories import TrajectorySpec, generate
+from ..trajectories import TrajectorySpec, check_directory, generate
 from .common import RunConfig
 
 
@@ -16,13 +19,16 @@ class TrajectoryJobConfig(RunConfig):
     teacher: str = "digits_unet"
     out_dir: str = "runs/trajectories"
     spec: TrajectorySpec = field(default_factory=TrajectorySpec)
+    RULES: ClassVar = dict(RunConfig.RULES, out_dir=not_a_file)
 
 
 def generate_job(cfg: TrajectoryJobConfig):
+    teacher = load_teacher(cfg.teacher)
+    check_directory(Path(cfg.out_dir), cfg.spec, teacher, cfg.teacher)  # before any rank writes anything
     t = cfg.trainer
     fabric = L.Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy)
     fabric.launch()
-    teacher = load_teacher(cfg.teacher).to(fabric.device)
+    teacher = teacher.to(fabric.device)
     manifest = generate(teacher, cfg.out_dir, cfg.spec, rank=fabric.global_rank, world_size=fabric.world_size,
                         teacher_name=cfg.teacher, progress=t.progress_bar and fabric.global_rank == 0,
                         barrier=fabric.barrier)

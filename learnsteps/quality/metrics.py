@@ -6,14 +6,13 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
-from ..files import write_safetensors
-from .features import ASSET, DIGITS_EXTRACTOR, fingerprint_file
+from ..files import read_safetensors, sha256_file, write_safetensors
+from .features import ASSET, DIGITS_EXTRACTOR
 
 EXTRACTORS = ("digits", "inception")
 
@@ -33,7 +32,7 @@ class Features:
             from .features import DigitsFeatureExtractor
 
             self.net = DigitsFeatureExtractor(DIGITS_EXTRACTOR, ["features"], weights)
-            self.fingerprint = fingerprint_file(Path(weights or ASSET) / "model.safetensors")
+            self.fingerprint = sha256_file(Path(weights or ASSET) / "model.safetensors")
         else:
             from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
@@ -50,7 +49,7 @@ class Features:
                 raise ValueError(f"Inception-v3 weights {weights} do not exist")
             self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
                                                    feature_extractor_weights_path=weights)
-            self.fingerprint = fingerprint_file(Path(weights))
+            self.fingerprint = sha256_file(Path(weights))
         self.net.eval().to(device)
 
     @torch.no_grad()
@@ -65,15 +64,20 @@ class Features:
         return torch.cat(out)
 
 
+def fid_features(f1: Tensor, f2: Tensor) -> float:
+    """FID between two feature sets (torch-fidelity's statistics and distance)."""
+    return float(fid_statistics_to_metric(fid_features_to_statistics(f1), fid_features_to_statistics(f2),
+                                          verbose=False)["frechet_inception_distance"])
+
+
 def fid_kid(f1: Tensor, f2: Tensor, kid_subsets: int = 50, seed: int = 0) -> dict[str, float]:
     """FID, KID (mean, std over subsets), precision and recall (k = 3 neighbourhoods) of generated features f1
     against real features f2, computed by torch-fidelity."""
-    fid = fid_statistics_to_metric(fid_features_to_statistics(f1), fid_features_to_statistics(f2), verbose=False)
     kid = kid_features_to_metric(f1, f2, kid_subsets=kid_subsets, kid_subset_size=min(1000, len(f1), len(f2)),
                                  kid_degree=3, kid_gamma=None, kid_coef0=1, rng_seed=seed, verbose=False)
     prc = prc_features_to_metric(f1.float(), f2.float(), prc_neighborhood=3, prc_batch_size=10000,
                                  save_cpu_ram=True, verbose=False)
-    return dict(fid=fid["frechet_inception_distance"], kid=kid["kernel_inception_distance_mean"],
+    return dict(fid=fid_features(f1, f2), kid=kid["kernel_inception_distance_mean"],
                 kid_std=kid["kernel_inception_distance_std"], precision=prc["precision"], recall=prc["recall"])
 
 
@@ -92,7 +96,10 @@ def reference_features(dataset: str, features: Features) -> Tensor:
     key = hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16] + "-" + features.fingerprint[:16]
     path = cache_dir() / f"{dataset}-{features.name}-{key}.safetensors"
     if path.is_file():
-        return load_file(str(path))["features"]
+        try:
+            return read_safetensors(path)["features"]
+        except (ValueError, KeyError):  # a damaged cache entry is recomputed
+            pass
     f = features(data)
     write_safetensors(path, {"features": f})
     return f

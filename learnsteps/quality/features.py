@@ -7,17 +7,16 @@ weights must be cached or given by path; offline without them, a clear error.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
 import torch_fidelity
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ..files import write_safetensors, write_text
+from ..config import at_least
+from ..files import load_weights, read_json, write_json, write_safetensors
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "digits_features"
 # A second digits network, trained the same way with seed 1 (`python train.py mode=features seed=1
@@ -32,6 +31,9 @@ class FeatureNetConfig:
     channels: int = 32
     features: int = 128
     classes: int = 10
+    RULES: ClassVar = dict(
+        channels=lambda v: None if isinstance(v, int) and v >= 8 and v % 8 == 0 else "must be a multiple of 8 (>= 8)",
+        features=at_least(1), classes=at_least(2))
 
 
 class DigitsFeatureNet(nn.Module):
@@ -53,24 +55,30 @@ class DigitsFeatureNet(nn.Module):
         return f, self.head(f)
 
 
+class FeatureNetError(ValueError):
+    """A feature network directory that cannot be loaded; the message names the file and the problem."""
+
+
 def save_feature_net(directory: Path, net: DigitsFeatureNet, extra: dict) -> None:
     write_safetensors(directory / "model.safetensors", net.state_dict())
-    meta = dict(format="learnsteps-features", version=1, config=asdict(net.cfg), **extra)
-    write_text(directory / "features.json", json.dumps(meta, indent=2))
+    write_json(directory / "features.json", dict(format="learnsteps-features", version=1, config=asdict(net.cfg),
+                                                 **extra))
 
 
 def load_feature_net(directory: Path = ASSET) -> DigitsFeatureNet:
     directory = Path(directory)
     if not (directory / "features.json").is_file():
-        raise ValueError(f"no digits feature network in {directory}: train one with `python train.py mode=features`")
-    meta = json.loads((directory / "features.json").read_text())
-    net = DigitsFeatureNet(FeatureNetConfig(**meta["config"]))
-    net.load_state_dict(load_file(str(directory / "model.safetensors")))
+        raise FeatureNetError(f"no digits feature network in {directory}: train one with "
+                              f"`python train.py mode=features`")
+    meta = read_json(directory / "features.json", FeatureNetError)
+    try:
+        if meta.get("format") != "learnsteps-features" or meta.get("version") != 1:
+            raise ValueError("not a learnsteps-features v1 network")
+        net = DigitsFeatureNet(FeatureNetConfig(**meta["config"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise FeatureNetError(f"{directory / 'features.json'}: {err}") from None
+    load_weights(net, directory / "model.safetensors", FeatureNetError, "features.json")
     return net.eval().requires_grad_(False)
-
-
-def fingerprint_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 class DigitsFeatureExtractor(torch_fidelity.FeatureExtractorBase):

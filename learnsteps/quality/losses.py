@@ -9,13 +9,39 @@ from torch import Tensor
 LOSSES = ("l2", "l1", "pseudo_huber", "lpips", "features")
 
 
+def check_loss_name(name) -> str | None:
+    """A config rule: one of LOSSES, or several joined by "+" (e.g. "l2+features")."""
+    parts = name.split("+") if isinstance(name, str) else [None]
+    ok = all(p in LOSSES for p in parts) and len(set(parts)) == len(parts)
+    return None if ok else f"must be one of {', '.join(LOSSES)}, or several joined by '+' (e.g. 'l2+features')"
+
+
+class Sum:
+    """Several distances added, each weighted by 1 / its mean on a calibration set (`calibrate`, e.g. the initial
+    grid's validation outputs), so that every term starts at 1 whatever its units (features are ~20x l2 here)."""
+
+    def __init__(self, parts: dict):
+        self.parts, self.weights = parts, {k: 1.0 for k in parts}
+
+    @torch.no_grad()
+    def calibrate(self, x: Tensor, y: Tensor) -> None:
+        self.weights = {k: 1.0 / max(float(d(x, y).mean()), 1e-12) for k, d in self.parts.items()}
+
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        return sum(self.weights[k] * d(x, y) for k, d in self.parts.items())
+
+
 def distance(name: str, shape: tuple[int, ...] | None = None, feature_net: str = ""):
     """A function (x, y) -> (B,) distances between samples of `shape` (checked now when given). l2: mean squared
     error; l1: mean absolute error; pseudo_huber: sqrt(|x-y|^2 + c^2) - c with c = 0.00054 sqrt(d) (Song &
     Dhariwal 2023); lpips: LPIPS-VGG (needs the lpips package and its weights on disk); features: mean squared
     distance in a digits classifier's feature space (`feature_net`, a directory written by `train.py
     mode=features`; default the shipped loss network, trained apart from FID's; 1x8x8 images), a perceptual loss
-    that needs no download."""
+    that needs no download; "a+b": the Sum of both, each normalised by calibration."""
+    if "+" in name:
+        if (problem := check_loss_name(name)) is not None:
+            raise ValueError(f"unknown loss {name!r}: {problem}")
+        return Sum({part: distance(part, shape, feature_net) for part in name.split("+")})
     if name == "l2":
         return lambda x, y: (x - y).pow(2).flatten(1).mean(1)
     if name == "l1":
@@ -54,7 +80,7 @@ def _lpips():
 
 
 def _features(shape: tuple[int, ...] | None, directory: str):
-    from ..eval.features import LOSS_ASSET, load_feature_net
+    from .features import LOSS_ASSET, load_feature_net
 
     def check(shape):
         if tuple(shape) != (1, 8, 8):
