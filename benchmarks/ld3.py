@@ -1,14 +1,16 @@
 """LD3 benchmark: learned grids against every baseline grid, training time, backward-pass memory, and how robust
 the outcome is to the seed and to the CPU's kernel path.
 
-    python benchmarks/ld3.py                                  # paired + memory (about 40 CPU minutes)
+    python benchmarks/ld3.py                                  # paired + memory (about 30 min on 2 cores)
     python benchmarks/ld3.py part=memory                      # peak memory only
     python benchmarks/ld3.py teachers=[gmm_digits] nfe=[4,6]  # a subset
     python benchmarks/ld3.py part=paired "ld3_args=[loss=features]" out_dir=runs/bench_ld3_features
-    python benchmarks/ld3.py part=robustness                  # seeds x CPU kernel paths x NFE (about 1 h)
+    python benchmarks/ld3.py part=robustness                  # seeds x CPU kernel paths x NFE (about 40 min)
 
-paired: `train.py mode=ld3` for every teacher x solver x NFE (pairs shared per teacher), each reporting RMSE to
-the teacher on 200 held-out pairs for the learned grid and every baseline grid; results.md / results.csv.
+paired: `train.py mode=ld3` (its defaults) for every teacher x solver x NFE (pairs shared per teacher, 2000
+held-out), each reporting, for the learned grid against the best baseline grid on those held-out pairs, the
+paired RMSE to the teacher and, for the 8x8 teachers, FID against the teacher's samples and against the data
+(digits feature network); paired.md / paired.csv.
 memory: peak resident memory of one forward + backward pass through the sampler (DPM-Solver++(3M), batch 4)
 with a 3x32x32 UNet of 64 channels, with and without per-step rematerialisation, each in a fresh process.
 robustness: `train.py mode=ld3` with its defaults (the demo's run) for every seed x CPU kernel path
@@ -34,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from learnsteps.config import SolverChoice, load_config  # noqa: E402
+from learnsteps.files import write_csv  # noqa: E402
 
 
 @dataclass
@@ -52,7 +55,7 @@ class Config:
     robust_nfe: list[int] = field(default_factory=lambda: [4, 6])
     demo_test: int = 200  # held-out pairs of `make demo` (paired RMSE)
     bench_test: int = 2000  # held-out pairs of the benchmark size (FID)
-    workers: int = 2  # runs at a time
+    workers: int = 2  # runs at a time (paired and robustness)
     threads: int = 1  # torch threads per run (OMP_NUM_THREADS)
 
 
@@ -100,39 +103,60 @@ def memory(cfg: Config, out: Path) -> str:
     return text
 
 
+def train_ld3(args: list[str], run_dir: Path, pairs_dir: Path, threads: int, cpu_path: str = "") -> dict:
+    """`train.py mode=ld3` in a subprocess (skipped when run_dir already holds a schedule); the learned grid's row of
+    the run's own results table, with the ratios to the best baseline as `<metric>_vs_best`, and the seconds."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if cpu_path:
+        env["ATEN_CPU_CAPABILITY"] = cpu_path
+    t0 = time.perf_counter()
+    if not (run_dir / "schedule.json").is_file():
+        res = subprocess.run([sys.executable, str(ROOT / "train.py"), "mode=ld3", *args, f"run_dir={run_dir}",
+                              f"pairs.directory={pairs_dir}", "trainer.progress_bar=false", "wandb.mode=disabled"],
+                             capture_output=True, text=True, cwd=ROOT, env=env)
+        if res.returncode != 0:
+            raise SystemExit(f"ld3 run failed: {run_dir}\n{res.stderr[-3000:]}")
+    with open(run_dir / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    learned = {k: float(v) for k, v in rows[0].items() if k != "grid"}
+    best = min(rows[1:], key=lambda r: float(r["rmse"]))
+    return dict(learned, best_baseline=best["grid"], best_rmse=float(best["rmse"]),
+                seconds=round(time.perf_counter() - t0, 1))
+
+
+def run_all(jobs: list, run, workers: int, first_of) -> list[dict]:
+    """run(*job) for every job, `workers` at a time; the first job of each `first_of(job)` group runs alone
+    first, so that it generates the pairs the group shares."""
+    firsts = list({first_of(j): j for j in reversed(jobs)}.values())[::-1]
+    rows = [run(*j) for j in firsts]
+    with ThreadPoolExecutor(workers) as pool:
+        rows += list(pool.map(lambda j: run(*j), [j for j in jobs if j not in firsts]))
+    return rows
+
+
 def paired(cfg: Config, out: Path) -> str:
-    rows = []
-    for teacher in cfg.teachers:
-        for case in cfg.solvers:
-            for nfe in cfg.nfe:
-                run_dir = out / teacher / f"{case.solver}{case.order}" / f"nfe{nfe}"
-                opts = [f"options.{k}={v}" for k, v in case.options.items()]
-                t0 = time.perf_counter()
-                res = subprocess.run([sys.executable, str(ROOT / "train.py"), "mode=ld3", f"teacher={teacher}",
-                                      f"solver={case.solver}", f"order={case.order}", f"nfe={nfe}", *opts,
-                                      f"run_dir={run_dir}", f"pairs.directory={out / teacher / 'pairs'}",
-                                      "trainer.progress_bar=false", "wandb.mode=disabled", *cfg.ld3_args],
-                                     capture_output=True, text=True, cwd=ROOT)
-                seconds = time.perf_counter() - t0
-                if res.returncode != 0:
-                    print(res.stderr[-3000:])
-                    raise SystemExit(f"ld3 run failed: {run_dir}")
-                with open(run_dir / "results.csv") as f:
-                    result = {r["grid"]: float(r["rmse"]) for r in csv.DictReader(f)}
-                learned = result.pop("ld3 (learned)")
-                best = min(result, key=result.get)
-                rows.append(dict(teacher=teacher, solver=f"{case.solver}-{case.order}", nfe=nfe, learned=learned,
-                                 best_baseline=best, best_rmse=result[best], ratio=learned / result[best],
-                                 seconds=round(seconds, 1)))
-                print(rows[-1], flush=True)
-    with open(out / "paired.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    lines = ["| teacher | solver | NFE | LD3 RMSE | best baseline | its RMSE | LD3 / best | run time (s) |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['teacher']} | {r['solver']} | {r['nfe']} | {r['learned']:.4f} | {r['best_baseline']} | "
-              f"{r['best_rmse']:.4f} | {r['ratio']:.3f} | {r['seconds']} |" for r in rows]
+    def run(teacher: str, case: SolverChoice, nfe: int) -> dict:
+        args = [f"teacher={teacher}", f"solver={case.solver}", f"order={case.order}", f"nfe={nfe}",
+                f"pairs.test={cfg.bench_test}", *[f"options.{k}={v}" for k, v in case.options.items()], *cfg.ld3_args]
+        r = train_ld3(args, out / teacher / f"{case.solver}{case.order}" / f"nfe{nfe}", out / teacher / "pairs",
+                      cfg.threads)
+        row = dict(teacher=teacher, solver=f"{case.solver}-{case.order}", nfe=nfe, **r)
+        print(row, flush=True)
+        return row
+
+    jobs = [(t, c, n) for t in cfg.teachers for c in cfg.solvers for n in cfg.nfe]
+    rows = run_all(jobs, run, cfg.workers, first_of=lambda j: j[0])
+    rows.sort(key=lambda r: [(j[0], f"{j[1].solver}-{j[1].order}", j[2]) for j in jobs].index(
+        (r["teacher"], r["solver"], r["nfe"])))
+    write_csv(out / "paired.csv", rows)
+    fid = "fid_teacher" in rows[0]
+    lines = ["| teacher | solver | NFE | LD3 RMSE | best baseline | its RMSE | LD3 / best |"
+             + (" FID (teacher) / best | FID (data) / best |" if fid else "") + " run time (s) |",
+             "|---|---|---|---|---|---|---|" + ("---|---|" if fid else "") + "---|"]
+    lines += [f"| {r['teacher']} | {r['solver']} | {r['nfe']} | {r['rmse']:.4f} | {r['best_baseline']} | "
+              f"{r['best_rmse']:.4f} | {r['rmse_vs_best']:.3f} |"
+              + (f" {r['fid_teacher_vs_best']:.3f} | {r['fid_data_vs_best']:.3f} |" if fid else "")
+              + f" {r['seconds']} |" for r in rows]
     text = "\n".join(lines) + "\n"
     (out / "paired.md").write_text(text)
     return text
@@ -176,36 +200,21 @@ def score(run_dir: Path, pairs_dir: Path, n: int) -> dict:
 def robustness(cfg: Config, out: Path) -> str:
     paths = cfg.cpu_paths or cpu_paths()
     root = out / "robustness"
-    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
 
     def run(seed: int, path: str, nfe: int) -> dict:
-        run_dir = root / f"seed{seed}" / path / f"nfe{nfe}"
-        pairs_dir = root / f"seed{seed}" / "pairs"
-        t0 = time.perf_counter()
-        if not (run_dir / "schedule.json").is_file():
-            res = subprocess.run([sys.executable, str(ROOT / "train.py"), "mode=ld3", f"nfe={nfe}", f"seed={seed}",
-                                  f"pairs.seed={seed}", f"pairs.test={cfg.bench_test}", f"pairs.directory={pairs_dir}",
-                                  f"run_dir={run_dir}", "trainer.progress_bar=false", "wandb.mode=disabled",
-                                  *cfg.ld3_args], capture_output=True, text=True, cwd=ROOT,
-                                 env=dict(env, ATEN_CPU_CAPABILITY=path))
-            if res.returncode != 0:
-                raise SystemExit(f"ld3 run failed: {run_dir}\n{res.stderr[-3000:]}")
-        row = dict(seed=seed, path=path, nfe=nfe, seconds=round(time.perf_counter() - t0, 1))
+        run_dir, pairs_dir = root / f"seed{seed}" / path / f"nfe{nfe}", root / f"seed{seed}" / "pairs"
+        r = train_ld3([f"nfe={nfe}", f"seed={seed}", f"pairs.seed={seed}", f"pairs.test={cfg.bench_test}",
+                       *cfg.ld3_args], run_dir, pairs_dir, cfg.threads, path)
+        row = dict(seed=seed, path=path, nfe=nfe, seconds=r["seconds"])
         row.update({f"demo_{k}": v for k, v in score(run_dir, pairs_dir, cfg.demo_test).items()})
-        row.update({f"bench_{k}": v for k, v in score(run_dir, pairs_dir, cfg.bench_test).items()})
+        row.update({f"bench_{k.removesuffix('_vs_best')}": v for k, v in r.items() if k.endswith("_vs_best")})
         print(row, flush=True)
         return row
 
     jobs = [(s, p, n) for s in cfg.seeds for p in paths for n in cfg.robust_nfe]
-    firsts = {s: next(j for j in jobs if j[0] == s) for s in cfg.seeds}  # generates the seed's pairs alone
-    rows = [run(*j) for j in firsts.values()]
-    with ThreadPoolExecutor(cfg.workers) as pool:
-        rows += list(pool.map(lambda j: run(*j), [j for j in jobs if j not in firsts.values()]))
+    rows = run_all(jobs, run, cfg.workers, first_of=lambda j: j[0])
     rows.sort(key=lambda r: (r["nfe"], r["seed"], paths.index(r["path"])))
-    with open(root / "robustness.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(root / "robustness.csv", rows)
     metrics = [("demo_rmse", f"paired RMSE, {cfg.demo_test} pairs"),
                ("bench_rmse", f"paired RMSE, {cfg.bench_test} pairs"),
                ("bench_fid_teacher", f"FID vs teacher, {cfg.bench_test}"),

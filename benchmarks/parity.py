@@ -17,22 +17,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import learnsteps as ls  # noqa: E402
-from learnsteps.core.denoiser import NetworkDenoiser  # noqa: E402
+from learnsteps.core.denoiser import EpsilonNetwork, NetworkDenoiser  # noqa: E402
 from learnsteps.core.schedules import DiscreteDDPM  # noqa: E402
 from learnsteps.schedule import Schedule  # noqa: E402
 from learnsteps.teachers.gmm import toy_mixture  # noqa: E402
 
 F64 = torch.float64
 BETAS = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
-
-
-class EpsNet(torch.nn.Module):
-    def __init__(self, exact):
-        super().__init__()
-        self.exact = exact
-
-    def forward(self, x, t):
-        return self.exact.eps(x, t)
 
 
 def errors(ours, theirs):
@@ -104,7 +95,7 @@ def k_diffusion_parity(teacher):
 
 def main():
     exact = toy_mixture(noise_schedule=DiscreteDDPM("linear"))
-    teacher = NetworkDenoiser(EpsNet(exact), exact.noise_schedule, "epsilon")
+    teacher = NetworkDenoiser(EpsilonNetwork(exact), exact.noise_schedule, "epsilon")
     print("| peer | class / sampler | sigmas | worst relative error | worst absolute error |\n|---|---|---|---|---|")
     for peer, table in (("diffusers", diffusers_parity(teacher)), ("k-diffusion", k_diffusion_parity(teacher))):
         for (name, how), (rel, ab) in table.items():

@@ -41,6 +41,24 @@ def write_text(path: str | Path, text: str) -> Path:
     return write_atomically(Path(path), lambda tmp: tmp.write_text(text))
 
 
+def write_csv(path: str | Path, rows: list[dict]) -> Path:
+    """A table of dicts (one header: the first row's keys), written atomically."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    return write_text(path, buf.getvalue())
+
+
+def save_figure(fig, path: str | Path, **kw) -> Path:
+    """A matplotlib figure, written atomically (the format from the path's suffix)."""
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    return write_atomically(Path(path), lambda tmp: fig.savefig(tmp, format=fmt, **kw))
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import learnsteps as ls
-from learnsteps.core.denoiser import NetworkDenoiser
+from learnsteps.core.denoiser import EpsilonNetwork, NetworkDenoiser
 from learnsteps.core.schedules import DiscreteDDPM, VPLinear
 from learnsteps.schedule import Schedule, ScheduleError
 from learnsteps.teachers.gmm import toy_mixture
@@ -21,20 +21,9 @@ diffusers = pytest.importorskip("diffusers")
 RTOL = 1e-5
 
 
-class EpsNet(torch.nn.Module):
-    """A user's epsilon network net(x, t) at the model's native time, here exact."""
-
-    def __init__(self, exact):
-        super().__init__()
-        self.exact = exact
-
-    def forward(self, x, t):
-        return self.exact.eps(x, t)
-
-
 def ddpm_teacher(betas="linear"):
     exact = toy_mixture(noise_schedule=DiscreteDDPM(betas))
-    return NetworkDenoiser(EpsNet(exact), exact.noise_schedule, "epsilon")
+    return NetworkDenoiser(EpsilonNetwork(exact), exact.noise_schedule, "epsilon")
 
 
 def learned_looking(schedule, steps, to_zero, decoupled, seed=0):

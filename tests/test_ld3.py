@@ -225,3 +225,20 @@ def test_a_sum_of_losses_weights_each_term_to_one_on_its_calibration_set():
     assert float(both(x, y).mean()) == pytest.approx(2.0, rel=1e-5)
     with pytest.raises(ValueError, match="several joined by"):
         distance("l2+l2")
+
+
+def test_auto_loss_and_remat_resolve_per_teacher():
+    from learnsteps.ld3.module import REMAT_ABOVE, resolve_auto
+    from learnsteps.teachers.network import load_teacher
+
+    unet = load_teacher("digits_unet")
+    cfg = LD3Config()
+    resolve_auto(cfg, unet)  # a 1x8x8 teacher whose feature network ships, small enough to keep its graph
+    assert (cfg.loss, cfg.remat) == ("l2+features", "false")
+    assert sum(p.numel() for p in unet.parameters()) < REMAT_ABOVE
+    cfg = LD3Config()
+    resolve_auto(cfg, toy_mixture())  # no image shape: L2
+    assert (cfg.loss, cfg.remat) == ("l2", "false")
+    cfg = LD3Config(loss="features", remat="True")
+    resolve_auto(cfg, unet)  # explicit choices are kept
+    assert (cfg.loss, cfg.remat) == ("features", "true")

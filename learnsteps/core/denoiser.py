@@ -53,6 +53,18 @@ class Denoiser(nn.Module):
         return convert(self(x, t, cond), self.prediction, "eps", x, *self._alpha_sigma(x, t))
 
 
+class EpsilonNetwork(nn.Module):
+    """A denoiser seen as a user's epsilon network net(x, t) at its native time: the form that diffusers'
+    schedulers and k-diffusion's wrappers take, so that peers can be run on a model whose outputs we know."""
+
+    def __init__(self, denoiser: Denoiser):
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.denoiser.eps(x, t)
+
+
 def convert(out: Tensor, prediction: str, want: str, x: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
     """A network output of type `prediction` at state x (VP, with alpha and sigma) as x0 or eps (`want`)."""
     if want == "x0":

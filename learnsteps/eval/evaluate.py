@@ -7,7 +7,6 @@ count) let every number be read in context.
 """
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from typing import ClassVar
 from pathlib import Path
@@ -20,7 +19,7 @@ from ..core.denoiser import dtype_of
 from ..core.grids import make as make_grid
 from ..core.sample import check_options, check_order, solve
 from ..dsno.student import load_student
-from ..files import write_text
+from ..files import save_figure, write_csv, write_text
 from ..core.schedules import make_schedule
 from ..schedule import check_fits, load_schedule
 from ..teachers.network import load_teacher
@@ -179,10 +178,7 @@ def evaluate_teacher(cfg: EvalConfig, name: str, teacher, plan: list, features: 
 
 
 def write_outputs(cfg: EvalConfig, rows, samples, teacher_samples, out: Path) -> None:
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "results.csv", rows)
     lines = [f"{cfg.samples} samples per row, features: {cfg.feature_extractor}; FID/KID against the data "
              f"({cfg.reference}) and against the teacher's {cfg.teacher_solver.solver}-{cfg.teacher_steps} samples; "
              "rmse_teacher: paired RMSE to the teacher's sample from the same noise.", "",
@@ -227,7 +223,7 @@ def plot_fid(rows, path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 

@@ -15,7 +15,6 @@ held-out pairs), so model selection is not scored on soft-optimised latents.
 from __future__ import annotations
 
 import copy
-import csv
 import math
 import re
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from ..core.denoiser import dtype_of
 from ..core.grids import make as make_grid
 from ..config import at_least, between, each, existing_dir, not_a_file, one_of, positive
 from ..core.sample import check_options, check_order, get_solver, nfe as nfe_of, solve
-from ..files import write_text
+from ..files import save_figure, write_csv, write_text
 from ..loaders import train_loader
 from ..quality.losses import check_loss_name, distance
 from ..schedule import Schedule, save_schedule
@@ -71,7 +70,7 @@ class LD3Config(RunConfig):
     decoupled: bool = True  # learn LD3's model-evaluation offsets xi in phase 2
     window: float = 0.5  # xi clip: this fraction of the smallest grid gap
     pairs: PairsConfig = field(default_factory=PairsConfig)
-    loss: str = "l2"  # l2 | l1 | pseudo_huber | lpips | features
+    loss: str = "auto"  # auto | l2 | l1 | pseudo_huber | lpips | features, or a sum such as l2+features (see below)
     feature_net: str = ""  # loss=features: a digits feature network directory (default: the shipped loss network)
     soft_forcing: bool = True
     gamma: float = 0.001  # ball radius r = gamma * d / NFE^2
@@ -88,11 +87,12 @@ class LD3Config(RunConfig):
     min_lr_theta: float = 5e-5
     min_lr_xi: float = 1e-6
     val_every_n_steps: int = 5
-    remat: bool = True
+    remat: str = "auto"  # recompute each network call in the backward pass: true | false | auto (REMAT_ABOVE)
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
     RULES: ClassVar = dict(
         RunConfig.RULES, order=at_least(1), nfe=between(1, 100), time_mode=one_of("lambda", "time"),
-        init=one_of("uniform", "best", *BASELINES), window=between(0, 0.5), loss=check_loss_name,
+        init=one_of("uniform", "best", *BASELINES), window=between(0, 0.5),
+        loss=lambda v: None if v == "auto" else check_loss_name(v), remat=one_of("auto", "True", "False", "true", "false"),
         feature_net=existing_dir, gamma=at_least(0), shift_lr=at_least(0), batch_size=at_least(1),
         rounds_theta=at_least(0), rounds_joint=at_least(0), restarts=between(1, 10), lr_theta=positive,
         optimizer=one_of("rmsprop", "adam"), lr_xi=at_least(0), patience=at_least(1),
@@ -115,6 +115,7 @@ class LD3(L.LightningModule):
 
     def __init__(self, cfg: LD3Config, teacher, x_T_train: torch.Tensor):
         super().__init__()
+        resolve_auto(cfg, teacher)
         self.cfg, self.starts = cfg, []
         self.__dict__["teacher"] = teacher  # frozen and not ours: kept out of the state dict and the optimisers
         self.steps = steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero)
@@ -165,7 +166,7 @@ class LD3(L.LightningModule):
         decoupled = self.cfg.decoupled and (self.phase() == 2 if decoupled is None else decoupled)
         t, t_eval = self.grid(decoupled)
         return solve(self.teacher, x_T.to(self.x_prime.dtype), t, self.cfg.solver, self.cfg.order, eval_grid=t_eval,
-                     remat=self.cfg.remat, **self.cfg.options).x
+                     remat=self.cfg.remat == "true", **self.cfg.options).x
 
     def training_step(self, batch, batch_idx):
         idx, _, target = batch
@@ -348,8 +349,25 @@ def plot_grids(cfg: LD3Config, teacher, learned, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
+
+
+# loss=auto: the sum of L2 (paired accuracy) and the digits feature distance (what FID sees) for 1x8x8 teachers,
+# whose feature network ships; L2 elsewhere (docs/ld3.md says why).
+AUTO_LOSS = {(1, 8, 8): "l2+features"}
+# remat=auto rematerialises for teachers of at least this many parameters: below it the graph of N network calls
+# is small, and recomputing them costs a quarter of a training step.
+REMAT_ABOVE = 5_000_000
+
+
+def resolve_auto(cfg: LD3Config, teacher) -> None:
+    """Replace loss=auto and remat=auto by what they mean for this teacher (recorded so in config.yaml)."""
+    if cfg.loss == "auto":
+        cfg.loss = AUTO_LOSS.get(tuple(getattr(teacher, "shape", ())), "l2")
+    if cfg.remat == "auto":
+        cfg.remat = str(sum(p.numel() for p in teacher.parameters()) >= REMAT_ABOVE).lower()
+    cfg.remat = str(cfg.remat).lower()
 
 
 def check_ld3(cfg: LD3Config):
@@ -368,6 +386,7 @@ def check_ld3(cfg: LD3Config):
     steps = steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero)
     check_order(cfg.solver, cfg.order, steps)
     teacher = load_teacher(cfg.teacher)
+    resolve_auto(cfg, teacher)
     LD3Grid(teacher.noise_schedule, steps, cfg.time_mode, cfg.to_zero, cfg.window)  # at least one point to learn
     distance(cfg.loss, getattr(teacher, "shape", None), cfg.feature_net)  # fail now, not after generating the pairs
     pairs_dir = Path(cfg.pairs.directory) if cfg.pairs.directory else run_path(cfg) / "pairs"
@@ -408,10 +427,7 @@ def train_ld3(cfg: LD3Config) -> Path:
     save_schedule(run_dir / "schedule.json", schedule)
     plot_grids(cfg, teacher, learned, run_dir / "grid.png")
     rows = evaluate_grids(cfg, teacher, learned, test)
-    with open(run_dir / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(run_dir / "results.csv", rows)
     table = results_table(cfg, rows, p.test)
     write_text(run_dir / "results.md", "\n".join(table) + "\n")
     _log_outputs(logger, run_dir, module, teacher, test, learned, rows)

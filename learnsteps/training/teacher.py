@@ -16,6 +16,7 @@ from torch.utils.data import TensorDataset
 
 from ..config import at_least, fraction, not_a_file, one_of, positive
 from ..core.schedules import make_schedule
+from ..files import write_atomically
 from ..teachers.gmm import digits_data
 from ..teachers.network import NetworkTeacher, save_unet_teacher
 from ..teachers.unet import UNet, UNetConfig, check_unet
@@ -124,7 +125,8 @@ def save_image_grid(images: torch.Tensor, path: Path, nrow: int = 8, scale: int 
         r, c = divmod(i, nrow)
         canvas[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = (img[0] + 1) / 2
     pixels = (canvas.clamp(0, 1) * 255).round().byte().numpy()
-    Image.fromarray(pixels).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
+    image = Image.fromarray(pixels).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
+    write_atomically(Path(path), lambda tmp: image.save(tmp, format="PNG"))
 
 
 def train_teacher(cfg: TeacherTrainConfig) -> Path:
