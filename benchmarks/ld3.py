@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from learnsteps.config import SolverChoice, load_config  # noqa: E402
-from learnsteps.files import write_csv  # noqa: E402
+from learnsteps.files import save_figure, write_csv  # noqa: E402
 
 
 @dataclass
@@ -159,7 +159,35 @@ def paired(cfg: Config, out: Path) -> str:
               + f" {r['seconds']} |" for r in rows]
     text = "\n".join(lines) + "\n"
     (out / "paired.md").write_text(text)
+    if fid:
+        plot_paired(rows, out / "paired.png")
     return text
+
+
+def plot_paired(rows: list[dict], path: Path) -> None:
+    """Learned / best baseline against NFE: one column per teacher, paired RMSE above, FID against the teacher's
+    samples below, one line per solver; below 1 the learned grid wins."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    teachers = list(dict.fromkeys(r["teacher"] for r in rows))
+    fig, axes = plt.subplots(2, len(teachers), figsize=(4.2 * len(teachers), 6), sharex=True, squeeze=False)
+    for col, teacher in enumerate(teachers):
+        for solver in dict.fromkeys(r["solver"] for r in rows):
+            rs = sorted((r for r in rows if (r["teacher"], r["solver"]) == (teacher, solver)), key=lambda r: int(r["nfe"]))
+            for ax, key in zip(axes[:, col], ("rmse_vs_best", "fid_teacher_vs_best")):
+                ax.plot([int(r["nfe"]) for r in rs], [float(r[key]) for r in rs], marker="o", label=solver)
+        for ax, label in zip(axes[:, col], ("RMSE / best baseline", "FID (teacher) / best baseline")):
+            ax.axhline(1.0, color="grey", ls=":", lw=1)
+            ax.set(title=teacher if label.startswith("RMSE") else None, ylabel=label)
+            ax.grid(alpha=0.3)
+        axes[1, col].set_xlabel("NFE")
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100)
+    plt.close(fig)
 
 
 PATH_PROBE = "import torch; print(torch.backends.cpu.get_cpu_capability().lower())"
