@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import warnings
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 import lightning as L
 import numpy as np
@@ -34,8 +34,7 @@ from .config import at_least, between, each, one_of, positive
 from .core.grids import make as make_grid
 from .core.denoiser import dtype_of
 from .core.reference import reference_solve
-from .core.sample import solve
-from .core.sample import check_options, check_order, get_solver
+from .core.sample import check_options, check_order, get_solver, solve
 from .files import read_json, read_safetensors, sha256_file, write_json, write_safetensors
 from .loaders import train_loader
 

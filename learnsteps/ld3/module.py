@@ -155,7 +155,7 @@ class LD3(L.LightningModule):
         self.started = start
         self.grid.init_from(self.starts[start])
         self.best_of_start = dict(loss=math.inf, state=copy.deepcopy(self.grid.state_dict()), step=self.global_step)
-        for opt, lr in zip(self.optimizers(), (self.cfg.lr_theta, self.cfg.lr_xi / self.cfg.nfe)):
+        for opt, lr in zip(self.optimizers(), self.initial_lrs()):
             opt.optimizer.state.clear()
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -229,10 +229,16 @@ class LD3(L.LightningModule):
                 self.bad_validations = 0
         self.log("val/best", self.best["loss"])
 
+    def initial_lrs(self) -> tuple[float, float]:
+        """The learning rates of theta and xi at the start of each restart (xi's divided by NFE, as the official
+        code does)."""
+        return self.cfg.lr_theta, self.cfg.lr_xi / self.cfg.nfe
+
     def configure_optimizers(self):
-        theta = (torch.optim.RMSprop([self.grid.theta], lr=self.cfg.lr_theta, momentum=0.9)
-                 if self.cfg.optimizer == "rmsprop" else torch.optim.Adam([self.grid.theta], lr=self.cfg.lr_theta))
-        return [theta, torch.optim.SGD([self.grid.xi], lr=self.cfg.lr_xi / self.cfg.nfe)]
+        lr_theta = self.initial_lrs()[0]
+        theta = (torch.optim.RMSprop([self.grid.theta], lr=lr_theta, momentum=0.9)
+                 if self.cfg.optimizer == "rmsprop" else torch.optim.Adam([self.grid.theta], lr=lr_theta))
+        return [theta, torch.optim.SGD([self.grid.xi], lr=self.initial_lrs()[1])]
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["ld3_best"] = self.best
@@ -285,7 +291,12 @@ def pairs_spec(cfg: LD3Config, teacher, n: int, seed: int) -> TrajectorySpec:
                           order=p.order, steps_per_interval=p.steps, rtol=p.rtol, batch_size=128)
 
 
-def pair_sets(cfg: LD3Config, teacher, pairs_dir: Path) -> dict[str, TrajectorySpec]:
+def pairs_path(cfg: LD3Config) -> Path:
+    """Where the teacher pairs live: pairs.directory, or the run directory's pairs/."""
+    return Path(cfg.pairs.directory) if cfg.pairs.directory else run_path(cfg) / "pairs"
+
+
+def pair_sets(cfg: LD3Config, teacher) -> dict[str, TrajectorySpec]:
     p = cfg.pairs
     return {"train": pairs_spec(cfg, teacher, p.train + p.val, p.seed), "test": pairs_spec(cfg, teacher, p.test, p.seed + 1)}
 
@@ -389,8 +400,8 @@ def check_ld3(cfg: LD3Config):
     resolve_auto(cfg, teacher)
     LD3Grid(teacher.noise_schedule, steps, cfg.time_mode, cfg.to_zero, cfg.window)  # at least one point to learn
     distance(cfg.loss, getattr(teacher, "shape", None), cfg.feature_net)  # fail now, not after generating the pairs
-    pairs_dir = Path(cfg.pairs.directory) if cfg.pairs.directory else run_path(cfg) / "pairs"
-    for name, spec in pair_sets(cfg, teacher, pairs_dir).items():
+    pairs_dir = pairs_path(cfg)
+    for name, spec in pair_sets(cfg, teacher).items():
         check_directory(pairs_dir / name, spec, teacher, cfg.teacher)
     return teacher
 
@@ -398,9 +409,9 @@ def check_ld3(cfg: LD3Config):
 def train_ld3(cfg: LD3Config) -> Path:
     teacher = check_ld3(cfg)
     run_dir = prepare_run(cfg)
-    pairs_dir = Path(cfg.pairs.directory) if cfg.pairs.directory else run_dir / "pairs"
+    pairs_dir = pairs_path(cfg)
     p = cfg.pairs
-    specs = pair_sets(cfg, teacher, pairs_dir)
+    specs = pair_sets(cfg, teacher)
     pairs = teacher_pairs(teacher, cfg, pairs_dir, specs["train"], "train")
     test = teacher_pairs(teacher, cfg, pairs_dir, specs["test"], "test")
     train_set = torch.utils.data.Subset(pairs, range(p.train))

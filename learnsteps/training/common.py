@@ -119,11 +119,15 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _checksum_line(body: str) -> str:
+    """config.yaml's last line: the sha256 of everything above it (without the final newline)."""
+    return f"# sha256: {hashlib.sha256(body.rstrip(chr(10)).encode()).hexdigest()}"
+
+
 def read_run_config(path: Path) -> dict:
     """The flattened configuration a run directory's config.yaml records, after checking its checksum line."""
-    text = path.read_text()
-    body, _, last = text.rstrip("\n").rpartition("\n")
-    if not last.startswith("# sha256: ") or last.removeprefix("# sha256: ") != hashlib.sha256(body.encode()).hexdigest():
+    body, _, last = path.read_text().rstrip("\n").rpartition("\n")
+    if last != _checksum_line(body):
         raise RunDirError(f"{path} is damaged or was edited (its checksum line does not match): restart=true to start "
                           f"over in {path.parent}")
     return _flat(yaml.safe_load(body) or {})
@@ -161,7 +165,7 @@ def prepare_run(cfg: RunConfig) -> Path:
     if primary:
         _lock(run_dir)
         text = to_yaml(cfg)
-        write_text(run_dir / "config.yaml", text + f"# sha256: {hashlib.sha256(text.rstrip(chr(10)).encode()).hexdigest()}\n")
+        write_text(run_dir / "config.yaml", f"{text}{_checksum_line(text)}\n")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     return run_dir
 
@@ -243,19 +247,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     the Lightning version: a checkpoint holds tensors and plain values only, so a tampered one cannot run code."""
 
     @staticmethod
+    def _advice(path) -> str:
+        return f"restart=true starts the run over in {Path(path).parent.parent}"
+
+    @staticmethod
     def verify(path) -> None:
         try:
             verify_checksum(path, CheckpointError)
         except CheckpointError as err:
-            raise CheckpointError(f"{err}: restart=true starts the run over in {Path(path).parent.parent}") from None
+            raise CheckpointError(f"{err}: {AtomicCheckpointIO._advice(path)}") from None
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
-        advice = f"restart=true starts the run over in {Path(path).parent.parent}"
         self.verify(path)
         try:
             return torch.load(path, map_location=map_location or "cpu", weights_only=True)
         except Exception as err:  # torch raises several types for a file it cannot unpickle
-            raise CheckpointError(f"{path} cannot be read ({type(err).__name__}): {advice}") from None
+            raise CheckpointError(f"{path} cannot be read ({type(err).__name__}): {self._advice(path)}") from None
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         write_checksummed(Path(path), lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp,
