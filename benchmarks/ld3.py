@@ -5,7 +5,7 @@ the outcome is to the seed and to the CPU's kernel path.
     python benchmarks/ld3.py part=memory                      # peak memory only
     python benchmarks/ld3.py teachers=[gmm_digits] nfe=[4,6]  # a subset
     python benchmarks/ld3.py part=paired "ld3_args=[loss=features]" out_dir=runs/bench_ld3_features
-    python benchmarks/ld3.py part=robustness                  # seeds x CPU kernel paths x NFE (about 40 min)
+    python benchmarks/ld3.py part=robustness                  # seeds x CPU kernel paths x NFE (about 30 min)
 
 paired: `train.py mode=ld3` (its defaults) for every teacher x solver x NFE (pairs shared per teacher, 2000
 held-out), each reporting, for the learned grid against the best baseline grid on those held-out pairs, the
