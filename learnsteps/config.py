@@ -71,6 +71,15 @@ def not_a_file(v) -> str | None:
     return "is an existing file, not a directory" if v and Path(v).is_file() else None
 
 
+def conditions_value(v) -> str | None:
+    """A teacher's conditions: a list of class labels / prompts, or the path of a prompt file (one per line)."""
+    if isinstance(v, str):
+        return None if Path(v).is_file() else "is not a prompt file (give a file path, or a list [label, ...])"
+    if isinstance(v, list) and all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in v):
+        return None
+    return "must be a list of class labels or prompts, or a prompt file"
+
+
 def existing_dir(v) -> str | None:
     """An input directory: empty (the default) or an existing directory."""
     if not v:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .core.sample import check_options, check_order, get_solver, nfe as nfe_of, resolved_options
 from .core.schedules import NoiseSchedule, make_schedule
-from .core.steps import check_times
+from .core.steps import Grid, check_times
 from .files import read_json, write_json
 
 FORMAT, VERSION = "learnsteps-schedule", 1
@@ -78,6 +78,14 @@ class Schedule:
         return self.make_noise_schedule().sigma_tilde(self.eval_grid).tolist()
 
     @property
+    def diffusers_timesteps(self) -> list[float]:
+        """The model-evaluation times as diffusers' `timesteps` (N values): the DDPM index itself, or a flow model's
+        t * num_train_timesteps."""
+        if self.noise_schedule.get("kind") == "flow":
+            return [t * self.noise_schedule["n"] for t in self.eval_times[:-1]]
+        return self.eval_times[:-1]
+
+    @property
     def decoupled(self) -> bool:
         return self.eval_times != self.times
 
@@ -110,8 +118,8 @@ class Schedule:
 
     def to_dict(self) -> dict:
         d = dict(format=FORMAT, version=VERSION, **asdict(self), sigmas=self.sigmas, eval_sigmas=self.eval_sigmas)
-        if self.noise_schedule.get("kind") == "ddpm":  # the model inputs a diffusers pipeline feeds its UNet
-            d["diffusers_timesteps"] = self.eval_times[:-1]
+        if self.noise_schedule.get("kind") in ("ddpm", "flow"):  # the model inputs a diffusers pipeline feeds
+            d["diffusers_timesteps"] = self.diffusers_timesteps
         d["consumers"] = self.consumers()
         return d
 
@@ -204,6 +212,8 @@ def validate(data, where: str = "schedule") -> Schedule:
         raise ScheduleError(f"{where}: 'eval_times' has {len(eval_times)} values, 'times' {len(times)}")
     try:
         check_order(data["solver"], data["order"], steps)
+        # times in range can still leave the log-SNR domain (a time of 1e-320 gives lambda = inf before t_zero)
+        Grid(noise_schedule, torch.tensor(times, dtype=torch.float64), torch.tensor(eval_times, dtype=torch.float64))
     except ValueError as err:
         raise ScheduleError(f"{where}: {err}") from None
     options = data.get("options", {})

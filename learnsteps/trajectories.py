@@ -4,7 +4,8 @@ From seeded noise, a high-accuracy solver of the core integrates the frozen teac
 output times are stored (with the x0-predictions there, when asked), in shards:
 
     out_dir/spec.json                   what is being generated (teacher fingerprint, solver, times, seed, ...)
-    out_dir/shard-00000.safetensors     x_T (S, ...), trajectory (S, M, ...), [x0 (S, M, ...)], index (S,), with
+    out_dir/shard-00000.safetensors     x_T (S, ...), trajectory (S, M, ...), [x0 (S, M, ...)], index (S,),
+                                        [cond (S,): a conditional teacher's condition index of each sample], with
                                         the sha256 of its tensors in its metadata (written atomically: a shard
                                         that is there and verifies is finished)
     out_dir/manifest.json               written once every shard is done: shapes, dtypes, counts, each file's sha256
@@ -92,10 +93,15 @@ def sample_noise(indices, shape: tuple[int, ...], seed: int, scale: float = 1.0)
     return torch.stack(out) * scale
 
 
-def integrate(teacher, x_T: Tensor, times: Tensor, spec: TrajectorySpec) -> Tensor:
+def conditions_of(teacher, index: Tensor) -> Tensor | None:
+    """The condition of each sample index for a conditional teacher (a pipeline's conditions in turn), else None."""
+    return teacher.condition_of(index) if getattr(teacher, "conditional", False) else None
+
+
+def integrate(teacher, x_T: Tensor, times: Tensor, spec: TrajectorySpec, cond: Tensor | None = None) -> Tensor:
     """States at `times` (M, B, ...) from x_T at times[0], by the reference solver or a fine solver grid."""
     if spec.solver == "reference":
-        return reference_solve(teacher, x_T, times, rtol=spec.rtol, atol=spec.rtol).trajectory
+        return reference_solve(teacher, x_T, times, rtol=spec.rtol, atol=spec.rtol, cond=cond).trajectory
     sched = teacher.noise_schedule
     pieces, marks = [times[:1]], [0]
     for a, b in zip(times[:-1], times[1:]):  # a fine grid through every output time
@@ -106,7 +112,8 @@ def integrate(teacher, x_T: Tensor, times: Tensor, spec: TrajectorySpec) -> Tens
         pieces.append(piece)
         marks.append(marks[-1] + len(piece))
     grid = torch.cat(pieces)
-    traj = solve(teacher, x_T, grid, spec.solver, spec.order, return_trajectory=True, **spec.options).trajectory
+    traj = solve(teacher, x_T, grid, spec.solver, spec.order, cond=cond, return_trajectory=True,
+                 **spec.options).trajectory
     return traj[marks]
 
 
@@ -184,20 +191,24 @@ def generate(teacher, out_dir: str | Path, spec: TrajectorySpec, rank: int = 0, 
     for k in todo:
         idx = torch.arange(k * spec.shard_size, min((k + 1) * spec.shard_size, spec.n))
         x_T = sample_noise(idx.tolist(), shape, spec.seed, sched.init_noise_std())
+        cond = conditions_of(teacher, idx)  # stored with each sample: consumers draw matched (noise, condition)
         parts = {"x_T": [], "trajectory": [], "x0": []}
         for b in range(0, len(idx), spec.batch_size):
             x = x_T[b: b + spec.batch_size].to(dtype_of(teacher))
+            c = None if cond is None else cond[b: b + spec.batch_size]
             with torch.no_grad():
-                traj = integrate(teacher, x, times, spec)  # (M, B, ...)
+                traj = integrate(teacher, x, times, spec, c)  # (M, B, ...)
                 parts["trajectory"].append(traj.transpose(0, 1))
                 if spec.store_x0:
-                    x0 = [traj[m] if times[m] == sched.t_zero else teacher.x0(traj[m], times[m].to(x).expand(len(x)))
+                    x0 = [traj[m] if times[m] == sched.t_zero else teacher.x0(traj[m], times[m].to(x).expand(len(x)), c)
                           for m in range(len(times))]
                     parts["x0"].append(torch.stack(x0, 1))
             bar.update(len(x))
         tensors = {key: torch.cat(v).to(dtype) for key, v in parts.items() if v}
         tensors["x_T"] = x_T.to(dtype)
         tensors["index"] = idx
+        if cond is not None:
+            tensors["cond"] = cond
         write_safetensors(shard_path(out, k), tensors)
     bar.close()
     if barrier is not None:

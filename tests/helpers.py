@@ -41,3 +41,23 @@ class Linear(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.cfg.lr)
+
+
+def reexpressed(teacher, prediction: str):
+    """The exact `teacher` as a network whose output is `prediction` (epsilon, x0, v, edm or flow), wrapped back
+    into a NetworkDenoiser: the same model, seen through another parameterization's conversions."""
+    from learnsteps.core.denoiser import NetworkDenoiser
+
+    s = teacher.noise_schedule
+
+    class Net(torch.nn.Module):
+        def forward(self, x, t):
+            if prediction == "edm":  # called on x~ = x/alpha at sigma~
+                t = s.t_of_sigma_tilde(t)
+                return teacher.x0(x * s.alpha(t).reshape(-1, *[1] * (x.dim() - 1)), t)
+            eps, x0 = teacher.eps(x, t), teacher.x0(x, t)
+            shape = (-1,) + (1,) * (x.dim() - 1)
+            alpha, sigma = s.alpha(t).reshape(shape), s.sigma(t).reshape(shape)
+            return {"epsilon": eps, "x0": x0, "v": alpha * eps - sigma * x0, "flow": eps - x0}[prediction]
+
+    return NetworkDenoiser(Net(), s, prediction)

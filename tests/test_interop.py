@@ -11,11 +11,11 @@ import torch
 
 import learnsteps as ls
 from learnsteps.core.denoiser import EpsilonNetwork, NetworkDenoiser
-from learnsteps.core.schedules import DiscreteDDPM, VPLinear
+from learnsteps.core.schedules import DiscreteDDPM, FlowMatching, VPLinear
 from learnsteps.schedule import Schedule, ScheduleError
 from learnsteps.teachers.gmm import toy_mixture
 
-from helpers import F64, noise
+from helpers import F64, noise, reexpressed
 
 diffusers = pytest.importorskip("diffusers")
 RTOL = 1e-5
@@ -63,8 +63,9 @@ def run_documented_loop(scheduler, schedule, net, x_T):
     from learnsteps.interop.diffusers import initial_sample
 
     x = initial_sample(scheduler, schedule, x_T)
+    scale = getattr(scheduler, "scale_model_input", lambda x, t: x)  # flow schedulers have none
     for t in scheduler.timesteps:
-        x = scheduler.step(net(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+        x = scheduler.step(net(scale(x, t), t), t, x).prev_sample
     return schedule.from_x_tilde(x) if type(scheduler).__name__ in ("EulerDiscreteScheduler",
                                                                     "HeunDiscreteScheduler") else x
 
@@ -85,6 +86,51 @@ def test_diffusers_runs_a_schedule_file_like_our_core(tmp_path, solver, order, o
     theirs = run_documented_loop(scheduler_for(schedule), schedule, net, x_T)
     ours = ls.sample(teacher, x_T, schedule.grid, solver, order, eval_grid=schedule.eval_grid, **schedule.options)
     assert relative_error(ours, theirs) <= RTOL
+
+
+FLOW = [("euler", 1, {}, True), ("euler", 1, {}, False), ("dpm_solver++", 2, {}, True),
+        ("dpm_solver++", 3, dict(variant="taylor"), False), ("unipc", 3, {}, True), ("unipc", 2, {}, False)]
+
+
+@pytest.mark.parametrize("decoupled", [False, True], ids=["grid", "decoupled"])
+@pytest.mark.parametrize("solver, order, options, to_zero", FLOW, ids=str)
+def test_diffusers_flow_schedulers_run_a_flow_schedule_file_like_our_core(tmp_path, solver, order, options, to_zero,
+                                                                          decoupled):
+    """A schedule learned for a flow-matching (velocity) teacher, through the file and `scheduler_for`, in the
+    documented loop with the model called at diffusers' timestep t * n, as an SD3 pipeline calls its transformer."""
+    from learnsteps.interop.diffusers import scheduler_for
+    from learnsteps.schedule import load_schedule, save_schedule
+
+    teacher = reexpressed(toy_mixture(noise_schedule=FlowMatching(shift=3.0)), "flow")
+    grid, eval_grid = learned_looking(teacher.noise_schedule, 7, to_zero, decoupled)
+    path = save_schedule(tmp_path / "s.json", Schedule.from_grid(grid, teacher.noise_schedule, solver, order,
+                                                                  eval_grid=eval_grid, options=options))
+    schedule = load_schedule(path)
+    x_T = noise((8, 6))
+    net = lambda x, t: teacher(x, (torch.as_tensor(t, dtype=F64) / 1000).expand(len(x)))  # noqa: E731
+    scheduler = scheduler_for(schedule)
+    theirs = run_documented_loop(scheduler, schedule, net, x_T)
+    ours = ls.sample(teacher, x_T * teacher.noise_schedule.init_noise_std(), schedule.grid, solver, order,
+                     eval_grid=schedule.eval_grid, **schedule.options)
+    # FlowMatchEuler and DPMSolverMultistep compute their step in float32 (tests/test_flow.py)
+    assert relative_error(ours, theirs) <= (1e-12 if solver == "unipc" else 1e-6)
+    assert schedule.to_dict()["diffusers_timesteps"] == [t * 1000 for t in schedule.eval_times[:-1]]
+
+
+def test_a_flow_schedule_is_refused_by_a_vp_scheduler_and_the_reverse():
+    import diffusers
+
+    from learnsteps.interop.diffusers import apply_schedule, recipe
+
+    flow = Schedule.from_grid(ls.grids.make("shifted", 6, FlowMatching(shift=3.0)), FlowMatching(shift=3.0), "unipc", 2)
+    with pytest.raises(ScheduleError, match="does not use flow-matching sigmas"):
+        apply_schedule(diffusers.UniPCMultistepScheduler(), flow)
+    s = DiscreteDDPM("linear")
+    vp = Schedule.from_grid(ls.grids.make("logsnr", 6, s), s, "unipc", 2)
+    with pytest.raises(ScheduleError, match="uses flow-matching sigmas"):
+        apply_schedule(diffusers.FlowMatchEulerDiscreteScheduler(), vp)
+    with pytest.raises(ScheduleError, match="no diffusers flow-matching scheduler implements deis"):
+        recipe(Schedule.from_grid(flow.grid, FlowMatching(shift=3.0), "deis", 2))
 
 
 def test_unipc_bh1_onto_sigma_zero_is_refused_with_one_line():

@@ -9,7 +9,7 @@ import learnsteps as ls
 from learnsteps.config import load_config
 from learnsteps.core.schedules import DiscreteDDPM, VPLinear
 from learnsteps.ld3.grid import LD3Grid
-from learnsteps.ld3.module import LD3Config, train_ld3
+from learnsteps.ld3.module import NO_CONDITION, LD3Config, train_ld3
 from learnsteps.schedule import load_schedule
 from learnsteps.teachers.gmm import toy_mixture
 
@@ -144,7 +144,7 @@ def test_soft_forcing_stays_inside_the_ball(tmp_path):
     teacher = toy_mixture()
     x_T, target = noise((8, 6)), noise((8, 6), seed=1)
     module = LD3(cfg, teacher, x_T)
-    data = DataLoader(TensorDataset(torch.arange(8), x_T, target), batch_size=4)
+    data = DataLoader(TensorDataset(torch.arange(8), x_T, target, torch.full((8,), NO_CONDITION)), batch_size=4)
     L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               num_sanity_val_steps=0, limit_val_batches=0).fit(module, data)
     moved = (module.x_prime - x_T).flatten(1).norm(dim=1)

@@ -8,7 +8,7 @@ from learnsteps.core.denoiser import NetworkDenoiser
 from learnsteps.core.schedules import EDM, DiscreteDDPM, VPLinear
 from learnsteps.teachers.gmm import gaussian, toy_mixture
 
-from helpers import F64, CountingDenoiser, noise
+from helpers import F64, CountingDenoiser, noise, reexpressed
 
 DETERMINISTIC = [  # (solver, order, options)
     ("euler", 1, {}), ("heun", 2, {}),
@@ -180,17 +180,7 @@ def test_model_is_called_at_the_evaluation_times(teacher):
 @pytest.mark.parametrize("prediction", ["epsilon", "x0", "v", "edm"])
 def test_every_prediction_type_gives_the_same_sampler(prediction, teacher):
     s = teacher.noise_schedule
-
-    class Net(torch.nn.Module):  # the exact teacher re-expressed in another parameterization
-        def forward(self, x, t):
-            if prediction == "edm":  # called on x~ = x/alpha at sigma~
-                t = s.t_of_sigma_tilde(t)
-                return teacher.x0(x * s.alpha(t)[:, None], t)
-            eps, x0 = teacher.eps(x, t), teacher.x0(x, t)
-            alpha, sigma = s.alpha(t)[:, None], s.sigma(t)[:, None]
-            return {"epsilon": eps, "x0": x0, "v": alpha * eps - sigma * x0}[prediction]
-
-    wrapped = NetworkDenoiser(Net(), s, prediction)
+    wrapped = reexpressed(teacher, prediction)
     grid = ls.grids.make("edm", 8, s)
     for solver in ("dpm_solver++", "unipc", "heun"):
         torch.testing.assert_close(ls.sample(wrapped, noise((3, 6)), grid, solver),

@@ -7,6 +7,9 @@ predictions that the solvers' data and noise forms need (sec. 0 of docs/solvers.
     x0:       eps = (x - alpha x0) / sigma
     v:        v = alpha eps - sigma x0,  so x0 = alpha x - sigma v and eps = sigma x + alpha v
     edm:      the network is D(x~; sigma~) on x~ = x / alpha, sigma~ = sigma / alpha, and D = x0
+    flow:     the velocity v = dx/dt = eps - x0 of rectified flow (alpha + sigma = 1), so x0 = x - sigma v and
+              eps = x + alpha v; written divided by alpha + sigma, the same numbers on the flow path
+              (diffusers' "flow_prediction")
 
 x is the VP state (for the EDM schedule alpha = 1 and x = x~). t is a tensor of the schedule's native times, one
 per sample (shape (B,)) or one for all (shape ()).
@@ -18,7 +21,7 @@ from torch import Tensor, nn
 
 from .schedules import NoiseSchedule
 
-PREDICTIONS = ("epsilon", "x0", "v", "edm")
+PREDICTIONS = ("epsilon", "x0", "v", "edm", "flow")
 
 
 def per_sample(v: Tensor, x: Tensor) -> Tensor:
@@ -65,14 +68,25 @@ class EpsilonNetwork(nn.Module):
         return self.denoiser.eps(x, t)
 
 
+class VelocityNetwork(EpsilonNetwork):
+    """A denoiser seen as a flow-matching network v(x, t) = eps - x0 (diffusers' "flow_prediction")."""
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.denoiser.eps(x, t) - self.denoiser.x0(x, t)
+
+
 def convert(out: Tensor, prediction: str, want: str, x: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
     """A network output of type `prediction` at state x (VP, with alpha and sigma) as x0 or eps (`want`)."""
     if want == "x0":
         if prediction in ("x0", "edm"):
             return out
+        if prediction == "flow":
+            return (x - sigma * out) / (alpha + sigma)
         return (x - sigma * out) / alpha if prediction == "epsilon" else alpha * x - sigma * out
     if prediction == "epsilon":
         return out
+    if prediction == "flow":
+        return (x + alpha * out) / (alpha + sigma)
     return sigma * x + alpha * out if prediction == "v" else (x - alpha * out) / sigma
 
 
@@ -96,11 +110,18 @@ class NetworkDenoiser(Denoiser):
         return self.net(x, t, *args)
 
 
-class ClassifierFreeGuidance(Denoiser):
-    """out = uncond + scale (cond - uncond) in the network's own parameterization.
+def guided(net, x: Tensor, t: Tensor, cond: Tensor, null: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance, uncond + scale (cond - uncond), with net(x, t, c) called once on a batch of 2B.
 
-    The combination has weights summing to one, so guiding eps, x0 or v gives the same sampler. Both branches run
-    as one batch of 2B. `null_cond` is what the model takes as "no condition" (e.g. the extra class index)."""
+    The combination has weights summing to one, so guiding eps, x0, v or a flow velocity gives the same sampler."""
+    t = t.expand(x.shape[0])
+    out_c, out_u = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null])).chunk(2)
+    return out_u + scale * (out_c - out_u)
+
+
+class ClassifierFreeGuidance(Denoiser):
+    """A denoiser guided with `scale`; `null_cond` is what the model takes as "no condition" (e.g. the extra
+    class index)."""
 
     def __init__(self, denoiser: Denoiser, scale: float, null_cond):
         super().__init__()
@@ -110,7 +131,6 @@ class ClassifierFreeGuidance(Denoiser):
     def forward(self, x, t, cond=None):
         if cond is None:
             raise ValueError("classifier-free guidance needs a condition: pass cond=")
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         null = torch.as_tensor(self.null_cond, device=cond.device, dtype=cond.dtype).expand_as(cond)
-        out_c, out_u = self.inner(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null])).chunk(2)
-        return out_u + self.scale * (out_c - out_u)
+        return guided(self.inner, x, t, cond, null, self.scale)

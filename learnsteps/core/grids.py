@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .schedules import NoiseSchedule
 
-KINDS = ("time_uniform", "time_quadratic", "logsnr", "edm", "ays", "gits", "explicit")
+KINDS = ("time_uniform", "time_quadratic", "logsnr", "edm", "ays", "gits", "shifted", "explicit")
 
 # Align-Your-Steps sigma~ lists (Sabour et al. 2024, as diffusers' AysSchedules / NVIDIA's page give them),
 # for the models they were optimised for; `make("ays", ...)` log-linearly interpolates them to any length.
@@ -22,6 +22,11 @@ AYS_SIGMAS = {
     "sdxl": [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029],
     "svd": [700.0, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002],
 }
+
+
+def applicable(kinds, schedule: NoiseSchedule) -> list[str]:
+    """The grid kinds of `kinds` that `schedule` has: "shifted" only for flow-matching schedules."""
+    return [k for k in kinds if k != "shifted" or getattr(schedule, "shift", None) is not None]
 
 
 def _ramp(n: int) -> Tensor:
@@ -46,7 +51,8 @@ def make(kind: str, steps: int, schedule: NoiseSchedule, *, t_max: float | None 
 
     time_uniform / time_quadratic: uniform in t / in sqrt(t) (DPM-Solver, DEIS); logsnr: uniform in lambda;
     edm: Karras et al.'s rho-spacing of sigma~ (rho=7); ays: `sigmas` (a list or a key of AYS_SIGMAS)
-    interpolated log-linearly, over the list's own range; explicit: `times` as given; gits: GITS' dynamic programme over a fine edm grid
+    interpolated log-linearly, over the list's own range; shifted: a flow model's own default, uniform in the
+    unshifted t then shifted by the schedule's `shift` (SD3, FLUX; time_uniform for shift 1); explicit: `times` as given; gits: GITS' dynamic programme over a fine edm grid
     of `fine_steps`, with the `teacher` integrated from `x_T` (Chen et al. 2024)."""
     if kind not in KINDS:
         raise ValueError(f"unknown grid kind {kind!r}: expected one of {KINDS}")
@@ -70,6 +76,14 @@ def make(kind: str, steps: int, schedule: NoiseSchedule, *, t_max: float | None 
         t = t_hi_ + u * (t_lo_ - t_hi_)
     elif kind == "time_quadratic":
         t = (t_hi_.sqrt() + u * (t_lo_.sqrt() - t_hi_.sqrt())) ** 2
+    elif kind == "shifted":
+        shift = getattr(schedule, "shift", None)
+        if shift is None:
+            raise ValueError(f"a shifted grid needs a flow-matching schedule (one with a shift), not {schedule!r}")
+        from .schedules import shift_sigma, unshift_sigma
+
+        hi, lo = unshift_sigma(t_hi_, shift), unshift_sigma(t_lo_, shift)
+        t = shift_sigma(hi + u * (lo - hi), shift)
     elif kind == "logsnr":
         lam_hi, lam_lo = schedule.lambda_(t_hi_), schedule.lambda_(t_lo_)
         t = schedule.t_of_lambda(lam_hi + u * (lam_lo - lam_hi))

@@ -271,7 +271,59 @@ class EDM(NoiseSchedule):
         return dict(kind=self.kind, sigma_min=self.t_min, sigma_max=self.t_max)
 
 
-SCHEDULES = {cls.kind: cls for cls in (VPLinear, VPCosine, DiscreteDDPM, EDM)}
+def shift_sigma(sigma, shift: float):
+    """SD3's timestep shift sigma' = s sigma / (1 + (s - 1) sigma) (FLUX's exponential shift with mu is s = e^mu):
+    in log-SNR a constant offset, lambda' = lambda - log s, so it moves a grid towards noise without reshaping it."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def unshift_sigma(sigma, shift: float):
+    """The inverse of `shift_sigma`."""
+    return sigma / (shift - (shift - 1) * sigma)
+
+
+def dynamic_shift_mu(image_seq_len: int, base_image_seq_len: int = 256, max_image_seq_len: int = 4096,
+                     base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """FLUX-style resolution-dependent mu, linear in the number of latent tokens (the pipelines' calculate_shift);
+    the shift is then e^mu."""
+    slope = (max_shift - base_shift) / (max_image_seq_len - base_image_seq_len)
+    return image_seq_len * slope + base_shift - slope * base_image_seq_len
+
+
+class FlowMatching(NoiseSchedule):
+    """Rectified flow, x_t = (1 - t) x0 + t eps on t in [0, 1]: alpha = 1 - t, sigma = t, lambda = log((1 - t)/t).
+
+    t is diffusers' flow "sigma"; the network sees t * n (FlowMatchEulerDiscreteScheduler's timesteps). `shift` is
+    the sampler's timestep shift (SD3: 3.0; FLUX: e^mu): it does not change the forward process, only where the
+    model's own default grid ("shifted") puts its points and the default ends, t_max = shift(1 - 1/n) and
+    t_min = shift(1/n). t_max stays below 1: at t = 1, alpha = 0 and lambda = -inf, where the noise-form solvers and
+    every log-SNR step size are undefined (diffusers' DPM-Solver and UniPC with flow sigmas start there too)."""
+
+    kind = "flow"
+    path = "flow"
+
+    def __init__(self, shift: float = 1.0, n: int = 1000, t_min: float | None = None, t_max: float | None = None):
+        check_params(self.kind, shift=(shift, 1e-3, 1e3))
+        check_params(self.kind, integer=True, n=(n, 2, 100_000))
+        t_min = shift_sigma(1 / n, shift) if t_min is None else t_min
+        t_max = shift_sigma(1 - 1 / n, shift) if t_max is None else t_max
+        check_params(self.kind, t_min=(t_min, 1e-9, 1 - 1e-9), t_max=(t_max, 1e-9, 1 - 1e-9))
+        if not t_min < t_max:
+            raise ValueError(f"{self.kind} schedule: needs t_min < t_max")
+        self.shift, self.n, self.t_min, self.t_max, self.t_zero = float(shift), n, float(t_min), float(t_max), 0.0
+
+    def lambda_(self, t):
+        t = t.clamp(0, 1)  # sigma = 0 (lambda = +inf) at and below t_zero, never NaN
+        return torch.log1p(-t) - torch.log(t)
+
+    def t_of_lambda(self, lam):
+        return torch.sigmoid(-lam)
+
+    def config(self):
+        return dict(kind=self.kind, shift=self.shift, n=self.n, t_min=self.t_min, t_max=self.t_max)
+
+
+SCHEDULES = {cls.kind: cls for cls in (VPLinear, VPCosine, DiscreteDDPM, EDM, FlowMatching)}
 
 
 def make_schedule(kind: str | None = None, **params) -> NoiseSchedule:

@@ -23,9 +23,10 @@ def euler(model: Model, x: Tensor, g: Grid, order: int = 1, eta: float = 0.0,
           generator: torch.Generator | None = None) -> Iterator[Tensor]:
     """DDIM (= Euler in x/alpha over sigma/alpha = DPM-Solver-1), stochastic with eta > 0 (eta = 1: DDPM).
 
-    The deterministic step is taken in the model's native form (noise or data), which saves a conversion.
+    The deterministic step is taken in the model's native form (noise or data), which saves a conversion; a flow
+    (velocity) model steps in the data form, where it is exactly FlowMatchEulerDiscreteScheduler's x + (t' - t) v.
     DDIM's sigma_eta = eta sqrt((1-abar_t)/(1-abar_s)) sqrt(1-abar_s/abar_t) equals eta sigma_t sqrt(1-e^{-2h})."""
-    form = ExpForm(g, data=eta != 0 or model.denoiser.prediction in ("x0", "edm"))
+    form = ExpForm(g, data=eta != 0 or model.denoiser.prediction in ("x0", "edm", "flow"))
     for i in range(g.n):
         m = form.predict(model, x, i)
         if g.is_zero(i + 1):

@@ -12,7 +12,7 @@ import copy
 import json
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 from pathlib import Path
 
 import lightning as L
@@ -32,6 +32,8 @@ from .student import DSNOStudent, StudentConfig, save_student
 @dataclass
 class DSNOConfig(RunConfig):
     teacher: str = "digits_unet"
+    conditions: Any = field(default_factory=list)  # a conditional pipeline's class labels or prompts (or a prompt file)
+    guidance: float = 1.0  # its classifier-free guidance scale
     times: str = "quadratic"  # spacing of the M output times: quadratic | uniform (in t) | logsnr
     num_times: int = 4  # M, the output times after x_T (M = 1 with temporal=false: plain one-step distillation)
     output_times: list[float] = field(default_factory=list)  # explicit, decreasing, ending at the clean data
@@ -163,8 +165,11 @@ def make_student(cfg: DSNOConfig, teacher, times: torch.Tensor) -> DSNOStudent:
 def check_dsno(cfg: DSNOConfig):
     """Everything that can be wrong with a DSNO run's input, found before anything is written: (teacher, the
     student's times, the trajectory spec, the data directory, where the times sit among the stored ones)."""
-    teacher = load_teacher(cfg.teacher)
+    teacher = load_teacher(cfg.teacher, conditions=cfg.conditions, guidance=cfg.guidance)
     distance(cfg.loss, getattr(teacher, "shape", None))  # fail now, not after generating trajectories
+    if getattr(teacher, "conditional", False) and len(teacher.conditions) > 1:
+        raise ValueError(f"DSNO students here are unconditional: give the teacher one condition (conditions=[...] "
+                         f"of length 1), not {len(teacher.conditions)}")
     if len(getattr(teacher, "shape", ())) != 3:
         raise ValueError(f"DSNO students are UNets over images; teacher {cfg.teacher!r} has shape "
                          f"{getattr(teacher, 'shape', None)}")
@@ -206,7 +211,7 @@ def train_dsno(cfg: DSNOConfig) -> Path:
         return run_dir
     ema = module.ema.module.cpu().eval()
     val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    meta = dict(teacher=dict(fingerprint=teacher.fingerprint(), name=cfg.teacher),
+    meta = dict(teacher=dict(fingerprint=teacher.fingerprint(), name=cfg.teacher, **getattr(teacher, "record", dict)()),
                 noise_schedule=teacher.noise_schedule.config(), targets=cfg.targets,
                 training=dict(steps=trainer.global_step, seconds=round(seconds, 1), loss=cfg.loss,
                               weighting=cfg.weighting, trajectories=spec.n, validation=val, seed=cfg.seed,
@@ -228,8 +233,10 @@ def _samples(cfg, teacher, student, run_dir: Path, logger) -> None:
     with torch.no_grad():
         ours = student.sample(x_T)
         ref = sample(teacher, x_T, make("logsnr", 40, teacher.noise_schedule, to_zero=True), "unipc", 3).float()
+        if hasattr(teacher, "decode"):  # a latent teacher: its VAE's images
+            ours, ref = teacher.decode(ours), teacher.decode(ref)
     pairs = torch.stack([ours.clamp(-1, 1), ref.clamp(-1, 1)], 1).flatten(0, 1)
-    if pairs.shape[1] == 1:
+    if pairs.dim() == 4 and pairs.shape[1] in (1, 3):
         save_image_grid(pairs, run_dir / "samples.png", nrow=16)
         if logger is not None:
             logger.log_image("dsno/student_vs_teacher", [str(run_dir / "samples.png")])

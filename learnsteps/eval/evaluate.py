@@ -8,31 +8,33 @@ count) let every number be read in context.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from tqdm import tqdm
 
-from ..config import SolverChoice, at_least, between, each, not_a_file, one_of
+from ..config import SolverChoice, at_least, between, conditions_value, each, not_a_file, one_of
 from ..core.denoiser import dtype_of
-from ..core.grids import make as make_grid
+from ..core.grids import applicable, make as make_grid
 from ..core.sample import check_options, check_order, solve
 from ..dsno.student import load_student
 from ..files import save_figure, write_csv, write_text
 from ..core.schedules import make_schedule
 from ..schedule import check_fits, load_schedule
 from ..teachers.network import load_teacher
-from ..trajectories import sample_noise
+from ..trajectories import conditions_of, sample_noise
 from ..training.common import WandbConfig
 from ..quality.metrics import EXTRACTORS, Features, fid_kid, reference_features
 
-GRID_KINDS = ("time_uniform", "time_quadratic", "logsnr", "edm")  # the hand grids eval.py compares
+GRID_KINDS = ("time_uniform", "time_quadratic", "logsnr", "edm", "shifted")  # the hand grids eval.py compares
 
 
 @dataclass
 class EvalConfig:
     teachers: list[str] = field(default_factory=lambda: ["digits_unet"])
+    conditions: Any = field(default_factory=list)  # a conditional pipeline's labels / prompts (or a prompt file):
+    guidance: float = 1.0  # sample j takes condition j mod K, so every row is scored over the same condition set
     solvers: list[SolverChoice] = field(default_factory=lambda: [
         SolverChoice("dpm_solver++", 3), SolverChoice("unipc", 3, {"variant": "bh1"}), SolverChoice("ipndm", 4)])
     grids: list[str] = field(default_factory=lambda: ["time_uniform", "time_quadratic", "logsnr", "edm"])
@@ -54,23 +56,33 @@ class EvalConfig:
     RULES: ClassVar = dict(
         teachers=each(lambda v: None if v else "must name a teacher", non_empty=True),
         grids=each(one_of(*GRID_KINDS)), nfe=each(between(1, 200)),
-        samples=between(2, 10**6), batch_size=at_least(1), reference=one_of("digits"),
+        samples=between(2, 10**6), batch_size=at_least(1), reference=one_of("digits", "none"),
+        conditions=conditions_value, guidance=at_least(0),
         feature_extractor=one_of(*EXTRACTORS), teacher_steps=between(1, 10_000), out_dir=not_a_file)
 
 
-def sample_in_batches(teacher, x_T, grid, solver, order, batch_size, eval_grid=None, **options):
+def sample_in_batches(teacher, x_T, grid, solver, order, batch_size, eval_grid=None, cond=None, **options):
+    """Samples in batches, as images: a latent teacher's are decoded by its VAE."""
     out = []
     with torch.no_grad():
         for b in range(0, len(x_T), batch_size):
-            out.append(solve(teacher, x_T[b: b + batch_size], grid, solver, order, eval_grid=eval_grid, **options).x)
+            c = None if cond is None else cond[b: b + batch_size]
+            out.append(pixels(teacher, solve(teacher, x_T[b: b + batch_size], grid, solver, order, eval_grid=eval_grid,
+                                             cond=c, **options).x))
     return torch.cat(out).float()
+
+
+def pixels(teacher, x):
+    """What is judged: images (a latent teacher's samples decoded by its VAE)."""
+    decode = getattr(teacher, "decode", None)
+    return x if decode is None else decode(x)
 
 
 def entries(cfg: EvalConfig, teacher):
     """(label, solver, order, options, nfe, grid, eval_grid) for every requested combination."""
     s = teacher.noise_schedule
     for case in cfg.solvers:
-        for kind in cfg.grids:
+        for kind in applicable(cfg.grids, s):
             for nfe in cfg.nfe:
                 from ..ld3.module import steps_for_nfe
 
@@ -109,7 +121,7 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
         check_order(case.solver, case.order)
         check_options(case.solver, case.options)
     features = Features(cfg.feature_extractor, cfg.feature_weights or None)
-    teachers = {name: load_teacher(name) for name in cfg.teachers}
+    teachers = {name: load_teacher(name, conditions=cfg.conditions, guidance=cfg.guidance) for name in cfg.teachers}
     for kind, paths in (("schedule", cfg.schedules), ("student", cfg.students)):
         for path in paths:
             made = load_schedule(path) if kind == "schedule" else load_student(path).info
@@ -125,8 +137,13 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
                         t.noise_schedule.config():
                     raise ValueError(f"{path}: made for the noise schedule {made.get('noise_schedule')}, not the "
                                      f"teacher's {t.noise_schedule.config()}")
+    for name, teacher in teachers.items():
+        images = tuple(pixels(teacher, torch.zeros(1, *teacher.shape, dtype=dtype_of(teacher))).shape[1:])
+        if cfg.feature_extractor == "digits" and images != (1, 8, 8):
+            raise ValueError(f"feature_extractor=digits reads 1x8x8 images; {name}'s are {'x'.join(map(str, images))}: "
+                             f"use feature_extractor=inception")
     plans = {name: list(entries(cfg, teacher)) for name, teacher in teachers.items()}
-    ref = reference_features(cfg.reference, features)
+    ref = reference_features(cfg.reference, features) if cfg.reference != "none" else None
     rows, samples_for_png, teacher_png = [], {}, None
     for name, teacher in teachers.items():
         tag = f"{name}: " if len(teachers) > 1 else ""
@@ -144,15 +161,19 @@ def evaluate_teacher(cfg: EvalConfig, name: str, teacher, plan: list, features: 
     shape, std = teacher.shape, teacher.noise_schedule.init_noise_std()
     x_T = sample_noise(range(cfg.samples), shape, cfg.seed, std).to(dtype_of(teacher))
     x_T2 = sample_noise(range(cfg.samples), shape, cfg.seed + 1, std).to(dtype_of(teacher))  # for the floor
+    cond = conditions_of(teacher, torch.arange(cfg.samples))  # the same condition set for every row
     tgrid = make_grid("logsnr", cfg.teacher_steps, teacher.noise_schedule, to_zero=cfg.to_zero)
     ts = cfg.teacher_solver
-    teacher_samples = sample_in_batches(teacher, x_T, tgrid, ts.solver, ts.order, cfg.batch_size, **ts.options)
+    teacher_samples = sample_in_batches(teacher, x_T, tgrid, ts.solver, ts.order, cfg.batch_size, cond=cond,
+                                        **ts.options)
     teacher_f = features(teacher_samples)
-    floor_f = features(sample_in_batches(teacher, x_T2, tgrid, ts.solver, ts.order, cfg.batch_size, **ts.options))
+    floor_f = features(sample_in_batches(teacher, x_T2, tgrid, ts.solver, ts.order, cfg.batch_size, cond=cond,
+                                         **ts.options))
     rows, samples_for_png = [], {}
+    nan = dict(fid=float("nan"), kid=float("nan"), precision=float("nan"), recall=float("nan"))
 
     def row(label, solver, nfe, samples_f, paired=float("nan")):
-        vs_data, vs_teacher = fid_kid(samples_f, ref), fid_kid(samples_f, teacher_f)
+        vs_data, vs_teacher = fid_kid(samples_f, ref) if ref is not None else nan, fid_kid(samples_f, teacher_f)
         rows.append(dict(teacher=name, solver=solver, grid=label, nfe=nfe, fid_data=vs_data["fid"],
                          kid_data=vs_data["kid"], precision=vs_data["precision"], recall=vs_data["recall"],
                          fid_teacher=vs_teacher["fid"], kid_teacher=vs_teacher["kid"], rmse_teacher=paired))
@@ -160,7 +181,8 @@ def evaluate_teacher(cfg: EvalConfig, name: str, teacher, plan: list, features: 
     row("teacher", f"{ts.solver}-{ts.order}", cfg.teacher_steps, teacher_f, 0.0)
     row("floor (teacher, other noise)", f"{ts.solver}-{ts.order}", cfg.teacher_steps, floor_f)
     for label, case, nfe, grid, eval_grid in tqdm(plan, desc=f"eval {name}", unit="entry"):
-        x = sample_in_batches(teacher, x_T, grid, case.solver, case.order, cfg.batch_size, eval_grid, **case.options)
+        x = sample_in_batches(teacher, x_T, grid, case.solver, case.order, cfg.batch_size, eval_grid, cond,
+                              **case.options)
         row(label, f"{case.solver}-{case.order}", nfe, features(x), float((x - teacher_samples).pow(2).mean().sqrt()))
         samples_for_png[(f"{case.solver}-{case.order}", label, nfe)] = x[:16]
     student_labels = short_labels(cfg.students)
@@ -169,7 +191,8 @@ def evaluate_teacher(cfg: EvalConfig, name: str, teacher, plan: list, features: 
         if not _belongs(student.info["teacher"].get("fingerprint"), teacher):
             continue
         with torch.no_grad():
-            x = torch.cat([student.sample(x_T[b: b + cfg.batch_size].float()) for b in range(0, len(x_T), cfg.batch_size)])
+            x = torch.cat([pixels(teacher, student.sample(x_T[b: b + cfg.batch_size].float()))
+                           for b in range(0, len(x_T), cfg.batch_size)])
         temporal = student.cfg.temporal and student.num_times > 1
         solver = f"dsno-M{student.num_times}" if temporal else f"one-step-M{student.num_times}"
         row(student_labels[directory], solver, 1, features(x), float((x - teacher_samples).pow(2).mean().sqrt()))
@@ -212,14 +235,17 @@ def plot_fid(rows, path: Path) -> None:
     body = [dict(r, grid=f"{r['teacher']}: {r['grid']}" if several else r["grid"]) for r in rows
             if r["grid"] != "teacher" and not r["grid"].startswith("floor")]
     solvers = sorted({r["solver"] for r in body})
+    key = "fid_data" if teacher["fid_data"] == teacher["fid_data"] else "fid_teacher"  # reference=none: no data
     fig, axes = plt.subplots(1, max(1, len(solvers)), figsize=(4.8 * max(1, len(solvers)), 4), squeeze=False)
     for ax, solver in zip(axes[0], solvers):
         for grid in sorted({r["grid"] for r in body if r["solver"] == solver}):
-            pts = sorted((r["nfe"], r["fid_data"]) for r in body if r["solver"] == solver and r["grid"] == grid)
+            pts = sorted((r["nfe"], r[key]) for r in body if r["solver"] == solver and r["grid"] == grid)
             ax.plot(*zip(*pts), marker="o", label=grid, lw=2.5 if grid.endswith(".json") else 1.2)
-        ax.axhline(teacher["fid_data"], color="k", ls="--", lw=1, label=f"teacher ({teacher['teacher']})")
-        ax.axhline(floor["fid_data"], color="grey", ls=":", lw=1, label="floor")
-        ax.set(title=solver, xlabel="NFE", ylabel="FID against the data", yscale="log")
+        if key == "fid_data":
+            ax.axhline(teacher[key], color="k", ls="--", lw=1, label=f"teacher ({teacher['teacher']})")
+        ax.axhline(floor[key], color="grey", ls=":", lw=1, label="floor")
+        ax.set(title=solver, xlabel="NFE", ylabel="FID against the " + ("data" if key == "fid_data" else "teacher"),
+               yscale="log")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -12,6 +12,8 @@ own state, so that the usual denoising loop starts where our core does.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
@@ -23,10 +25,35 @@ from ..schedule import Schedule, ScheduleError
 X_TILDE_SCHEDULERS = ("EulerDiscreteScheduler", "HeunDiscreteScheduler")
 
 
+def flow_recipe(schedule: Schedule) -> dict:
+    """The flow-matching schedulers: FlowMatchEulerDiscreteScheduler for Euler, and DPM-Solver++ / UniPC with flow
+    sigmas (alpha = 1 - sigma) and the velocity as "flow_prediction"."""
+    ns, o, name, order = schedule.noise_schedule, schedule.options, schedule.solver, schedule.order
+    base = dict(num_train_timesteps=ns["n"])
+    flow = dict(base, use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=ns["shift"],
+                final_sigmas_type="zero" if schedule.to_zero else "sigma_min")
+    if name in ("euler", "ddim") and not o.get("eta"):
+        return dict(scheduler="FlowMatchEulerDiscreteScheduler", config=dict(base, shift=ns["shift"]))
+    if name == "dpm_solver++" and o.get("method", "multistep") == "multistep":
+        return dict(scheduler="DPMSolverMultistepScheduler",
+                    config=dict(flow, algorithm_type="dpmsolver++", solver_order=order,
+                                solver_type="heun" if o.get("variant") == "taylor" else "midpoint",
+                                lower_order_final=o.get("lower_order_final", True)))
+    if name == "unipc":
+        check_unipc_final_step(o.get("variant", "bh2"), schedule.to_zero)
+        return dict(scheduler="UniPCMultistepScheduler",
+                    config=dict(flow, solver_order=order, solver_type=o.get("variant", "bh2"),
+                                predict_x0=o.get("data", True), lower_order_final=o.get("lower_order_final", True)))
+    raise ScheduleError(f"no diffusers flow-matching scheduler implements {name} with options {o} (diffusers has "
+                        f"FlowMatchEuler, and DPM-Solver++ multistep and UniPC with use_flow_sigmas)")
+
+
 def recipe(schedule: Schedule) -> dict:
     """{"scheduler": diffusers class name, "config": its configuration} that runs `schedule` as our core does,
     or ScheduleError saying why no diffusers scheduler can."""
     ns, o = schedule.noise_schedule, schedule.options
+    if ns.get("kind") == "flow":
+        return flow_recipe(schedule)
     if ns.get("kind") != "ddpm":
         raise ScheduleError("diffusers' DDPM-family schedulers need a discrete DDPM teacher schedule "
                             f"(this one is {ns.get('kind')!r})")
@@ -84,9 +111,65 @@ def scheduler_for(schedule: Schedule, **base_config):
     return apply_schedule(scheduler, schedule)
 
 
-def apply_schedule(scheduler, schedule: Schedule, device: str | torch.device = "cpu"):
-    """Put the schedule's grid into a configured diffusers scheduler (see the module docstring); ScheduleError if
-    the scheduler's beta table is not the schedule's, or if it would sample the grid wrongly."""
+def apply_schedule(target, schedule: Schedule, device: str | torch.device = "cpu"):
+    """Put the schedule's grid into a configured diffusers scheduler (see the module docstring), or make a
+    pipeline sample on it (`apply_to_pipeline`); ScheduleError if the scheduler's beta table is not the
+    schedule's, or if it would sample the grid wrongly."""
+    if hasattr(target, "components") and hasattr(target, "scheduler"):
+        return apply_to_pipeline(target, schedule)
+    return _put_grid(target, schedule, device, target.set_timesteps)
+
+
+def apply_to_pipeline(pipe, schedule: Schedule) -> dict:
+    """Make a diffusers pipeline sample on the schedule: its scheduler is replaced by the class and configuration
+    `recipe` names (on top of the pipeline's own scheduler config), whose set_timesteps puts the schedule's grid
+    (and LD3's model-evaluation times) in place whenever the pipeline calls it. Returns the keyword arguments for
+    `pipe(...)`: num_inference_steps = N. The scheduler's init_noise_sigma is 1, so that
+    `pipe(..., latents=initial_sample(pipe.scheduler, schedule, noise))` starts exactly where our core does and
+    gives the same latents."""
+    import diffusers
+
+    wanted = schedule.teacher.get("pipeline")
+    if wanted and type(pipe).__name__ != wanted:
+        raise ScheduleError(f"the schedule was learned for a {wanted}, not a {type(pipe).__name__}")
+    r = recipe(schedule)
+    base = getattr(diffusers, r["scheduler"])
+    n = len(schedule.times) - 1
+
+    def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
+        if num_inference_steps not in (None, n):
+            raise ScheduleError(f"this pipeline's scheduler runs the learned {n}-step schedule: call it with "
+                                f"num_inference_steps={n}, not {num_inference_steps}")
+        kwargs = {k: v for k, v in kwargs.items() if k == "mu"}  # explicit timesteps / sigmas are the schedule's
+        _put_grid(self, schedule, device or "cpu", lambda steps, device: base.set_timesteps(self, steps, device, **kwargs))
+
+    learned = type(base.__name__, (base,), dict(set_timesteps=set_timesteps, __doc__=f"{base.__name__} pinned to a "
+                                                "learnsteps schedule",
+                                                init_noise_sigma=property(lambda self: 1.0, lambda self, v: None)))
+    config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
+    with _quiet():
+        pipe.scheduler = learned.from_config({**config, **r["config"]})
+    return dict(num_inference_steps=n)
+
+
+def _quiet():
+    """diffusers' logger warns about config keys the new scheduler class does not take: they are the old class's."""
+    import contextlib
+
+    from diffusers.utils import logging
+
+    @contextlib.contextmanager
+    def quiet():
+        level = logging.get_verbosity()
+        logging.set_verbosity_error()
+        try:
+            yield
+        finally:
+            logging.set_verbosity(level)
+    return quiet()
+
+
+def _put_grid(scheduler, schedule: Schedule, device, set_timesteps):
     cls = type(scheduler).__name__
     ns = schedule.make_noise_schedule()
     if getattr(scheduler, "alphas_cumprod", None) is not None and schedule.noise_schedule.get("kind") == "ddpm":
@@ -97,11 +180,19 @@ def apply_schedule(scheduler, schedule: Schedule, device: str | torch.device = "
                                 f"{c.get('beta_start')}, beta_end={c.get('beta_end')}, {len(theirs)} steps) is not the "
                                 f"schedule's {ns!r}: configure the scheduler with the schedule's betas")
     n, to_zero = len(schedule.times) - 1, schedule.to_zero
+    flow = schedule.noise_schedule.get("kind") == "flow"
+    if flow != bool(cls.startswith("FlowMatch") or scheduler.config.get("use_flow_sigmas")):
+        raise ScheduleError(f"{cls} {'does not use' if flow else 'uses'} flow-matching sigmas and the schedule is "
+                            f"for a {'flow-matching' if flow else schedule.noise_schedule.get('kind')} teacher: "
+                            f"configure the scheduler as recipe(schedule) says")
     if cls == "UniPCMultistepScheduler":
         check_unipc_final_step(scheduler.config.solver_type, to_zero)
-    scheduler.set_timesteps(n, device=device)
-    sigmas = torch.tensor(schedule.sigmas, dtype=torch.float64, device=device)
-    timesteps = torch.tensor(schedule.eval_times[:-1], dtype=torch.float64, device=device)
+    if scheduler.config.get("use_dynamic_shifting") and set_timesteps == getattr(scheduler, "set_timesteps", None):
+        set_timesteps = partial(set_timesteps, mu=0.0)  # any mu: the sigmas are overwritten below
+    set_timesteps(n, device=device)
+    # flow schedulers' sigma is our time t (alpha = 1 - t), their timestep t * n; the others' sigma is sigma~
+    sigmas = torch.tensor(schedule.times if flow else schedule.sigmas, dtype=torch.float64, device=device)
+    timesteps = torch.tensor(schedule.diffusers_timesteps, dtype=torch.float64, device=device)
     if cls == "HeunDiscreteScheduler":  # first- and second-order halves of every step
         sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])
         timesteps = torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)])
@@ -122,7 +213,8 @@ def initial_sample(scheduler, schedule: Schedule, noise: Tensor) -> Tensor:
     Euler and Heun work on x~ = x / alpha and start from x~_T = x_T / alpha(t_0) = noise sqrt(1 + sigma~_0^2) for VP
     teachers; their `init_noise_sigma` is sigma~_0 instead under timestep_spacing="linspace" or "trailing" (a
     relative difference of 1 / (2 sigma~_0^2), 2e-5 for DDPM's table, 2e-3 for Stable Diffusion's), so the
-    pipelines' own `noise * init_noise_sigma` is not our start. The other classes work on x itself."""
+    pipelines' own `noise * init_noise_sigma` is not our start. The other classes work on x itself (for flow
+    models x_T = t_0 noise, where their pipelines start from noise at t = 1)."""
     x_T = noise * schedule.make_noise_schedule().init_noise_std()
     if type(scheduler).__name__ in X_TILDE_SCHEDULERS:
         return schedule.x_tilde(x_T)

@@ -18,7 +18,7 @@ import copy
 import math
 import re
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 from pathlib import Path
 
 import lightning as L
@@ -26,19 +26,19 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..core.denoiser import dtype_of
-from ..core.grids import make as make_grid
+from ..core.grids import applicable, make as make_grid
 from ..config import at_least, between, each, existing_dir, not_a_file, one_of, positive
 from ..core.sample import check_options, check_order, get_solver, nfe as nfe_of, solve
 from ..files import save_figure, write_csv, write_text
 from ..loaders import train_loader
-from ..quality.losses import check_loss_name, distance
+from ..quality.losses import check_loss_name, distance, pixel_space
 from ..schedule import Schedule, save_schedule
 from ..teachers.network import load_teacher
 from ..trajectories import TrajectoryDataset, TrajectorySpec, check_directory, generate
 from ..training.common import RunConfig, fit, make_logger, make_trainer, prepare_run, run_path
 from .grid import LD3Grid
 
-BASELINES = ("time_uniform", "time_quadratic", "logsnr", "edm")
+BASELINES = ("time_uniform", "time_quadratic", "logsnr", "edm", "shifted")  # "shifted": flow teachers only
 
 
 @dataclass
@@ -59,6 +59,8 @@ class PairsConfig:
 @dataclass
 class LD3Config(RunConfig):
     teacher: str = "digits_unet"
+    conditions: Any = field(default_factory=list)  # a conditional pipeline's class labels or prompts (or a prompt file)
+    guidance: float = 1.0  # its classifier-free guidance scale
     solver: str = "dpm_solver++"
     order: int = 3
     options: dict = field(default_factory=dict)
@@ -125,7 +127,7 @@ class LD3(L.LightningModule):
         self.register_buffer("x_start", x_T_train.clone())
         d = x_T_train[0].numel()
         self.radius = cfg.gamma * d / cfg.nfe**2 * teacher.noise_schedule.init_noise_std()
-        self.dist = distance(cfg.loss, feature_net=cfg.feature_net)
+        self.dist = distance(cfg.loss, feature_net=cfg.feature_net, **pixel_space(teacher))
         self.automatic_optimization = False
         self.best = dict(loss=math.inf, state=copy.deepcopy(self.grid.state_dict()), step=0)
         self.best_of_start = dict(self.best)
@@ -162,17 +164,18 @@ class LD3(L.LightningModule):
         self.bad_validations = 0
         self.x_prime.copy_(self.x_start)
 
-    def student(self, x_T: torch.Tensor, decoupled: bool | None = None) -> torch.Tensor:
+    def student(self, x_T: torch.Tensor, cond: torch.Tensor | None = None,
+                decoupled: bool | None = None) -> torch.Tensor:
         decoupled = self.cfg.decoupled and (self.phase() == 2 if decoupled is None else decoupled)
         t, t_eval = self.grid(decoupled)
         return solve(self.teacher, x_T.to(self.x_prime.dtype), t, self.cfg.solver, self.cfg.order, eval_grid=t_eval,
-                     remat=self.cfg.remat == "true", **self.cfg.options).x
+                     cond=condition(cond), remat=self.cfg.remat == "true", **self.cfg.options).x
 
     def training_step(self, batch, batch_idx):
-        idx, _, target = batch
+        idx, _, target, cond = batch
         opt_theta, opt_xi = self.optimizers()
         x = self.x_prime[idx].clone().requires_grad_(self.cfg.soft_forcing)
-        loss_each = self.dist(self.student(x), target)
+        loss_each = self.dist(self.student(x, cond), target)
         loss = loss_each.mean()
         opt_theta.zero_grad()
         opt_xi.zero_grad()
@@ -183,13 +186,13 @@ class LD3(L.LightningModule):
         if self.phase() == 2 and self.cfg.decoupled:
             opt_xi.step()
         if self.cfg.soft_forcing:
-            self.soft_forcing_step(idx, x, target, loss_each.detach())
+            self.soft_forcing_step(idx, x, target, cond, loss_each.detach())
         self.log_dict({"train/loss": loss, "train/phase": float(self.phase()),
                        "train/lr_theta": opt_theta.param_groups[0]["lr"]}, prog_bar=True)
         return loss.detach()  # seen by StopOnNonFiniteLoss
 
     @torch.no_grad()
-    def soft_forcing_step(self, idx, x, target, loss_before):
+    def soft_forcing_step(self, idx, x, target, cond, loss_before):
         """x' <- project(x' - lr grad) onto the ball around x_T; kept where that sample's loss goes down."""
         lr = self.cfg.shift_lr or 12.0 / self.cfg.nfe
         start = self.x_start[idx]
@@ -197,16 +200,16 @@ class LD3(L.LightningModule):
         delta = cand - start
         norm = delta.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, *[1] * (x.dim() - 1))
         cand = start + delta * torch.clamp(self.radius / norm, max=1.0)
-        keep = self.dist(self.student(cand), target) < loss_before
+        keep = self.dist(self.student(cand, cond), target) < loss_before
         if self.trainer.world_size > 1:  # every rank applies every rank's moves (DDP broadcasts rank 0's buffers)
             idx, cand, keep = (self.all_gather(v).flatten(0, 1) for v in (idx, cand, keep))
         self.x_prime[idx[keep]] = cand[keep]
         self.log("train/soft_forcing_kept", keep.float().mean())
 
     def validation_step(self, batch, batch_idx):
-        _, x_T, target = batch
+        _, x_T, target, cond = batch
         with torch.no_grad():
-            self.val_losses.append(self.dist(self.student(x_T), target))
+            self.val_losses.append(self.dist(self.student(x_T, cond), target))
 
     def on_validation_epoch_end(self):
         if not self.val_losses:
@@ -263,15 +266,16 @@ def initial_grids(cfg: LD3Config, teacher, module: LD3, val_set) -> list[torch.T
     """The grids LD3 starts from: none for LD3's uniform one (init=uniform), a baseline kind, or the `restarts`
     best baselines on `val_set` (init=best), best first. A sum of losses is calibrated here, on the validation
     outputs of the candidate grids."""
-    kinds = list(cfg.baselines) if cfg.init == "best" else [] if cfg.init == "uniform" else [cfg.init]
+    kinds = applicable(cfg.baselines, teacher.noise_schedule) if cfg.init == "best" else [] if cfg.init == "uniform" \
+        else [cfg.init]
     grids = {kind: make_grid(kind, module.steps, teacher.noise_schedule, to_zero=cfg.to_zero) for kind in kinds}
     if cfg.init == "uniform":
         grids["uniform"] = module.grid(False)[0].detach()
-    _, x_T, target = (torch.stack([val_set[i][k] for i in range(len(val_set))]) for k in range(3))
+    _, x_T, target, cond = (torch.stack([val_set[i][k] for i in range(len(val_set))]) for k in range(4))
     outs = {}
     for kind, g in grids.items():
         with torch.no_grad():
-            outs[kind] = solve(teacher, x_T, g, cfg.solver, cfg.order, **cfg.options).x
+            outs[kind] = solve(teacher, x_T, g, cfg.solver, cfg.order, cond=condition(cond), **cfg.options).x
     if hasattr(module.dist, "calibrate"):  # a sum of losses: each term normalised over all candidates' outputs
         module.dist.calibrate(torch.cat(list(outs.values())), target.repeat(len(outs), *[1] * (target.dim() - 1)))
     if cfg.init == "uniform":
@@ -304,7 +308,17 @@ def pair_sets(cfg: LD3Config, teacher) -> dict[str, TrajectorySpec]:
 def teacher_pairs(teacher, cfg: LD3Config, directory: Path, spec: TrajectorySpec, name: str) -> TensorDataset:
     generate(teacher, directory / name, spec, teacher_name=cfg.teacher, progress=cfg.trainer.progress_bar)
     ds = TrajectoryDataset(directory / name, dtype=dtype_of(teacher))
-    return TensorDataset(ds.tensors["index"], ds.tensors["x_T"], ds.tensors["trajectory"][:, -1])
+    index = ds.tensors["index"]
+    cond = ds.tensors.get("cond", torch.full_like(index, NO_CONDITION))
+    return TensorDataset(index, ds.tensors["x_T"], ds.tensors["trajectory"][:, -1], cond)
+
+
+NO_CONDITION = -1  # the condition column of an unconditional teacher's pairs
+
+
+def condition(cond: torch.Tensor | None) -> torch.Tensor | None:
+    """A batch's condition indices for the teacher, or None for an unconditional teacher's pairs."""
+    return None if cond is None or bool((cond == NO_CONDITION).all()) else cond
 
 
 def evaluate_grids(cfg: LD3Config, teacher, learned, test: TensorDataset) -> list[dict]:
@@ -312,10 +326,10 @@ def evaluate_grids(cfg: LD3Config, teacher, learned, test: TensorDataset) -> lis
     and, for 1x8x8 teachers, FID (digits feature network) against the teacher's samples and against the data."""
     from ..quality.metrics import Features, fid_features, reference_features
 
-    _, x_T, target = test.tensors
+    _, x_T, target, cond = test.tensors
     steps = steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero)
     grids = {"ld3 (learned)": learned}
-    for kind in cfg.baselines:
+    for kind in applicable(cfg.baselines, teacher.noise_schedule):
         g = make_grid(kind, steps, teacher.noise_schedule, to_zero=cfg.to_zero)
         grids[kind] = (g, g)
     digits = tuple(target.shape[1:]) == (1, 8, 8) and len(target) >= 2
@@ -325,7 +339,8 @@ def evaluate_grids(cfg: LD3Config, teacher, learned, test: TensorDataset) -> lis
     rows = []
     with torch.no_grad():
         for name, (t, t_eval) in grids.items():
-            out = solve(teacher, x_T, t, cfg.solver, cfg.order, eval_grid=t_eval, **cfg.options).x
+            out = solve(teacher, x_T, t, cfg.solver, cfg.order, eval_grid=t_eval, cond=condition(cond),
+                        **cfg.options).x
             rows.append(dict(grid=name, rmse=float((out - target).pow(2).mean().sqrt())))
             if digits:
                 f = features(out.float())
@@ -347,7 +362,7 @@ def plot_grids(cfg: LD3Config, teacher, learned, path: Path) -> None:
     steps = steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     n_finite = steps if cfg.to_zero else steps + 1
-    for kind in cfg.baselines:
+    for kind in applicable(cfg.baselines, teacher.noise_schedule):
         g = make_grid(kind, steps, s, to_zero=cfg.to_zero)[:n_finite]
         ax.plot(range(n_finite), s.lambda_(g), marker=".", alpha=0.6, label=kind)
     t, t_eval = learned
@@ -396,10 +411,10 @@ def check_ld3(cfg: LD3Config):
                          f"least as many baselines ({len(cfg.baselines)} given)")
     steps = steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero)
     check_order(cfg.solver, cfg.order, steps)
-    teacher = load_teacher(cfg.teacher)
+    teacher = load_teacher(cfg.teacher, conditions=cfg.conditions, guidance=cfg.guidance)
     resolve_auto(cfg, teacher)
     LD3Grid(teacher.noise_schedule, steps, cfg.time_mode, cfg.to_zero, cfg.window)  # at least one point to learn
-    distance(cfg.loss, getattr(teacher, "shape", None), cfg.feature_net)  # fail now, not after generating the pairs
+    distance(cfg.loss, getattr(teacher, "shape", None), cfg.feature_net, **pixel_space(teacher))  # fail now
     pairs_dir = pairs_path(cfg)
     for name, spec in pair_sets(cfg, teacher).items():
         check_directory(pairs_dir / name, spec, teacher, cfg.teacher)
@@ -431,7 +446,7 @@ def train_ld3(cfg: LD3Config) -> Path:
     learned = module.best_grid()
     schedule = Schedule.from_grid(
         learned[0], teacher.noise_schedule, cfg.solver, cfg.order, eval_grid=learned[1], options=cfg.options,
-        teacher=dict(fingerprint=teacher.fingerprint(), name=cfg.teacher),
+        teacher=dict(fingerprint=teacher.fingerprint(), name=cfg.teacher, **getattr(teacher, "record", dict)()),
         provenance=dict(method="ld3", loss=cfg.loss, validation={f"{cfg.loss}": module.best["loss"]},
                         best_step=module.best["step"], seed=cfg.seed, time_mode=cfg.time_mode,
                         soft_forcing=cfg.soft_forcing, pairs=dict(train=p.train, val=p.val)))
@@ -466,12 +481,15 @@ def results_table(cfg: LD3Config, rows: list[dict], n: int) -> list[str]:
 def _log_outputs(logger, run_dir: Path, module: LD3, teacher, test, learned, rows) -> None:
     from ..training.teacher import save_image_grid
 
-    _, x_T, target = test.tensors
+    _, x_T, target, cond = test.tensors
     n = min(32, len(x_T))
     with torch.no_grad():
         student = solve(teacher, x_T[:n], learned[0], module.cfg.solver, module.cfg.order, eval_grid=learned[1],
-                        **module.cfg.options).x
-    if x_T.dim() == 4 and x_T.shape[1] == 1:  # images: each student sample beside its teacher sample
+                        cond=condition(cond[:n]), **module.cfg.options).x
+    decode = getattr(teacher, "decode", None)  # a latent teacher: the VAE's images, decoded only here
+    if decode is not None:
+        student, target = decode(student), decode(target[:n])
+    if x_T.dim() == 4 and (x_T.shape[1] == 1 or decode is not None):  # images: each student sample beside its teacher's
         both = torch.stack([student.clamp(-1, 1), target[:n].clamp(-1, 1)], 1).flatten(0, 1).float()
         save_image_grid(both, run_dir / "samples.png", nrow=16)
     if logger is None:

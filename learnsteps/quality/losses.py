@@ -7,6 +7,18 @@ import torch
 from torch import Tensor
 
 LOSSES = ("l2", "l1", "pseudo_huber", "lpips", "features")
+PIXEL_LOSSES = ("lpips", "features")  # on a latent teacher, computed on the VAE's images
+
+
+def pixel_space(teacher) -> dict:
+    """For a latent teacher (one with `decode`), what `distance` needs to compute pixel losses on its images:
+    the decoder and the image shape; {} for a teacher that samples images directly."""
+    decode = getattr(teacher, "decode", None)
+    if decode is None:
+        return {}
+    with torch.no_grad():
+        image = decode(torch.zeros(1, *teacher.shape))
+    return dict(decode=decode, image_shape=tuple(image.shape[1:]))
 
 
 def check_loss_name(name) -> str | None:
@@ -31,17 +43,23 @@ class Sum:
         return sum(self.weights[k] * d(x, y) for k, d in self.parts.items())
 
 
-def distance(name: str, shape: tuple[int, ...] | None = None, feature_net: str = ""):
+def distance(name: str, shape: tuple[int, ...] | None = None, feature_net: str = "", decode=None,
+             image_shape: tuple[int, ...] | None = None):
     """A function (x, y) -> (B,) distances between samples of `shape` (checked now when given). l2: mean squared
     error; l1: mean absolute error; pseudo_huber: sqrt(|x-y|^2 + c^2) - c with c = 0.00054 sqrt(d) (Song &
     Dhariwal 2023); lpips: LPIPS-VGG (needs the lpips package and its weights on disk); features: mean squared
     distance in a digits classifier's feature space (`feature_net`, a directory written by `train.py
     mode=features`; default the shipped loss network, trained apart from FID's; 1x8x8 images), a perceptual loss
-    that needs no download; "a+b": the Sum of both, each normalised by calibration."""
+    that needs no download; "a+b": the Sum of both, each normalised by calibration. With `decode` (a latent
+    teacher's VAE, see `pixel_space`) lpips and features compare the decoded images (of `image_shape`); the
+    others stay in latent space, where no decoding is paid."""
     if "+" in name:
         if (problem := check_loss_name(name)) is not None:
             raise ValueError(f"unknown loss {name!r}: {problem}")
-        return Sum({part: distance(part, shape, feature_net) for part in name.split("+")})
+        return Sum({part: distance(part, shape, feature_net, decode, image_shape) for part in name.split("+")})
+    if name in PIXEL_LOSSES and decode is not None:
+        on_images = distance(name, image_shape, feature_net)
+        return lambda x, y: on_images(decode(x), decode(y)).to(x.dtype)
     if name == "l2":
         return lambda x, y: (x - y).pow(2).flatten(1).mean(1)
     if name == "l1":

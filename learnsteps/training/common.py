@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import OmegaConf
 
-from ..config import at_least, not_a_file, one_of, to_yaml
+from ..config import at_least, conditions_value, not_a_file, one_of, to_yaml
 from ..core.schedules import SCHEDULES
 from ..files import checksum_path, verify_checksum, write_checksummed, write_text
 from ..loaders import SeededShuffle
@@ -70,7 +70,8 @@ class RunConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     command: str = ""  # filled in by train.py: the command line that made this run, recorded in its outputs
     restart: bool = False  # empty an existing run_dir and start over (instead of resuming it)
-    RULES: ClassVar = dict(run_dir=not_a_file)
+    # the teacher's conditions and guidance, in the modes that load a teacher
+    RULES: ClassVar = dict(run_dir=not_a_file, conditions=conditions_value, guidance=at_least(0))
 
 
 def run_path(cfg: RunConfig) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import lightning as L
 
@@ -17,13 +17,15 @@ from .common import RunConfig
 @dataclass
 class TrajectoryJobConfig(RunConfig):
     teacher: str = "digits_unet"
+    conditions: Any = field(default_factory=list)  # a conditional pipeline's class labels or prompts (or a prompt file)
+    guidance: float = 1.0  # its classifier-free guidance scale
     out_dir: str = "runs/trajectories"
     spec: TrajectorySpec = field(default_factory=TrajectorySpec)
     RULES: ClassVar = dict(RunConfig.RULES, out_dir=not_a_file)
 
 
 def generate_job(cfg: TrajectoryJobConfig):
-    teacher = load_teacher(cfg.teacher)
+    teacher = load_teacher(cfg.teacher, conditions=cfg.conditions, guidance=cfg.guidance)
     check_directory(Path(cfg.out_dir), cfg.spec, teacher, cfg.teacher)  # before any rank writes anything
     t = cfg.trainer
     fabric = L.Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy)

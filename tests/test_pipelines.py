@@ -1,0 +1,245 @@
+"""Diffusers pipelines as teachers: tiny SD (epsilon and v), DiT and SD3 pipelines with random weights, built
+offline (tests/tiny_pipelines.py), loaded the way a user's model is, sampled by our core, and a schedule handed
+back to the same pipeline, which must then give our core's latents (float32: relative 1e-5)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import learnsteps as ls
+from learnsteps.schedule import Schedule, ScheduleError
+from learnsteps.teachers.network import TeacherLoadError, load_teacher
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+import tiny_pipelines  # noqa: E402
+
+PROMPTS = ["a red dot", "two cats"]
+KINDS = {"sd": (tiny_pipelines.stable_diffusion, {}), "sd_v": (tiny_pipelines.stable_diffusion,
+                                                                dict(prediction_type="v_prediction")),
+         "dit": (tiny_pipelines.dit, {}), "sd3": (tiny_pipelines.sd3, {})}
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipelines")
+    return {name: build(root / name, **kw) for name, (build, kw) in KINDS.items()}
+
+
+def conditions_of(name):
+    return [0, "two"] if name == "dit" else PROMPTS
+
+
+def relative(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("name, schedule, prediction", [("sd", "ddpm", "epsilon"), ("sd_v", "ddpm", "v"),
+                                                        ("dit", "ddpm", "epsilon"), ("sd3", "flow", "flow")])
+def test_pipelines_load_as_latent_conditional_teachers(pipelines, name, schedule, prediction):
+    teacher = load_teacher(str(pipelines[name]), conditions=conditions_of(name), guidance=3.0)
+    assert teacher.noise_schedule.kind == schedule and teacher.prediction == prediction
+    assert teacher.shape == (4, 4, 4) and teacher.conditions == conditions_of(name)
+    if schedule == "flow":
+        assert teacher.noise_schedule.shift == 3.0
+    x = torch.randn(3, *teacher.shape)
+    t = torch.full((3,), teacher.noise_schedule.t_max * 0.5)
+    cond = torch.tensor([0, 1, 0])
+    # classifier-free guidance is uncond + w (cond - uncond), with the unconditional row of the table
+    c, u = teacher.net(x, t, cond), teacher.net(x, t, torch.full_like(cond, teacher.null))
+    torch.testing.assert_close(teacher(x, t, cond), u + 3.0 * (c - u), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(c, u)  # the condition reaches the network
+    # without cond, sample i takes condition i mod K; decoding gives images in [-1, 1]
+    torch.testing.assert_close(teacher(x, t), teacher(x, t, torch.tensor([0, 1, 0])))
+    images = teacher.decode(x)
+    assert images.shape == (3, 1 if name == "dit" else 3, 8, 8) and images.abs().max() <= 1
+    assert teacher.fingerprint() != load_teacher(str(pipelines[name]), conditions=conditions_of(name)[:1],
+                                                 guidance=3.0).fingerprint()
+
+
+@pytest.mark.parametrize("name, solver, order, to_zero", [("sd", "dpm_solver++", 2, True), ("sd_v", "unipc", 2, False),
+                                                           ("sd3", "euler", 1, True), ("sd3", "dpm_solver++", 2, True),
+                                                           ("sd", "euler", 1, True)])
+def test_a_schedule_applied_to_the_pipeline_gives_our_latents(pipelines, name, solver, order, to_zero):
+    import diffusers
+
+    from learnsteps.interop.diffusers import apply_schedule, initial_sample
+
+    teacher = load_teacher(str(pipelines[name]), conditions=PROMPTS, guidance=4.0)
+    s = teacher.noise_schedule
+    grid = ls.grids.make("shifted" if s.kind == "flow" else "logsnr", 5, s, to_zero=to_zero)
+    eval_grid = grid.clone()
+    eval_grid[1:-1] += 0.2 * (grid[2:] - grid[1:-1])  # decoupled model times, as LD3 learns them
+    schedule = Schedule.from_grid(grid, s, solver, order, eval_grid=eval_grid,
+                                  teacher=dict(pipeline=teacher.config["pipeline"]))
+    noise = torch.randn(2, *teacher.shape, generator=torch.Generator().manual_seed(0))
+    ours = ls.sample(teacher, noise * s.init_noise_std(), grid, solver, order, eval_grid=eval_grid,
+                     cond=torch.tensor([0, 1]), **schedule.options)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(pipelines[name], **({"text_encoder_3": None, "tokenizer_3": None}
+                                                                         if name == "sd3" else {}))
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = apply_schedule(pipe, schedule)
+    latents = initial_sample(pipe.scheduler, schedule, noise)
+    theirs = pipe(PROMPTS, latents=latents, guidance_scale=4.0, output_type="latent", height=8, width=8,
+                  **kwargs).images
+    if type(pipe.scheduler).__name__ == "EulerDiscreteScheduler":
+        theirs = schedule.from_x_tilde(theirs)
+    assert relative(ours, theirs) <= 1e-5
+    with pytest.raises(ScheduleError, match="num_inference_steps=5"):
+        pipe(PROMPTS, guidance_scale=4.0, output_type="latent", height=8, width=8, num_inference_steps=7)
+
+
+def test_dit_with_a_schedule_gives_our_images(pipelines):
+    """DiTPipeline draws its own noise (no latents argument): the same generator gives the same start."""
+    import diffusers
+
+    from learnsteps.interop.diffusers import apply_schedule
+
+    teacher = load_teacher(str(pipelines["dit"]), conditions=[0, 2], guidance=4.0)
+    s = teacher.noise_schedule
+    grid = ls.grids.make("logsnr", 4, s, to_zero=True)
+    schedule = Schedule.from_grid(grid, s, "dpm_solver++", 2, teacher=dict(pipeline="DiTPipeline"))
+    pipe = diffusers.DiffusionPipeline.from_pretrained(pipelines["dit"])
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = apply_schedule(pipe, schedule)
+    theirs = pipe([0, 2], guidance_scale=4.0, generator=torch.Generator().manual_seed(3), output_type="np", **kwargs).images
+    noise = torch.randn(2, *teacher.shape, generator=torch.Generator().manual_seed(3))
+    ours = teacher.decode(ls.sample(teacher, noise, grid, "dpm_solver++", 2, cond=torch.tensor([0, 1])))
+    ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert np.abs(ours - theirs).max() <= 1e-5
+
+
+def test_a_schedule_for_another_pipeline_class_is_refused(pipelines):
+    import diffusers
+
+    from learnsteps.interop.diffusers import apply_schedule
+
+    s = ls.core.schedules.DiscreteDDPM("scaled_linear")
+    schedule = Schedule.from_grid(ls.grids.make("logsnr", 4, s), s, "dpm_solver++", 2,
+                                  teacher=dict(pipeline="StableDiffusion3Pipeline"))
+    pipe = diffusers.DiffusionPipeline.from_pretrained(pipelines["sd"])
+    with pytest.raises(ScheduleError, match="learned for a StableDiffusion3Pipeline, not a StableDiffusionPipeline"):
+        apply_schedule(pipe, schedule)
+
+
+def test_conditions_from_a_prompt_file_and_bad_conditions(pipelines, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red dot\n\n two cats \n")
+    teacher = load_teacher(str(pipelines["sd"]), conditions=str(prompts))
+    assert teacher.conditions == ["a red dot", "two cats"] and teacher.guidance == 1.0
+    with pytest.raises(TeacherLoadError, match="text-conditional: give conditions="):
+        load_teacher(str(pipelines["sd"]))
+    with pytest.raises(TeacherLoadError, match="no such prompt file"):
+        load_teacher(str(pipelines["sd"]), conditions=str(tmp_path / "missing.txt"))
+    with pytest.raises(TeacherLoadError, match="'seven' is neither a label index nor a label name"):
+        load_teacher(str(pipelines["dit"]), conditions=["seven"])
+    assert load_teacher(str(pipelines["dit"])).conditions == [0, 1, 2]  # DiT: every label it names
+    with pytest.raises(TeacherLoadError, match="unconditional"):
+        load_teacher("gmm_digits", guidance=3.0)
+
+
+def test_an_unsupported_pipeline_is_named(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(TeacherLoadError, match="is a KandinskyPipeline; learnsteps loads StableDiffusionPipeline"):
+        load_teacher(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------ the methods on pipelines
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name, solver, order", [("sd3", "dpm_solver++", 2), ("sd", "unipc", 2)])
+def test_ld3_with_guidance_on_a_pipeline_and_back_into_it(pipelines, tmp_path, name, solver, order):
+    """A few LD3 steps on a guided pipeline teacher: the pairs carry their conditions, the file records the
+    pipeline, and `apply_schedule` makes the pipeline reproduce our core's latents on the learned grid."""
+    import diffusers
+
+    from learnsteps.config import load_config
+    from learnsteps.interop.diffusers import apply_schedule, initial_sample
+    from learnsteps.ld3.module import LD3Config, train_ld3
+    from learnsteps.schedule import load_schedule
+    from learnsteps.trajectories import TrajectoryDataset
+
+    cfg = load_config(LD3Config, [ROOT / "configs" / "ld3.yaml"], [
+        f"teacher={pipelines[name]}", f"conditions=[{','.join(PROMPTS)}]", "guidance=4.0", f"run_dir={tmp_path}",
+        f"solver={solver}", f"order={order}", "nfe=4", "pairs.train=6", "pairs.val=4", "pairs.test=4", "pairs.steps=4",
+        "batch_size=3", "rounds_theta=1", "rounds_joint=1", "trainer.progress_bar=false", "wandb.mode=disabled"])
+    run_dir = train_ld3(cfg)
+    pairs = TrajectoryDataset(run_dir / "pairs" / "train")
+    assert pairs.tensors["cond"].tolist() == [i % 2 for i in range(10)]  # sample j, condition j mod K
+    assert (run_dir / "samples.png").is_file()  # decoded by the VAE
+    schedule = load_schedule(run_dir / "schedule.json")
+    assert schedule.teacher["pipeline"] == {"sd3": "StableDiffusion3Pipeline", "sd": "StableDiffusionPipeline"}[name]
+    assert schedule.teacher["conditions"] == PROMPTS and schedule.teacher["guidance"] == 4.0
+    teacher = load_teacher(str(pipelines[name]), conditions=PROMPTS, guidance=4.0)
+    noise = torch.randn(2, *teacher.shape, generator=torch.Generator().manual_seed(1))
+    ours = ls.sample(teacher, noise * teacher.noise_schedule.init_noise_std(), schedule.grid, solver, order,
+                     eval_grid=schedule.eval_grid, cond=torch.tensor([0, 1]), **schedule.options)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(pipelines[name], **({"text_encoder_3": None, "tokenizer_3": None}
+                                                                         if name == "sd3" else {}))
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = apply_schedule(pipe, schedule)
+    theirs = pipe(PROMPTS, latents=initial_sample(pipe.scheduler, schedule, noise), guidance_scale=4.0,
+                  output_type="latent", height=8, width=8, **kwargs).images
+    assert relative(ours, theirs) <= 1e-5
+
+
+def test_dsno_trains_on_a_latent_pipeline_teacher(pipelines, tmp_path):
+    from learnsteps.config import load_config
+    from learnsteps.dsno.module import DSNOConfig, train_dsno
+    from learnsteps.dsno.student import load_student
+
+    common = [f"teacher={pipelines['sd3']}", "guidance=4.0", "trainer.max_steps=2", "trainer.val_check_interval=1",
+              "trajectories.n=16", "trajectories.steps_per_interval=2", "unet.channels=8", "batch_size=8",
+              "trainer.progress_bar=false", "wandb.mode=disabled"]
+    with pytest.raises(ValueError, match="give the teacher one condition"):
+        train_dsno(load_config(DSNOConfig, [ROOT / "configs" / "dsno.yaml"],
+                               common + [f"run_dir={tmp_path / 'two'}", "conditions=[a,b]"]))
+    assert not (tmp_path / "two").exists()
+    run_dir = train_dsno(load_config(DSNOConfig, [ROOT / "configs" / "dsno.yaml"],
+                                     common + [f"run_dir={tmp_path / 'one'}", "conditions=[a red dot]"]))
+    x = load_student(run_dir / "student").sample(torch.randn(3, 4, 4, 4))
+    assert x.shape == (3, 4, 4, 4) and torch.isfinite(x).all()
+
+
+def test_pixel_losses_on_a_latent_teacher_go_through_its_vae(pipelines, tmp_path):
+    """loss=l2+features on DiT (grey 8x8 images): l2 stays in latent space, the feature loss reads the decoded
+    images, and its gradient reaches the grid through the VAE."""
+    from learnsteps.quality.losses import distance, pixel_space
+
+    teacher = load_teacher(str(pipelines["dit"]), conditions=[0, 1], guidance=2.0)
+    space = pixel_space(teacher)
+    assert space["image_shape"] == (1, 8, 8)
+    with pytest.raises(ValueError, match="reads 1x8x8 images"):
+        distance("features", teacher.shape)  # on the latents themselves it cannot
+    dist = distance("l2+features", teacher.shape, **space)
+    x, y = torch.randn(3, *teacher.shape, requires_grad=True), torch.randn(3, *teacher.shape)
+    d = dist(x, y)
+    d.sum().backward()
+    assert d.shape == (3,) and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    features = distance("features", **space)
+    torch.testing.assert_close(features(x.detach(), y), distance("features")(teacher.decode(x.detach()), teacher.decode(y)))
+
+
+def test_eval_scores_a_conditional_latent_teacher_over_its_condition_set(pipelines, tmp_path):
+    from learnsteps.config import SolverChoice
+    from learnsteps.eval.evaluate import EvalConfig, evaluate
+
+    cfg = EvalConfig(teachers=[str(pipelines["dit"])], conditions=[0, 2], guidance=4.0, samples=16, batch_size=8,
+                     nfe=[4], teacher_steps=6, grids=["logsnr", "edm"], solvers=[SolverChoice("dpm_solver++", 2)],
+                     out_dir=str(tmp_path / "eval"))
+    rows = evaluate(cfg)
+    assert [r["grid"] for r in rows] == ["teacher", "floor (teacher, other noise)", "logsnr", "edm"]
+    assert all(r["fid_teacher"] == r["fid_teacher"] for r in rows) and rows[2]["rmse_teacher"] > 0
+    assert (tmp_path / "eval" / "samples_nfe4.png").is_file()
+    with pytest.raises(ValueError, match="feature_extractor=digits reads 1x8x8 images; .* are 3x8x8"):
+        evaluate(EvalConfig(teachers=[str(pipelines["sd"])], conditions=PROMPTS, samples=4, out_dir=str(tmp_path / "x")))
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_uncached_hub_pipeline_fails_offline_with_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TeacherLoadError, match="not in the Hugging Face cache") as err:
+        load_teacher("learnsteps-test/no-such-pipeline", conditions=["a"])
+    assert "\n" not in str(err.value)
