@@ -193,3 +193,22 @@ def test_unipc_flow_parity(velocity, steps, order, to_zero):
     x_T = noise((8, 6)) * s.init_noise_std()
     ours = ls.sample(velocity, x_T, grid, "unipc", order)
     assert relative(ours, run_flow_scheduler(sched, velocity, x_T, grid)) <= 1e-12
+
+
+def test_flux_dynamic_shift_from_the_scheduler_config():
+    """A FLUX-style config (use_dynamic_shifting): the shift is e^mu with the pipelines' mu for the latent size,
+    and the shifted grid is diffusers' set_timesteps(N, mu=mu) grid (but its first point, at t = 1)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from learnsteps.teachers.pipelines import _schedule
+
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                      base_image_seq_len=256, max_image_seq_len=4096)
+    schedule, prediction = _schedule(type(sched).__name__, dict(sched.config), latent_tokens=1024)
+    mu = calculate_shift(1024, 256, 4096, 0.5, 1.15)
+    assert prediction == "flow" and schedule.shift == pytest.approx(math.exp(mu), rel=1e-12)
+    sched.set_timesteps(8, mu=mu)
+    theirs = sched.sigmas.to(F64)
+    ours = ls.grids.make("shifted", 8, FlowMatching(shift=schedule.shift, t_max=1 - 1e-9, t_min=float(theirs[-2])),
+                         to_zero=True)
+    torch.testing.assert_close(ours[1:], theirs[1:], rtol=2e-6, atol=1e-6)

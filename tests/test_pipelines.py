@@ -18,7 +18,7 @@ import tiny_pipelines  # noqa: E402
 PROMPTS = ["a red dot", "two cats"]
 KINDS = {"sd": (tiny_pipelines.stable_diffusion, {}), "sd_v": (tiny_pipelines.stable_diffusion,
                                                                 dict(prediction_type="v_prediction")),
-         "dit": (tiny_pipelines.dit, {}), "sd3": (tiny_pipelines.sd3, {})}
+         "dit": (tiny_pipelines.dit, {}), "sd3": (tiny_pipelines.sd3, {}), "dit_flow": (tiny_pipelines.dit, dict(flow=True))}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def pipelines(tmp_path_factory):
 
 
 def conditions_of(name):
-    return [0, "two"] if name == "dit" else PROMPTS
+    return [0, "two"] if name.startswith("dit") else PROMPTS
 
 
 def relative(a, b):
@@ -36,13 +36,14 @@ def relative(a, b):
 
 
 @pytest.mark.parametrize("name, schedule, prediction", [("sd", "ddpm", "epsilon"), ("sd_v", "ddpm", "v"),
-                                                        ("dit", "ddpm", "epsilon"), ("sd3", "flow", "flow")])
+                                                        ("dit", "ddpm", "epsilon"), ("sd3", "flow", "flow"),
+                                                        ("dit_flow", "flow", "flow")])
 def test_pipelines_load_as_latent_conditional_teachers(pipelines, name, schedule, prediction):
     teacher = load_teacher(str(pipelines[name]), conditions=conditions_of(name), guidance=3.0)
     assert teacher.noise_schedule.kind == schedule and teacher.prediction == prediction
     assert teacher.shape == (4, 4, 4) and teacher.conditions == conditions_of(name)
     if schedule == "flow":
-        assert teacher.noise_schedule.shift == 3.0
+        assert teacher.noise_schedule.shift == (2.0 if name == "dit_flow" else 3.0)
     x = torch.randn(3, *teacher.shape)
     t = torch.full((3,), teacher.noise_schedule.t_max * 0.5)
     cond = torch.tensor([0, 1, 0])
@@ -53,7 +54,7 @@ def test_pipelines_load_as_latent_conditional_teachers(pipelines, name, schedule
     # without cond, sample i takes condition i mod K; decoding gives images in [-1, 1]
     torch.testing.assert_close(teacher(x, t), teacher(x, t, torch.tensor([0, 1, 0])))
     images = teacher.decode(x)
-    assert images.shape == (3, 1 if name == "dit" else 3, 8, 8) and images.abs().max() <= 1
+    assert images.shape == (3, 1 if name.startswith("dit") else 3, 8, 8) and images.abs().max() <= 1
     assert teacher.fingerprint() != load_teacher(str(pipelines[name]), conditions=conditions_of(name)[:1],
                                                  guidance=3.0).fingerprint()
 
@@ -149,39 +150,59 @@ def test_an_unsupported_pipeline_is_named(tmp_path):
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name, solver, order", [("sd3", "dpm_solver++", 2), ("sd", "unipc", 2)])
+def run_pipeline(pipe, name, schedule, teacher, seed):
+    """The pipeline on `schedule` from the noise of `seed`: (our core's result, the pipeline's), as latents, or as
+    images for DiT (whose pipeline takes no latents and always decodes)."""
+    from learnsteps.interop.diffusers import apply_schedule, initial_sample
+
+    noise = torch.randn(2, *teacher.shape, generator=torch.Generator().manual_seed(seed))
+    # DiTPipeline starts from its noise as it is (no latents argument, no init_noise_sigma): so does our core here
+    start = noise if name.startswith("dit") else noise * teacher.noise_schedule.init_noise_std()
+    ours = ls.sample(teacher, start, schedule.grid, schedule.solver,
+                     schedule.order, eval_grid=schedule.eval_grid, cond=torch.tensor([0, 1]), **schedule.options)
+    kwargs = apply_schedule(pipe, schedule)
+    if name.startswith("dit"):
+        labels = teacher.net.labels[:-1].tolist()  # the conditions as DiT's label ids ("two" -> 2)
+        theirs = pipe(labels, guidance_scale=teacher.guidance, output_type="np",
+                      generator=torch.Generator().manual_seed(seed), **kwargs).images
+        return (teacher.decode(ours) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1), torch.from_numpy(theirs)
+    theirs = pipe(teacher.conditions, latents=initial_sample(pipe.scheduler, schedule, noise),
+                  guidance_scale=teacher.guidance, output_type="latent", height=8, width=8, **kwargs).images
+    return ours, theirs
+
+
+@pytest.mark.parametrize("name, solver, order", [("sd3", "dpm_solver++", 2), ("sd", "unipc", 2),
+                                                 ("sd_v", "dpm_solver++", 3), ("dit", "unipc", 2),
+                                                 ("dit_flow", "euler", 1)])
 def test_ld3_with_guidance_on_a_pipeline_and_back_into_it(pipelines, tmp_path, name, solver, order):
     """A few LD3 steps on a guided pipeline teacher: the pairs carry their conditions, the file records the
     pipeline, and `apply_schedule` makes the pipeline reproduce our core's latents on the learned grid."""
     import diffusers
 
     from learnsteps.config import load_config
-    from learnsteps.interop.diffusers import apply_schedule, initial_sample
     from learnsteps.ld3.module import LD3Config, train_ld3
     from learnsteps.schedule import load_schedule
     from learnsteps.trajectories import TrajectoryDataset
 
+    conditions = conditions_of(name)
     cfg = load_config(LD3Config, [ROOT / "configs" / "ld3.yaml"], [
-        f"teacher={pipelines[name]}", f"conditions=[{','.join(PROMPTS)}]", "guidance=4.0", f"run_dir={tmp_path}",
-        f"solver={solver}", f"order={order}", "nfe=4", "pairs.train=6", "pairs.val=4", "pairs.test=4", "pairs.steps=4",
-        "batch_size=3", "rounds_theta=1", "rounds_joint=1", "trainer.progress_bar=false", "wandb.mode=disabled"])
+        f"teacher={pipelines[name]}", f"conditions=[{','.join(map(str, conditions))}]", "guidance=4.0",
+        f"run_dir={tmp_path}", f"solver={solver}", f"order={order}", "nfe=4", "pairs.train=6", "pairs.val=4",
+        "pairs.test=4", "pairs.steps=4", "batch_size=3", "rounds_theta=1", "rounds_joint=1",
+        "trainer.progress_bar=false", "wandb.mode=disabled"])
     run_dir = train_ld3(cfg)
     pairs = TrajectoryDataset(run_dir / "pairs" / "train")
     assert pairs.tensors["cond"].tolist() == [i % 2 for i in range(10)]  # sample j, condition j mod K
     assert (run_dir / "samples.png").is_file()  # decoded by the VAE
     schedule = load_schedule(run_dir / "schedule.json")
-    assert schedule.teacher["pipeline"] == {"sd3": "StableDiffusion3Pipeline", "sd": "StableDiffusionPipeline"}[name]
-    assert schedule.teacher["conditions"] == PROMPTS and schedule.teacher["guidance"] == 4.0
-    teacher = load_teacher(str(pipelines[name]), conditions=PROMPTS, guidance=4.0)
-    noise = torch.randn(2, *teacher.shape, generator=torch.Generator().manual_seed(1))
-    ours = ls.sample(teacher, noise * teacher.noise_schedule.init_noise_std(), schedule.grid, solver, order,
-                     eval_grid=schedule.eval_grid, cond=torch.tensor([0, 1]), **schedule.options)
+    assert schedule.teacher["pipeline"] == {"sd3": "StableDiffusion3Pipeline", "dit": "DiTPipeline",
+                                            "dit_flow": "DiTPipeline"}.get(name, "StableDiffusionPipeline")
+    assert schedule.teacher["conditions"] == conditions and schedule.teacher["guidance"] == 4.0
+    teacher = load_teacher(str(pipelines[name]), conditions=conditions, guidance=4.0)
     pipe = diffusers.DiffusionPipeline.from_pretrained(pipelines[name], **({"text_encoder_3": None, "tokenizer_3": None}
                                                                          if name == "sd3" else {}))
     pipe.set_progress_bar_config(disable=True)
-    kwargs = apply_schedule(pipe, schedule)
-    theirs = pipe(PROMPTS, latents=initial_sample(pipe.scheduler, schedule, noise), guidance_scale=4.0,
-                  output_type="latent", height=8, width=8, **kwargs).images
+    ours, theirs = run_pipeline(pipe, name, schedule, teacher, seed=1)
     assert relative(ours, theirs) <= 1e-5
 
 

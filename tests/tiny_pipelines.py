@@ -59,8 +59,10 @@ def stable_diffusion(directory: Path, prediction_type: str = "epsilon") -> Path:
     return directory
 
 
-def dit(directory: Path) -> Path:
-    from diffusers import DiTPipeline, DPMSolverMultistepScheduler, Transformer2DModel
+def dit(directory: Path, flow: bool = False) -> Path:
+    """DiT layout; flow=True: a class-conditional flow-matching model (FlowMatchEulerDiscreteScheduler, shift 2),
+    the layout of learnsteps' shipped latent digits model."""
+    from diffusers import DiTPipeline, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, Transformer2DModel
 
     torch.manual_seed(0)
     transformer = Transformer2DModel(sample_size=LATENT, num_layers=1, patch_size=2, attention_head_dim=8,
@@ -68,7 +70,8 @@ def dit(directory: Path) -> Path:
                                      activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
                                      norm_type="ada_norm_zero", norm_elementwise_affine=False)
     # grey 8x8 images, as the digits: eval.py scores them with the shipped digits feature network
-    pipe = DiTPipeline(transformer=transformer, vae=vae(channels=1), scheduler=DPMSolverMultistepScheduler())
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=2.0) if flow else DPMSolverMultistepScheduler()
+    pipe = DiTPipeline(transformer=transformer, vae=vae(channels=1), scheduler=scheduler)
     pipe.save_pretrained(directory)
     index = json.loads((directory / "model_index.json").read_text())  # as facebook/DiT-XL-2-256 ships its labels
     (directory / "model_index.json").write_text(json.dumps(dict(index, id2label={"0": "zero", "1": "one", "2": "two"})))

@@ -143,9 +143,11 @@ def apply_to_pipeline(pipe, schedule: Schedule) -> dict:
         kwargs = {k: v for k, v in kwargs.items() if k == "mu"}  # explicit timesteps / sigmas are the schedule's
         _put_grid(self, schedule, device or "cpu", lambda steps, device: base.set_timesteps(self, steps, device, **kwargs))
 
-    learned = type(base.__name__, (base,), dict(set_timesteps=set_timesteps, __doc__=f"{base.__name__} pinned to a "
-                                                "learnsteps schedule",
-                                                init_noise_sigma=property(lambda self: 1.0, lambda self, v: None)))
+    members = dict(set_timesteps=set_timesteps, __doc__=f"{base.__name__} pinned to a learnsteps schedule",
+                   init_noise_sigma=property(lambda self: 1.0, lambda self, v: None))
+    if not hasattr(base, "scale_model_input"):  # flow schedulers have none; DiTPipeline calls it: x as it is
+        members["scale_model_input"] = lambda self, sample, *args, **kwargs: sample
+    learned = type(base.__name__, (base,), members)
     config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
     with _quiet():
         pipe.scheduler = learned.from_config({**config, **r["config"]})

@@ -36,17 +36,18 @@ SUPPORTED = {"StableDiffusionPipeline": "UNet2DConditionModel, text prompts, eps
 
 class _Conditional(nn.Module):
     """A pipeline's denoiser called as net(x, t, c) with c an index into its condition table (the last row is the
-    unconditional input); input cast to the network's dtype, output back to x's."""
+    unconditional input); input cast to the network's dtype, output back to x's. The network's timestep is our
+    time times `timestep_scale`: 1 for DDPM indices, num_train_timesteps for a flow model's t."""
 
-    def __init__(self, net: nn.Module, tables: dict[str, Tensor]):
+    def __init__(self, net: nn.Module, tables: dict[str, Tensor], timestep_scale: float = 1.0):
         super().__init__()
-        self.net = net
+        self.net, self.timestep_scale = net, timestep_scale
         for name, table in tables.items():
             self.register_buffer(name, table)
 
     def forward(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
         dtype = next(self.net.parameters()).dtype
-        out = self.call(x.to(dtype), t.to(dtype).expand(len(x)), c)
+        out = self.call(x.to(dtype), (t * self.timestep_scale).to(dtype).expand(len(x)), c)
         return out[:, : x.shape[1]].to(x.dtype)  # DiT's learned variance, if any, is not the ODE's business
 
 
@@ -61,12 +62,8 @@ class _DiT(_Conditional):
 
 
 class _SD3(_Conditional):
-    def __init__(self, net, tables, n: int):
-        super().__init__(net, tables)
-        self.n = n
-
-    def call(self, x, t, c):  # the transformer takes the flow time t as the timestep t * n
-        return self.net(hidden_states=x, timestep=t * self.n, encoder_hidden_states=self.embeds[c],
+    def call(self, x, t, c):
+        return self.net(hidden_states=x, timestep=t, encoder_hidden_states=self.embeds[c],
                         pooled_projections=self.pooled[c]).sample
 
 
@@ -160,9 +157,9 @@ def _load(model: str, local_files_only: bool | None, dtype: torch.dtype):
     return pipe, cls
 
 
-def _schedule(config: dict, latent_tokens: int):
-    """Our noise schedule and prediction type for a pipeline's scheduler config."""
-    if config.get("_class_name", "").startswith("FlowMatch") or config.get("use_flow_sigmas"):
+def _schedule(scheduler_class: str, config: dict, latent_tokens: int):
+    """Our noise schedule and prediction type for a pipeline's scheduler (its class name and config)."""
+    if scheduler_class.startswith("FlowMatch") or config.get("use_flow_sigmas"):
         shift = config.get("shift", config.get("flow_shift", 1.0))
         if config.get("use_dynamic_shifting"):  # FLUX: shift = e^mu for this latent size
             shift = math.exp(dynamic_shift_mu(latent_tokens, config.get("base_image_seq_len", 256),
@@ -235,9 +232,10 @@ def pipeline_teacher(model: str, conditions=None, guidance: float = 1.0, local_f
     size = net.config.sample_size
     shape = (net.config.in_channels, *((size, size) if isinstance(size, int) else size))
     patch = net.config.get("patch_size") or 1
-    schedule, prediction = _schedule(dict(pipe.scheduler.config), (shape[1] // patch) * (shape[2] // patch))
-    wrapper = {"StableDiffusionPipeline": _UNetText, "DiTPipeline": _DiT}.get(cls)
-    wrapped = wrapper(net, tables) if wrapper else _SD3(net, tables, schedule.n)
+    schedule, prediction = _schedule(type(pipe.scheduler).__name__, dict(pipe.scheduler.config),
+                                     (shape[1] // patch) * (shape[2] // patch))
+    wrapper = {"StableDiffusionPipeline": _UNetText, "DiTPipeline": _DiT, "StableDiffusion3Pipeline": _SD3}[cls]
+    wrapped = wrapper(net, tables, schedule.n if schedule.kind == "flow" else 1.0)
     config = dict(kind="pipeline", pipeline=cls, model=str(model), denoiser=type(net).__name__,
-                  conditions=list(conditions), guidance=float(guidance), scheduler=pipe.scheduler.config.get("_class_name"))
+                  conditions=list(conditions), guidance=float(guidance), scheduler=type(pipe.scheduler).__name__)
     return PipelineTeacher(wrapped, schedule, prediction, config, conditions, guidance, pipe.vae, shape)
