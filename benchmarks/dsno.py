@@ -56,6 +56,7 @@ class Config:
     samples: int = 2000
     eval_seed: int = 7  # held-out noise: the trajectories use seed 0
     out_dir: str = "runs/bench_dsno"
+    teacher_args: list[str] = field(default_factory=list)  # e.g. [guidance=2.0] for a conditional pipeline teacher
 
 
 def variants_for(cfg: Config, teacher: str) -> list[Variant]:
@@ -75,7 +76,7 @@ def train(cfg: Config, out: Path) -> None:
                    f"data_dir={out / teacher / 'trajectories'}", f"trajectories.n={cfg.trajectories}",
                    f"batch_size={cfg.batch_size}", f"trainer.max_steps={cfg.steps}",
                    f"trainer.val_check_interval={min(250, cfg.steps)}", "trainer.progress_bar=false",
-                   "wandb.mode=disabled"]
+                   "wandb.mode=disabled", *cfg.teacher_args]
             print(" ".join(cmd[1:]), flush=True)
             res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if res.returncode != 0:
@@ -90,7 +91,8 @@ def evaluate(cfg: Config, out: Path) -> None:
         students = [str(out / teacher / v.name / "student") for v in variants_for(cfg, teacher)]
         cmd = [sys.executable, str(ROOT / "eval.py"), f"teachers=[{teacher}]", f"samples={cfg.samples}",
                f"seed={cfg.eval_seed}", f"nfe=[{','.join(map(str, cfg.nfe))}]", f"grids=[{','.join(cfg.grids)}]",
-               f"students=[{','.join(students)}]", f"out_dir={out / teacher / 'eval'}", "wandb.mode=disabled"]
+               f"students=[{','.join(students)}]", f"out_dir={out / teacher / 'eval'}", "wandb.mode=disabled",
+               *cfg.teacher_args]
         cmd += [f"solvers=[{','.join(_solver_arg(s) for s in cfg.solvers)}]"]
         mine = [s for s in cfg.schedules if load_schedule(s).teacher.get("name") == teacher]
         if mine:

@@ -207,18 +207,15 @@ def cpu_paths() -> list[str]:
 
 def score(run_dir: Path, pairs_dir: Path, n: int) -> dict:
     """Learned / best baseline by RMSE and FID on the first n held-out pairs of the run (its own table's metrics)."""
-    from torch.utils.data import TensorDataset
-
     from learnsteps.core.denoiser import dtype_of
-    from learnsteps.ld3.module import LD3Config, evaluate_grids
+    from learnsteps.ld3.module import LD3Config, evaluate_grids, pairs_dataset
     from learnsteps.schedule import load_schedule
     from learnsteps.teachers.network import load_teacher
     from learnsteps.trajectories import TrajectoryDataset
 
     cfg = load_config(LD3Config, [run_dir / "config.yaml"])
-    teacher = load_teacher(cfg.teacher)
-    ds = TrajectoryDataset(pairs_dir / "test", dtype=dtype_of(teacher)).tensors
-    test = TensorDataset(ds["index"][:n], ds["x_T"][:n], ds["trajectory"][:n, -1])
+    teacher = load_teacher(cfg.teacher, conditions=cfg.conditions, guidance=cfg.guidance)
+    test = pairs_dataset(TrajectoryDataset(pairs_dir / "test", dtype=dtype_of(teacher)).tensors, n)
     s = load_schedule(run_dir / "schedule.json")
     rows = evaluate_grids(cfg, teacher, (s.grid, s.eval_grid), test)
     learned = rows[0]

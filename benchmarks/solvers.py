@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -32,7 +33,9 @@ from learnsteps.training.common import ScheduleConfig  # noqa: E402
 @dataclass
 class SolverBenchConfig:
     teacher: str = "gmm_digits"
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # of the exact mixtures
+    conditions: Any = field(default_factory=list)  # a pipeline teacher's (its own schedule then)
+    guidance: float = 1.0
     solvers: list[SolverChoice] = field(default_factory=list)
     grids: list[str] = field(default_factory=lambda: ["time_uniform", "time_quadratic", "logsnr", "edm", "gits"])
     nfe: list[int] = field(default_factory=lambda: list(range(2, 21)))
@@ -55,8 +58,12 @@ def steps_for(case: SolverChoice, nfe: int) -> int | None:
 
 
 def error_table(cfg: SolverBenchConfig, out: Path) -> list[dict]:
-    schedule = make_schedule(cfg.schedule.kind, **cfg.schedule.params)
-    teacher = ls.teachers.load_teacher(cfg.teacher, noise_schedule=schedule)
+    if cfg.conditions or cfg.guidance != 1.0:  # a pipeline: its own noise schedule, its conditions in turn
+        teacher = ls.teachers.load_teacher(cfg.teacher, conditions=cfg.conditions, guidance=cfg.guidance)
+        schedule = teacher.noise_schedule
+    else:
+        schedule = make_schedule(cfg.schedule.kind, **cfg.schedule.params)
+        teacher = ls.teachers.load_teacher(cfg.teacher, noise_schedule=schedule)
     gen = torch.Generator().manual_seed(cfg.seed)
     shape = getattr(teacher, "shape", (64,))
     x_T = torch.randn(cfg.samples, *shape, generator=gen, dtype=torch.float64) * schedule.init_noise_std()

@@ -11,11 +11,13 @@ def _modes() -> dict[str, tuple[type, Callable]]:
     from .dsno.module import DSNOConfig, train_dsno
     from .ld3.module import LD3Config, train_ld3
     from .training.features import FeatureTrainConfig, train_features
+    from .training.latent_teacher import LatentTeacherConfig, train_latent_teacher
     from .training.teacher import TeacherTrainConfig, train_teacher
     from .training.trajectories import TrajectoryJobConfig, generate_job
 
     return {"ld3": (LD3Config, train_ld3), "dsno": (DSNOConfig, train_dsno),
             "teacher": (TeacherTrainConfig, train_teacher), "features": (FeatureTrainConfig, train_features),
+            "latent_teacher": (LatentTeacherConfig, train_latent_teacher),
             "trajectories": (TrajectoryJobConfig, generate_job)}
 
 

@@ -242,3 +242,13 @@ def test_auto_loss_and_remat_resolve_per_teacher():
     cfg = LD3Config(loss="features", remat="True")
     resolve_auto(cfg, unet)  # explicit choices are kept
     assert (cfg.loss, cfg.remat) == ("features", "true")
+
+
+def test_gits_and_the_flow_models_shifted_grid_as_baselines(tmp_path):
+    """baselines=[..., gits]: GITS' grid is found on the teacher's own trajectories and compared like the others;
+    "shifted" (a flow model's default) is left out for a VP teacher, where it does not exist."""
+    import csv
+
+    run_dir = train_ld3(tiny(tmp_path, baselines="[logsnr,shifted,gits]"))
+    with open(run_dir / "results.csv") as f:
+        assert [r["grid"] for r in csv.DictReader(f)] == ["ld3 (learned)", "logsnr", "gits"]

@@ -206,22 +206,25 @@ def test_ld3_with_guidance_on_a_pipeline_and_back_into_it(pipelines, tmp_path, n
     assert relative(ours, theirs) <= 1e-5
 
 
-def test_dsno_trains_on_a_latent_pipeline_teacher(pipelines, tmp_path):
+def test_dsno_trains_a_conditional_student_on_a_latent_pipeline_teacher(pipelines, tmp_path):
+    """The trajectories carry each sample's condition; the student takes it (one class per condition)."""
     from learnsteps.config import load_config
     from learnsteps.dsno.module import DSNOConfig, train_dsno
     from learnsteps.dsno.student import load_student
+    from learnsteps.trajectories import TrajectoryDataset
 
-    common = [f"teacher={pipelines['sd3']}", "guidance=4.0", "trainer.max_steps=2", "trainer.val_check_interval=1",
-              "trajectories.n=16", "trajectories.steps_per_interval=2", "unet.channels=8", "batch_size=8",
-              "trainer.progress_bar=false", "wandb.mode=disabled"]
-    with pytest.raises(ValueError, match="give the teacher one condition"):
-        train_dsno(load_config(DSNOConfig, [ROOT / "configs" / "dsno.yaml"],
-                               common + [f"run_dir={tmp_path / 'two'}", "conditions=[a,b]"]))
-    assert not (tmp_path / "two").exists()
-    run_dir = train_dsno(load_config(DSNOConfig, [ROOT / "configs" / "dsno.yaml"],
-                                     common + [f"run_dir={tmp_path / 'one'}", "conditions=[a red dot]"]))
-    x = load_student(run_dir / "student").sample(torch.randn(3, 4, 4, 4))
-    assert x.shape == (3, 4, 4, 4) and torch.isfinite(x).all()
+    run_dir = train_dsno(load_config(DSNOConfig, [ROOT / "configs" / "dsno.yaml"], [
+        f"teacher={pipelines['dit_flow']}", "conditions=[0,1,2]", "guidance=3.0", "trainer.max_steps=2",
+        "trainer.val_check_interval=1", "trajectories.n=12", "trajectories.steps_per_interval=2", "unet.channels=8",
+        "batch_size=4", f"run_dir={tmp_path}", "trainer.progress_bar=false", "wandb.mode=disabled"]))
+    data = TrajectoryDataset(run_dir / "trajectories")
+    assert data.tensors["cond"].tolist() == [i % 3 for i in range(12)]
+    student = load_student(run_dir / "student")
+    assert student.cfg.unet.num_classes == 3 and student.info["teacher"]["conditions"] == [0, 1, 2]
+    x = torch.randn(3, 4, 4, 4)
+    a, b = student.sample(x, torch.tensor([0, 1, 2])), student.sample(x, torch.tensor([2, 0, 1]))
+    assert a.shape == (3, 4, 4, 4) and torch.isfinite(a).all() and not torch.equal(a, b)
+    assert (run_dir / "samples.png").is_file()
 
 
 def test_pixel_losses_on_a_latent_teacher_go_through_its_vae(pipelines, tmp_path):
@@ -252,6 +255,10 @@ def test_eval_scores_a_conditional_latent_teacher_over_its_condition_set(pipelin
                      out_dir=str(tmp_path / "eval"))
     rows = evaluate(cfg)
     assert [r["grid"] for r in rows] == ["teacher", "floor (teacher, other noise)", "logsnr", "edm"]
+    # conditions 0 and 2 are digit classes: the guided class accuracy by the shipped classifier (random weights
+    # here, so only its range is asserted; the shipped model's is in test_latent_teacher)
+    assert all(0 <= r["class_acc"] <= 1 for r in rows)
+    assert "class accuracy" in (tmp_path / "eval" / "results.md").read_text()
     assert all(r["fid_teacher"] == r["fid_teacher"] for r in rows) and rows[2]["rmse_teacher"] > 0
     assert (tmp_path / "eval" / "samples_nfe4.png").is_file()
     with pytest.raises(ValueError, match="feature_extractor=digits reads 1x8x8 images; .* are 3x8x8"):

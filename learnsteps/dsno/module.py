@@ -77,7 +77,7 @@ class DSNOModule(L.LightningModule):
 
     def _loss(self, net, batch):
         target = batch["x0" if self.cfg.targets == "x0" else "trajectory"][:, self.index].float()
-        pred = net(batch["x_T"].float())
+        pred = net(batch["x_T"].float(), batch.get("cond"))  # a conditional teacher's condition index per sample
         per_time = torch.stack([self.dist(pred[:, m], target[:, m]).mean() for m in range(pred.shape[1])])
         return (self.weights * per_time).sum(), per_time
 
@@ -151,10 +151,13 @@ def time_weights(cfg: DSNOConfig, schedule, times: torch.Tensor) -> torch.Tensor
 
 
 def make_student(cfg: DSNOConfig, teacher, times: torch.Tensor) -> DSNOStudent:
-    """The teacher's own UNet (weights copied) when it has one; a fresh UNet otherwise (e.g. exact teachers)."""
+    """The teacher's own UNet (weights copied) when it has one; a fresh UNet otherwise (e.g. exact teachers and
+    pipelines). For a conditional teacher the student takes the condition index (one class per condition)."""
     backbone = teacher.net if isinstance(teacher, NetworkTeacher) and isinstance(teacher.net, UNet) else None
+    classes = len(teacher.conditions) if getattr(teacher, "conditional", False) else 0
     unet_cfg = backbone.config if backbone is not None else UNetConfig(
-        **{**cfg.unet.to_dict(), "in_channels": teacher.shape[0], "image_size": teacher.shape[-1]})
+        **{**cfg.unet.to_dict(), "in_channels": teacher.shape[0], "image_size": teacher.shape[-1],
+           "num_classes": classes})
     s = teacher.noise_schedule
     # the backbone's time input for the clean end t_zero: its smallest trained time (t_min)
     time_input = [float(t) if t != s.t_zero else float(s.t_min) for t in times]
@@ -167,9 +170,6 @@ def check_dsno(cfg: DSNOConfig):
     student's times, the trajectory spec, the data directory, where the times sit among the stored ones)."""
     teacher = load_teacher(cfg.teacher, conditions=cfg.conditions, guidance=cfg.guidance)
     distance(cfg.loss, getattr(teacher, "shape", None))  # fail now, not after generating trajectories
-    if getattr(teacher, "conditional", False) and len(teacher.conditions) > 1:
-        raise ValueError(f"DSNO students here are unconditional: give the teacher one condition (conditions=[...] "
-                         f"of length 1), not {len(teacher.conditions)}")
     if len(getattr(teacher, "shape", ())) != 3:
         raise ValueError(f"DSNO students are UNets over images; teacher {cfg.teacher!r} has shape "
                          f"{getattr(teacher, 'shape', None)}")
@@ -229,10 +229,15 @@ def _samples(cfg, teacher, student, run_dir: Path, logger) -> None:
     from ..trajectories import sample_noise
     from ..training.teacher import save_image_grid
 
-    x_T = sample_noise(range(10**6, 10**6 + 32), teacher.shape, cfg.seed).float()
+    from ..trajectories import conditions_of
+
+    index = torch.arange(10**6, 10**6 + 32)
+    x_T = sample_noise(index.tolist(), teacher.shape, cfg.seed, teacher.noise_schedule.init_noise_std()).float()
+    cond = conditions_of(teacher, index)
     with torch.no_grad():
-        ours = student.sample(x_T)
-        ref = sample(teacher, x_T, make("logsnr", 40, teacher.noise_schedule, to_zero=True), "unipc", 3).float()
+        ours = student.sample(x_T, cond)
+        ref = sample(teacher, x_T, make("logsnr", 40, teacher.noise_schedule, to_zero=True), "unipc", 3,
+                     cond=cond).float()
         if hasattr(teacher, "decode"):  # a latent teacher: its VAE's images
             ours, ref = teacher.decode(ours), teacher.decode(ref)
     pairs = torch.stack([ours.clamp(-1, 1), ref.clamp(-1, 1)], 1).flatten(0, 1)

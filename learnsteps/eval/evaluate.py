@@ -25,7 +25,7 @@ from ..schedule import check_fits, load_schedule
 from ..teachers.network import load_teacher
 from ..trajectories import conditions_of, sample_noise
 from ..training.common import WandbConfig
-from ..quality.metrics import EXTRACTORS, Features, fid_kid, reference_features
+from ..quality.metrics import EXTRACTORS, Features, fid_kid, pixels, reference_features
 
 GRID_KINDS = ("time_uniform", "time_quadratic", "logsnr", "edm", "shifted")  # the hand grids eval.py compares
 
@@ -71,11 +71,6 @@ def sample_in_batches(teacher, x_T, grid, solver, order, batch_size, eval_grid=N
                                              cond=c, **options).x))
     return torch.cat(out).float()
 
-
-def pixels(teacher, x):
-    """What is judged: images (a latent teacher's samples decoded by its VAE)."""
-    decode = getattr(teacher, "decode", None)
-    return x if decode is None else decode(x)
 
 
 def entries(cfg: EvalConfig, teacher):
@@ -167,23 +162,25 @@ def evaluate_teacher(cfg: EvalConfig, name: str, teacher, plan: list, features: 
     teacher_samples = sample_in_batches(teacher, x_T, tgrid, ts.solver, ts.order, cfg.batch_size, cond=cond,
                                         **ts.options)
     teacher_f = features(teacher_samples)
-    floor_f = features(sample_in_batches(teacher, x_T2, tgrid, ts.solver, ts.order, cfg.batch_size, cond=cond,
-                                         **ts.options))
+    floor = sample_in_batches(teacher, x_T2, tgrid, ts.solver, ts.order, cfg.batch_size, cond=cond, **ts.options)
     rows, samples_for_png = [], {}
     nan = dict(fid=float("nan"), kid=float("nan"), precision=float("nan"), recall=float("nan"))
+    accuracy = class_accuracy(teacher, cond)
 
-    def row(label, solver, nfe, samples_f, paired=float("nan")):
-        vs_data, vs_teacher = fid_kid(samples_f, ref) if ref is not None else nan, fid_kid(samples_f, teacher_f)
+    def row(label, solver, nfe, images, paired=float("nan")):
+        f = features(images)
+        vs_data, vs_teacher = fid_kid(f, ref) if ref is not None else nan, fid_kid(f, teacher_f)
         rows.append(dict(teacher=name, solver=solver, grid=label, nfe=nfe, fid_data=vs_data["fid"],
                          kid_data=vs_data["kid"], precision=vs_data["precision"], recall=vs_data["recall"],
-                         fid_teacher=vs_teacher["fid"], kid_teacher=vs_teacher["kid"], rmse_teacher=paired))
+                         fid_teacher=vs_teacher["fid"], kid_teacher=vs_teacher["kid"], rmse_teacher=paired,
+                         class_acc=accuracy(images)))
 
-    row("teacher", f"{ts.solver}-{ts.order}", cfg.teacher_steps, teacher_f, 0.0)
-    row("floor (teacher, other noise)", f"{ts.solver}-{ts.order}", cfg.teacher_steps, floor_f)
+    row("teacher", f"{ts.solver}-{ts.order}", cfg.teacher_steps, teacher_samples, 0.0)
+    row("floor (teacher, other noise)", f"{ts.solver}-{ts.order}", cfg.teacher_steps, floor)
     for label, case, nfe, grid, eval_grid in tqdm(plan, desc=f"eval {name}", unit="entry"):
         x = sample_in_batches(teacher, x_T, grid, case.solver, case.order, cfg.batch_size, eval_grid, cond,
                               **case.options)
-        row(label, f"{case.solver}-{case.order}", nfe, features(x), float((x - teacher_samples).pow(2).mean().sqrt()))
+        row(label, f"{case.solver}-{case.order}", nfe, x, float((x - teacher_samples).pow(2).mean().sqrt()))
         samples_for_png[(f"{case.solver}-{case.order}", label, nfe)] = x[:16]
     student_labels = short_labels(cfg.students)
     for directory in cfg.students:
@@ -191,25 +188,46 @@ def evaluate_teacher(cfg: EvalConfig, name: str, teacher, plan: list, features: 
         if not _belongs(student.info["teacher"].get("fingerprint"), teacher):
             continue
         with torch.no_grad():
-            x = torch.cat([pixels(teacher, student.sample(x_T[b: b + cfg.batch_size].float()))
+            x = torch.cat([pixels(teacher, student.sample(x_T[b: b + cfg.batch_size].float(),
+                                                          None if cond is None else cond[b: b + cfg.batch_size]))
                            for b in range(0, len(x_T), cfg.batch_size)])
         temporal = student.cfg.temporal and student.num_times > 1
         solver = f"dsno-M{student.num_times}" if temporal else f"one-step-M{student.num_times}"
-        row(student_labels[directory], solver, 1, features(x), float((x - teacher_samples).pow(2).mean().sqrt()))
+        row(student_labels[directory], solver, 1, x, float((x - teacher_samples).pow(2).mean().sqrt()))
         samples_for_png[(solver, student_labels[directory], 1)] = x[:16]
     return rows, samples_for_png, teacher_samples[:16]
 
 
+def class_accuracy(teacher, cond):
+    """For a class-conditional teacher of digits (1x8x8 images whose conditions are digit labels 0-9): a function
+    images -> the fraction the shipped digits classifier assigns to their condition's class; else NaN."""
+    labels = teacher.class_ids(cond) if cond is not None and hasattr(teacher, "class_ids") else None
+    if labels is None or not bool(((labels >= 0) & (labels <= 9)).all()):
+        return lambda images: float("nan")
+    from ..quality.features import load_feature_net
+
+    classifier = load_feature_net()
+
+    def accuracy(images):
+        if tuple(images.shape[1:]) != (1, 8, 8):
+            return float("nan")
+        with torch.no_grad():
+            return float((classifier(images.float())[1].argmax(1) == labels).float().mean())
+    return accuracy
+
+
 def write_outputs(cfg: EvalConfig, rows, samples, teacher_samples, out: Path) -> None:
     write_csv(out / "results.csv", rows)
+    acc = any(r["class_acc"] == r["class_acc"] for r in rows)  # a class-conditional digits teacher: one column more
     lines = [f"{cfg.samples} samples per row, features: {cfg.feature_extractor}; FID/KID against the data "
              f"({cfg.reference}) and against the teacher's {cfg.teacher_solver.solver}-{cfg.teacher_steps} samples; "
              "rmse_teacher: paired RMSE to the teacher's sample from the same noise.", "",
              "| teacher | solver | grid | NFE | FID (data) | KID (data) | precision | recall | FID (teacher) "
-             "| KID (teacher) | RMSE (teacher) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| KID (teacher) | RMSE (teacher) |" + (" class accuracy |" if acc else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if acc else "")]
     lines += [f"| {r['teacher']} | {r['solver']} | {r['grid']} | {r['nfe']} | {r['fid_data']:.3f} | {r['kid_data']:.4f} | "
               f"{r['precision']:.3f} | {r['recall']:.3f} | {r['fid_teacher']:.3f} | {r['kid_teacher']:.4f} | "
-              f"{r['rmse_teacher']:.4f} |" for r in rows]
+              f"{r['rmse_teacher']:.4f} |" + (f" {r['class_acc']:.3f} |" if acc else "") for r in rows]
     write_text(out / "results.md", "\n".join(lines) + "\n")
     plot_fid(rows, out / "fid_vs_nfe.png")
     if teacher_samples.dim() == 4:

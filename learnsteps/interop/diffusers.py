@@ -149,26 +149,11 @@ def apply_to_pipeline(pipe, schedule: Schedule) -> dict:
         members["scale_model_input"] = lambda self, sample, *args, **kwargs: sample
     learned = type(base.__name__, (base,), members)
     config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
-    with _quiet():
+    from ..teachers.pipelines import quiet_diffusers
+
+    with quiet_diffusers():
         pipe.scheduler = learned.from_config({**config, **r["config"]})
     return dict(num_inference_steps=n)
-
-
-def _quiet():
-    """diffusers' logger warns about config keys the new scheduler class does not take: they are the old class's."""
-    import contextlib
-
-    from diffusers.utils import logging
-
-    @contextlib.contextmanager
-    def quiet():
-        level = logging.get_verbosity()
-        logging.set_verbosity_error()
-        try:
-            yield
-        finally:
-            logging.set_verbosity(level)
-    return quiet()
 
 
 def _put_grid(scheduler, schedule: Schedule, device, set_timesteps):

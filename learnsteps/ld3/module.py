@@ -34,11 +34,14 @@ from ..loaders import train_loader
 from ..quality.losses import check_loss_name, distance, pixel_space
 from ..schedule import Schedule, save_schedule
 from ..teachers.network import load_teacher
-from ..trajectories import TrajectoryDataset, TrajectorySpec, check_directory, generate
+from ..trajectories import TrajectoryDataset, TrajectorySpec, check_directory, generate, sample_noise
 from ..training.common import RunConfig, fit, make_logger, make_trainer, prepare_run, run_path
 from .grid import LD3Grid
 
-BASELINES = ("time_uniform", "time_quadratic", "logsnr", "edm", "shifted")  # "shifted": flow teachers only
+# the hand grids LD3 starts from and compares with; "shifted": flow teachers only; "gits" (the teacher's own
+# trajectory-regularity grid, Chen et al. 2024; a few dozen teacher calls to find) when asked for
+BASELINES = ("time_uniform", "time_quadratic", "logsnr", "edm", "shifted", "gits")
+DEFAULT_BASELINES = BASELINES[:-1]
 
 
 @dataclass
@@ -90,7 +93,7 @@ class LD3Config(RunConfig):
     min_lr_xi: float = 1e-6
     val_every_n_steps: int = 5
     remat: str = "auto"  # recompute each network call in the backward pass: true | false | auto (REMAT_ABOVE)
-    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    baselines: list[str] = field(default_factory=lambda: list(DEFAULT_BASELINES))
     RULES: ClassVar = dict(
         RunConfig.RULES, order=at_least(1), nfe=between(1, 100), time_mode=one_of("lambda", "time"),
         init=one_of("uniform", "best", *BASELINES), window=between(0, 0.5),
@@ -268,7 +271,7 @@ def initial_grids(cfg: LD3Config, teacher, module: LD3, val_set) -> list[torch.T
     outputs of the candidate grids."""
     kinds = applicable(cfg.baselines, teacher.noise_schedule) if cfg.init == "best" else [] if cfg.init == "uniform" \
         else [cfg.init]
-    grids = {kind: make_grid(kind, module.steps, teacher.noise_schedule, to_zero=cfg.to_zero) for kind in kinds}
+    grids = {kind: baseline_grid(cfg, teacher, kind, module.steps) for kind in kinds}
     if cfg.init == "uniform":
         grids["uniform"] = module.grid(False)[0].detach()
     _, x_T, target, cond = (torch.stack([val_set[i][k] for i in range(len(val_set))]) for k in range(4))
@@ -285,6 +288,15 @@ def initial_grids(cfg: LD3Config, teacher, module: LD3, val_set) -> list[torch.T
     print(f"LD3 starts from the {' / '.join(ranked)} grid{'s' if len(ranked) > 1 else ''} (validation {cfg.loss}: "
           + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()) + ")")
     return [grids[kind] for kind in ranked]
+
+
+def baseline_grid(cfg: LD3Config, teacher, kind: str, steps: int) -> torch.Tensor:
+    """A hand grid of `kind`; GITS' is found on the teacher's trajectories from 64 noises of their own seed."""
+    s = teacher.noise_schedule
+    if kind != "gits":
+        return make_grid(kind, steps, s, to_zero=cfg.to_zero)
+    x_T = sample_noise(range(64), tuple(teacher.shape), cfg.seed + 7919, s.init_noise_std()).to(dtype_of(teacher))
+    return make_grid("gits", steps, s, to_zero=cfg.to_zero, teacher=teacher, x_T=x_T)
 
 
 def pairs_spec(cfg: LD3Config, teacher, n: int, seed: int) -> TrajectorySpec:
@@ -307,10 +319,14 @@ def pair_sets(cfg: LD3Config, teacher) -> dict[str, TrajectorySpec]:
 
 def teacher_pairs(teacher, cfg: LD3Config, directory: Path, spec: TrajectorySpec, name: str) -> TensorDataset:
     generate(teacher, directory / name, spec, teacher_name=cfg.teacher, progress=cfg.trainer.progress_bar)
-    ds = TrajectoryDataset(directory / name, dtype=dtype_of(teacher))
-    index = ds.tensors["index"]
-    cond = ds.tensors.get("cond", torch.full_like(index, NO_CONDITION))
-    return TensorDataset(index, ds.tensors["x_T"], ds.tensors["trajectory"][:, -1], cond)
+    return pairs_dataset(TrajectoryDataset(directory / name, dtype=dtype_of(teacher)).tensors)
+
+
+def pairs_dataset(tensors: dict, n: int | None = None) -> TensorDataset:
+    """(index, x_T, the teacher's sample, condition) of the first n stored pairs (all for None); the condition is
+    NO_CONDITION for an unconditional teacher's."""
+    cond = tensors.get("cond", torch.full_like(tensors["index"], NO_CONDITION))
+    return TensorDataset(tensors["index"][:n], tensors["x_T"][:n], tensors["trajectory"][:n, -1], cond[:n])
 
 
 NO_CONDITION = -1  # the condition column of an unconditional teacher's pairs
@@ -324,18 +340,20 @@ def condition(cond: torch.Tensor | None) -> torch.Tensor | None:
 def evaluate_grids(cfg: LD3Config, teacher, learned, test: TensorDataset) -> list[dict]:
     """On the held-out pairs, for the learned grid and every baseline grid (same solver, NFE): RMSE to the teacher
     and, for 1x8x8 teachers, FID (digits feature network) against the teacher's samples and against the data."""
-    from ..quality.metrics import Features, fid_features, reference_features
+    from ..quality.metrics import Features, fid_features, pixels, reference_features
 
     _, x_T, target, cond = test.tensors
     steps = steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero)
     grids = {"ld3 (learned)": learned}
     for kind in applicable(cfg.baselines, teacher.noise_schedule):
-        g = make_grid(kind, steps, teacher.noise_schedule, to_zero=cfg.to_zero)
+        g = baseline_grid(cfg, teacher, kind, steps)
         grids[kind] = (g, g)
-    digits = tuple(target.shape[1:]) == (1, 8, 8) and len(target) >= 2
+    with torch.no_grad():
+        images = pixels(teacher, target)  # a latent teacher's decoded by its VAE
+    digits = tuple(images.shape[1:]) == (1, 8, 8) and len(target) >= 2
     if digits:
         features = Features("digits")
-        f_teacher, f_data = features(target.float()), reference_features("digits", features)
+        f_teacher, f_data = features(images.float()), reference_features("digits", features)
     rows = []
     with torch.no_grad():
         for name, (t, t_eval) in grids.items():
@@ -343,7 +361,7 @@ def evaluate_grids(cfg: LD3Config, teacher, learned, test: TensorDataset) -> lis
                         **cfg.options).x
             rows.append(dict(grid=name, rmse=float((out - target).pow(2).mean().sqrt())))
             if digits:
-                f = features(out.float())
+                f = features(pixels(teacher, out).float())
                 rows[-1].update(fid_teacher=fid_features(f, f_teacher), fid_data=fid_features(f, f_data))
     for key in [k for k in rows[0] if k != "grid"]:
         best = min(r[key] for r in rows[1:]) if len(rows) > 1 else math.nan
@@ -363,7 +381,7 @@ def plot_grids(cfg: LD3Config, teacher, learned, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     n_finite = steps if cfg.to_zero else steps + 1
     for kind in applicable(cfg.baselines, teacher.noise_schedule):
-        g = make_grid(kind, steps, s, to_zero=cfg.to_zero)[:n_finite]
+        g = baseline_grid(cfg, teacher, kind, steps)[:n_finite]
         ax.plot(range(n_finite), s.lambda_(g), marker=".", alpha=0.6, label=kind)
     t, t_eval = learned
     ax.plot(range(n_finite), s.lambda_(t[:n_finite]), marker="o", color="k", lw=2, label="LD3 (integration)")

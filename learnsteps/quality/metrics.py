@@ -17,6 +17,12 @@ from .features import ASSET, DIGITS_EXTRACTOR
 EXTRACTORS = ("digits", "inception")
 
 
+def pixels(teacher, x: Tensor) -> Tensor:
+    """What is judged: images (a latent teacher's samples decoded by its VAE, others as they are)."""
+    decode = getattr(teacher, "decode", None)
+    return x if decode is None else decode(x)
+
+
 def to_uint8(images: Tensor) -> Tensor:
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 

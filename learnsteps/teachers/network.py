@@ -79,7 +79,8 @@ def _load_user_state(path: Path) -> dict[str, Tensor]:
 
 
 UNET2D_PIPELINES = ("DDPMPipeline", "DDIMPipeline", "PNDMPipeline")  # an unconditional UNet2DModel: diffusers_teacher
-BUILT_IN = ("gmm_digits", "toy_mixture", "gaussian", "digits_unet")
+BUILT_IN = ("gmm_digits", "toy_mixture", "gaussian", "digits_unet", "digits_latent_flow")
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 # A Hugging Face hub id: "org/name" (one slash, no leading dot or slash). Anything else that is not a local path
 # is a typo, and is said so at once instead of being sent to the hub (which retries for half a minute).
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -108,6 +109,7 @@ def load_teacher(spec: str | Path, *, check: bool = True, conditions=None, guida
 
     - "gmm_digits", "toy_mixture", "gaussian": the exact mixtures;
     - "digits_unet": the shipped UNet trained on the digits (learnsteps/assets/digits_unet);
+    - "digits_latent_flow": the shipped class-conditional latent flow-matching DiT (a DiTPipeline directory);
     - a directory with teacher.json (learnsteps' own UNet, as `train.py mode=teacher` exports it);
     - a diffusers pipeline (Stable Diffusion, DiT, SD3 layouts; learnsteps.teachers.pipelines), with its
       `conditions` (prompts or class labels) and CFG scale `guidance`: a local directory or a hub id;
@@ -116,6 +118,8 @@ def load_teacher(spec: str | Path, *, check: bool = True, conditions=None, guida
     from .pipelines import SUPPORTED, pipeline_teacher
 
     name = str(spec)
+    if name == "digits_latent_flow":
+        name = str(ASSETS / name)
     kind = _pipeline_class(name)
     conditional_hub_id = kind is None and (conditions or guidance != 1.0) and HUB_ID.match(name) \
         and not Path(name).exists()  # not in the cache: the pipeline loader says so in one line
@@ -128,7 +132,7 @@ def load_teacher(spec: str | Path, *, check: bool = True, conditions=None, guida
     if name in exact:
         return exact[name](**kwargs)
     if name == "digits_unet":
-        return load_teacher(Path(__file__).resolve().parents[1] / "assets" / "digits_unet")
+        return load_teacher(ASSETS / "digits_unet")
     path = Path(name)
     if path.is_dir():
         if (path / "teacher.json").is_file():

@@ -16,6 +16,7 @@ Supported layouts: StableDiffusionPipeline, DiTPipeline, StableDiffusion3Pipelin
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -28,6 +29,9 @@ from torch import Tensor, nn
 from ..core.denoiser import guided
 from ..core.schedules import DiscreteDDPM, FlowMatching, dynamic_shift_mu
 from .network import PREDICTION_TYPES, NetworkTeacher, TeacherLoadError, hub_reachable
+
+# diffusers 0.3x-0.4x warns on every Transformer2DModel call that its output class moved: nothing a user can act on
+warnings.filterwarnings("ignore", message=".*Transformer2DModelOutput.*", category=FutureWarning)
 
 SUPPORTED = {"StableDiffusionPipeline": "UNet2DConditionModel, text prompts, epsilon or v-prediction",
              "DiTPipeline": "Transformer2DModel, class labels",
@@ -87,6 +91,11 @@ class PipelineTeacher(NetworkTeacher):
         c = self.config
         return dict(pipeline=c["pipeline"], scheduler=c["scheduler"], conditions=self.conditions, guidance=self.guidance)
 
+    def class_ids(self, cond: Tensor) -> Tensor | None:
+        """The class label ids of condition indices, for a class-conditional pipeline (DiT); None for text."""
+        labels = getattr(self.net, "labels", None)
+        return None if labels is None else labels.cpu()[torch.as_tensor(cond).long()]
+
     def condition_of(self, index: Tensor) -> Tensor:
         """The condition index of sample `index` of a data set: the conditions in turn."""
         return torch.as_tensor(index).long() % len(self.conditions)
@@ -109,6 +118,35 @@ class PipelineTeacher(NetworkTeacher):
             p = next(vae.to(z.device).parameters())
         x = vae.decode((z.to(p.dtype) / c.scaling_factor) + (c.get("shift_factor") or 0.0)).sample
         return x.clamp(-1, 1).to(z.dtype)
+
+
+@contextlib.contextmanager
+def quiet_diffusers():
+    """diffusers' and transformers' loggers and progress bars at error level: their notices (loading bars, config
+    keys another class does not take, dtype advice) are not the user's business inside learnsteps' own calls."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    try:
+        from transformers.utils import logging as tlog
+    except ImportError:
+        tlog = None
+    if tlog is not None:
+        t_level = tlog.get_verbosity()
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        dlog.set_verbosity(level)
+        dlog.enable_progress_bar()
+        if tlog is not None:
+            tlog.set_verbosity(t_level)
+            tlog.enable_progress_bar()
 
 
 def read_conditions(conditions) -> list:
@@ -140,14 +178,14 @@ def _load(model: str, local_files_only: bool | None, dtype: torch.dtype):
             f"internet (`huggingface-cli download {model}`) and pass the directory. ({type(err).__name__}: "
             f"{str(err).splitlines()[0]})") from None
     cls = index.get("_class_name")
+    verify_checksums(path)
     if cls not in SUPPORTED:
         raise TeacherLoadError(f"{model!r} is a {cls}; learnsteps loads " + "; ".join(
             f"{k} ({v})" for k, v in SUPPORTED.items()) + ", and DDPMPipeline / UNet2DModel directories")
     # components the layout leaves out (e.g. SD3 without its T5 encoder) are passed as None, as users load them
     absent = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet_diffusers():
             pipe = getattr(diffusers, cls).from_pretrained(model, local_files_only=offline, torch_dtype=dtype,
                                                            **absent)
     except (OSError, ValueError, TypeError) as err:
@@ -155,6 +193,21 @@ def _load(model: str, local_files_only: bool | None, dtype: torch.dtype):
                                f"{str(err).splitlines()[0]})") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe, cls
+
+
+def verify_checksums(directory: Path) -> None:
+    """A pipeline learnsteps wrote (learnsteps.json beside model_index.json) is checked file by file."""
+    from ..files import read_json, sha256_file
+
+    manifest = directory / "learnsteps.json"
+    if not manifest.is_file():
+        return  # a user's or the hub's pipeline: diffusers' own loading is all there is
+    files = read_json(manifest, TeacherLoadError).get("files", {})
+    for name, sha in files.items():
+        f = directory / name
+        if not f.is_file() or sha256_file(f) != sha:
+            raise TeacherLoadError(f"{f}: {'missing' if not f.is_file() else 'fails its checksum'} (learnsteps.json); "
+                                   f"the pipeline is damaged: export it again")
 
 
 def _schedule(scheduler_class: str, config: dict, latent_tokens: int):

@@ -345,3 +345,45 @@ class ExactResume(Callback):
 
     def load_state_dict(self, state):
         self.pending = state
+
+
+class LossCurve(Callback):
+    """The training loss (`key`) at every optimizer step, kept in the checkpoints (a resumed run's curve is whole),
+    written at the end of the fit as curve.csv and curve.png (raw, and a moving average) into `directory`."""
+
+    def __init__(self, directory: Path, key: str = "train/loss", smooth: int = 100):
+        self.directory, self.key, self.smooth, self.points = Path(directory), key, smooth, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self.points.append((trainer.global_step, float(loss)))
+
+    def state_dict(self) -> dict:
+        return dict(points=self.points)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.points = [tuple(p) for p in state.get("points", [])]
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.global_rank != 0 or not self.points:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from ..files import save_figure, write_csv
+
+        write_csv(self.directory / "curve.csv", [dict(step=s, loss=v) for s, v in self.points])
+        steps, values = np.array(self.points).T
+        k = min(self.smooth, len(values))
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        ax.plot(steps, values, lw=0.5, alpha=0.35, label=self.key)
+        ax.plot(steps[k - 1:], np.convolve(values, np.ones(k) / k, mode="valid"), lw=1.5, label=f"moving average ({k})")
+        ax.set(xlabel="step", ylabel=self.key, yscale="log")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+        fig.tight_layout()
+        save_figure(fig, self.directory / "curve.png", dpi=110)
+        plt.close(fig)
