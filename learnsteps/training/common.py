@@ -387,3 +387,10 @@ class LossCurve(Callback):
         fig.tight_layout()
         save_figure(fig, self.directory / "curve.png", dpi=110)
         plt.close(fig)
+
+
+def cosine_warmup(opt, warmup: int, total: int):
+    """Linear warm-up over `warmup` steps, then a cosine decay to 0 at step `total` (the teacher modes' schedule)."""
+    def factor(k):
+        return min(1.0, (k + 1) / max(1, warmup)) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * min(k, total) / total)).item())
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)

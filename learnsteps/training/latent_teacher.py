@@ -32,7 +32,7 @@ from ..config import at_least, between, each, fraction, not_a_file, one_of, posi
 from ..files import sha256_file, write_json
 from ..loaders import BatchDraws
 from ..teachers.pipelines import quiet_diffusers
-from .common import LossCurve, RunConfig, fit, make_logger, make_trainer, prepare_run
+from .common import LossCurve, RunConfig, cosine_warmup, fit, make_logger, make_trainer, prepare_run
 from .teacher import DigitsDataModule, save_image_grid
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -100,12 +100,6 @@ def make_dit(cfg: DiTConfig, latent_channels: int, latent_size: int):
                               in_channels=latent_channels, out_channels=latent_channels,
                               activation_fn="gelu-approximate", num_embeds_ada_norm=NULL_CLASS,
                               norm_type="ada_norm_zero", norm_elementwise_affine=False)
-
-
-def cosine_warmup(opt, warmup: int, total: int):
-    def factor(k):
-        return min(1.0, (k + 1) / max(1, warmup)) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * min(k, total) / total)).item())
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 class VAETraining(L.LightningModule):

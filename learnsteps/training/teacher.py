@@ -21,7 +21,7 @@ from ..teachers.gmm import digits_data
 from ..teachers.network import NetworkTeacher, save_unet_teacher
 from ..teachers.unet import UNet, UNetConfig, check_unet
 from ..loaders import BatchDraws, train_loader
-from .common import RunConfig, ScheduleConfig, fit, make_logger, make_trainer, prepare_run
+from .common import RunConfig, ScheduleConfig, cosine_warmup, fit, make_logger, make_trainer, prepare_run
 
 
 @dataclass
@@ -92,9 +92,7 @@ class DiffusionTraining(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.cfg.lr, weight_decay=0.0)
-        total, warm = self.cfg.trainer.max_steps, self.cfg.warmup_steps
-        cosine = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda k: min(1.0, (k + 1) / max(1, warm)) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * k / total)).item()))
+        cosine = cosine_warmup(opt, self.cfg.warmup_steps, self.cfg.trainer.max_steps)
         return dict(optimizer=opt, lr_scheduler=dict(scheduler=cosine, interval="step"))
 
     def teacher(self) -> NetworkTeacher:
