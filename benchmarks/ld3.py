@@ -6,6 +6,7 @@ the outcome is to the seed and to the CPU's kernel path.
     python benchmarks/ld3.py teachers=[gmm_digits] nfe=[4,6]  # a subset
     python benchmarks/ld3.py part=paired "ld3_args=[loss=features]" out_dir=runs/bench_ld3_features
     python benchmarks/ld3.py part=robustness                  # seeds x CPU kernel paths x NFE (about 30 min)
+    python benchmarks/ld3.py part=solver                      # learned solver vs LD3 (about 70 min)
 
 paired: `train.py mode=ld3` (its defaults) for every teacher x solver x NFE (pairs shared per teacher, 2000
 held-out), each reporting, for the learned grid against the best baseline grid on those held-out pairs, the
@@ -18,6 +19,10 @@ robustness: `train.py mode=ld3` with its defaults (the demo's run) for every see
 (pairs.seed = s), shared by the kernel paths. Each learned grid and every baseline grid is scored on the demo's
 200 held-out pairs (paired RMSE, as `make demo` prints it) and on 2000 (FID against the teacher's samples and
 against the data, digits feature network): median, worst and best of learned / best baseline; robustness.md.
+solver: the learned solver (learn=solver) against LD3 on the same pairs, for every teacher x NFE x seed: LD3 with
+its defaults (DPM-Solver++(3M)), then the learned solver started from LD3's schedule (grid, offsets and 3M's table;
+`solver_args`), both scored on the 2000 held-out pairs (paired RMSE, FID against the teacher's samples and the
+data) beside the best hand grid; solver.md / solver.csv: median and range over the seeds of learned solver / LD3.
 """
 from __future__ import annotations
 
@@ -55,7 +60,13 @@ class Config:
     robust_nfe: list[int] = field(default_factory=lambda: [4, 6])
     demo_test: int = 200  # held-out pairs of `make demo` (paired RMSE)
     bench_test: int = 2000  # held-out pairs of the benchmark size (FID)
-    workers: int = 2  # runs at a time (paired and robustness)
+    # part=solver
+    solver_teachers: list[str] = field(default_factory=lambda: ["gmm_digits", "digits_unet", "digits_latent_flow"])
+    solver_nfe: list[int] = field(default_factory=lambda: [3, 4, 5, 6])
+    solver_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    solver_args: list[str] = field(default_factory=lambda: ["rounds_theta=0", "rounds_joint=6"])
+    teacher_args: dict[str, list[str]] = field(default_factory=lambda: {"digits_latent_flow": ["guidance=1.15"]})
+    workers: int = 2  # runs at a time (paired, robustness and solver)
     threads: int = 1  # torch threads per run (OMP_NUM_THREADS)
 
 
@@ -125,11 +136,11 @@ def train_ld3(args: list[str], run_dir: Path, pairs_dir: Path, threads: int, cpu
 
 
 def run_all(jobs: list, run, workers: int, first_of) -> list[dict]:
-    """run(*job) for every job, `workers` at a time; the first job of each `first_of(job)` group runs alone
-    first, so that it generates the pairs the group shares."""
+    """run(*job) for every job, `workers` at a time; the first job of each `first_of(job)` group runs before the
+    rest of its group, so that it generates the pairs the group shares."""
     firsts = list({first_of(j): j for j in reversed(jobs)}.values())[::-1]
-    rows = [run(*j) for j in firsts]
-    with ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(workers) as pool:  # the groups' first jobs are independent of each other
+        rows = list(pool.map(lambda j: run(*j), firsts))
         rows += list(pool.map(lambda j: run(*j), [j for j in jobs if j not in firsts]))
     return rows
 
@@ -217,7 +228,7 @@ def score(run_dir: Path, pairs_dir: Path, n: int) -> dict:
     teacher = load_teacher(cfg.teacher, conditions=cfg.conditions, guidance=cfg.guidance)
     test = pairs_dataset(TrajectoryDataset(pairs_dir / "test", dtype=dtype_of(teacher)).tensors, n)
     s = load_schedule(run_dir / "schedule.json")
-    rows = evaluate_grids(cfg, teacher, (s.grid, s.eval_grid), test)
+    rows = evaluate_grids(cfg, teacher, s.solve_kwargs, test)
     learned = rows[0]
     return {k.removesuffix("_vs_best"): v for k, v in learned.items() if k.endswith("_vs_best")}
 
@@ -265,6 +276,53 @@ def robustness(cfg: Config, out: Path) -> str:
     return text
 
 
+METRICS = ("rmse", "fid_teacher", "fid_data")
+
+
+def learned_solver(cfg: Config, out: Path) -> str:
+    def run(teacher: str, seed: int, nfe: int) -> dict:
+        where = out / "solver" / teacher / f"seed{seed}"
+        args = [f"teacher={teacher}", f"nfe={nfe}", f"seed={seed}", f"pairs.seed={seed}", f"pairs.test={cfg.bench_test}",
+                *cfg.teacher_args.get(teacher, []), *cfg.ld3_args]
+        ld3 = train_ld3(args, where / f"nfe{nfe}" / "ld3", where / "pairs", cfg.threads)
+        init = where / f"nfe{nfe}" / "ld3" / "schedule.json"
+        solver = train_ld3([*args, "learn=solver", f"init_schedule={init}", *cfg.solver_args],
+                           where / f"nfe{nfe}" / "solver", where / "pairs", cfg.threads)
+        row = dict(teacher=teacher, nfe=nfe, seed=seed, ld3_seconds=ld3["seconds"], solver_seconds=solver["seconds"])
+        for m in METRICS:
+            row.update({f"ld3_{m}": ld3[m], f"solver_{m}": solver[m], f"hand_{m}": ld3[m] / ld3[f"{m}_vs_best"]})
+        print(row, flush=True)
+        return row
+
+    jobs = [(t, s, n) for t in cfg.solver_teachers for s in cfg.solver_seeds for n in cfg.solver_nfe]
+    rows = run_all(jobs, run, cfg.workers, first_of=lambda j: j[:2])
+    write_csv(out / "solver.csv", rows)
+
+    def spread(values: list[float]) -> str:
+        return f"{statistics.median(values):.3f} ({min(values):.2f}–{max(values):.2f})"
+
+    lines = ["| teacher | NFE | FID (teacher) solver / LD3 | FID (data) solver / LD3 | RMSE solver / LD3 | "
+             "FID (teacher) solver / best hand | LD3 / best hand | FID (teacher): hand / LD3 / solver | "
+             "time (LD3 + solver) / LD3 |", "|---|---|---|---|---|---|---|---|---|"]
+    for teacher in cfg.solver_teachers:
+        for nfe in cfg.solver_nfe:
+            rs = [r for r in rows if r["teacher"] == teacher and r["nfe"] == nfe]
+            ratio = {m: [r[f"solver_{m}"] / r[f"ld3_{m}"] for r in rs] for m in METRICS}
+            med = {k: statistics.median(r[k] for r in rs) for k in ("hand_fid_teacher", "ld3_fid_teacher",
+                                                                    "solver_fid_teacher")}
+            lines.append(f"| {teacher} | {nfe} | {spread(ratio['fid_teacher'])} | {spread(ratio['fid_data'])} | "
+                         f"{spread(ratio['rmse'])} | "
+                         f"{spread([r['solver_fid_teacher'] / r['hand_fid_teacher'] for r in rs])} | "
+                         f"{spread([r['ld3_fid_teacher'] / r['hand_fid_teacher'] for r in rs])} | "
+                         f"{med['hand_fid_teacher']:.2f} / {med['ld3_fid_teacher']:.2f} / {med['solver_fid_teacher']:.2f} | "
+                         f"{spread([(r['ld3_seconds'] + r['solver_seconds']) / r['ld3_seconds'] for r in rs])} |")
+    text = (f"Median (min–max) over seeds {cfg.solver_seeds}; {cfg.bench_test} held-out pairs per seed; FID on digits "
+            "features; LD3 = DPM-Solver++(3M) grid + offsets, solver = the learned solver started from it.\n\n"
+            + "\n".join(lines) + "\n")
+    (out / "solver.md").write_text(text)
+    return text
+
+
 def main(argv):
     cfg = load_config(Config, [], argv)
     out = ROOT / cfg.out_dir
@@ -275,6 +333,8 @@ def main(argv):
         print(paired(cfg, out))
     if cfg.part == "robustness":
         print(robustness(cfg, out))
+    if cfg.part == "solver":
+        print(learned_solver(cfg, out))
     (out / "config.json").write_text(json.dumps(dict(argv=argv), indent=2))
 
 

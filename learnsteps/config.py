@@ -87,6 +87,13 @@ def existing_dir(v) -> str | None:
     return None if Path(v).is_dir() else ("is a file, not a directory" if Path(v).exists() else "does not exist")
 
 
+def existing_file(v) -> str | None:
+    """An input file: empty (the default) or an existing file."""
+    if not v:
+        return None
+    return None if Path(v).is_file() else ("is a directory, not a file" if Path(v).exists() else "does not exist")
+
+
 def all_of(*rules: Rule) -> Rule:
     def check(v):
         return next((p for rule in rules if (p := rule(v)) is not None), None)

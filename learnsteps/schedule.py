@@ -16,10 +16,16 @@ from torch import Tensor
 
 from .core.sample import check_options, check_order, get_solver, nfe as nfe_of, resolved_options
 from .core.schedules import NoiseSchedule, make_schedule
+from .core.solvers import check_table
 from .core.steps import Grid, check_times
 from .files import read_json, write_json
 
-FORMAT, VERSION = "learnsteps-schedule", 1
+FORMAT = "learnsteps-schedule"
+# version 1: a grid for a solver of the core; version 2 adds the coefficient table of the generalized multistep
+# solver (solver "tabulated") and the alpha, sigma it needs. A file without a table is still written as version 1,
+# so that every reader that knows version 1 keeps reading it.
+VERSION, TABLE_VERSION = 1, 2
+READS = (VERSION, TABLE_VERSION)
 
 
 class ScheduleError(ValueError):
@@ -37,12 +43,13 @@ class Schedule:
     options: dict = field(default_factory=dict)  # the solver's own options (variant, corrector, ...)
     teacher: dict = field(default_factory=dict)  # {"fingerprint": ..., "name": ...}
     provenance: dict = field(default_factory=dict)  # method, loss, validation score, seed, date, version
+    coefficients: list[list[float]] | None = None  # solver "tabulated": its (N, order) table (version 2)
 
     # ---- construction --------------------------------------------------------------------------------
     @classmethod
     def from_grid(cls, grid, noise_schedule: NoiseSchedule, solver: str, order: int | None = None,
                   eval_grid=None, options: dict | None = None, teacher: dict | None = None,
-                  provenance: dict | None = None) -> "Schedule":
+                  provenance: dict | None = None, coefficients=None) -> "Schedule":
         t = check_times(torch.as_tensor(grid).detach().to(torch.float64))
         e = t if eval_grid is None else check_times(torch.as_tensor(eval_grid).detach().to(torch.float64),
                                                      "evaluation grid", monotone=False)
@@ -52,9 +59,18 @@ class Schedule:
 
         prov = dict(created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     learnsteps_version=__version__, **(provenance or {}))
+        options = dict(options or {})
+        if coefficients is None:
+            coefficients = options.pop("coefficients", None)
+        options = resolved_options(solver, options)
+        options.pop("coefficients", None)  # the table is a field of its own
+        table = None if coefficients is None else \
+            check_table(torch.as_tensor(coefficients).detach(), len(t) - 1, order).tolist()
+        if (solver == "tabulated") != (table is not None):
+            raise ValueError("a coefficient table goes with the solver 'tabulated', and only with it")
         return cls(solver=solver, order=order, nfe=nfe_of(solver, len(t) - 1, to_zero),
                    noise_schedule=noise_schedule.config(), times=t.tolist(), eval_times=e.tolist(),
-                   options=resolved_options(solver, options), teacher=dict(teacher or {}), provenance=prov)
+                   options=options, teacher=dict(teacher or {}), provenance=prov, coefficients=table)
 
     # ---- what samplers need ------------------------------------------------------------------------------
     def make_noise_schedule(self) -> NoiseSchedule:
@@ -84,6 +100,31 @@ class Schedule:
         if self.noise_schedule.get("kind") == "flow":
             return [t * self.noise_schedule["n"] for t in self.eval_times[:-1]]
         return self.eval_times[:-1]
+
+    @property
+    def solver_options(self) -> dict:
+        """What `learnsteps.solve` takes besides the grids: the options, and the table of a tabulated solver."""
+        return {**self.options, **({} if self.coefficients is None else dict(coefficients=self.coefficients))}
+
+    @property
+    def solve_kwargs(self) -> dict:
+        """Everything `learnsteps.solve(teacher, x_T, **s.solve_kwargs)` needs to run the schedule."""
+        return dict(grid=self.grid, eval_grid=self.eval_grid, solver=self.solver, order=self.order,
+                    **self.solver_options)
+
+    @property
+    def alpha(self) -> list[float]:
+        """alpha at the integration times (x = alpha x0 + sigma eps; 1 at t_zero)."""
+        return self._alpha_sigma()[0]
+
+    @property
+    def sigma(self) -> list[float]:
+        """sigma at the integration times (0 at t_zero); not `sigmas`, which are sigma / alpha."""
+        return self._alpha_sigma()[1]
+
+    def _alpha_sigma(self) -> tuple[list[float], list[float]]:
+        g = Grid(self.make_noise_schedule(), self.grid)
+        return [float(a) for a in g.alpha], [float(s) for s in g.sigma]
 
     @property
     def decoupled(self) -> bool:
@@ -117,7 +158,12 @@ class Schedule:
         return out
 
     def to_dict(self) -> dict:
-        d = dict(format=FORMAT, version=VERSION, **asdict(self), sigmas=self.sigmas, eval_sigmas=self.eval_sigmas)
+        d = dict(format=FORMAT, version=VERSION if self.coefficients is None else TABLE_VERSION, **asdict(self),
+                 sigmas=self.sigmas, eval_sigmas=self.eval_sigmas)
+        if self.coefficients is None:
+            del d["coefficients"]
+        else:  # what the reference sampler of docs/schedule-format.md needs besides the table
+            d.update(alpha=self.alpha, sigma=self.sigma)
         if self.noise_schedule.get("kind") in ("ddpm", "flow"):  # the model inputs a diffusers pipeline feeds
             d["diffusers_timesteps"] = self.diffusers_timesteps
         d["consumers"] = self.consumers()
@@ -182,8 +228,11 @@ def validate(data, where: str = "schedule") -> Schedule:
         raise ScheduleError(f"{where}: a schedule file holds a JSON object")
     if data.get("format") != FORMAT:
         raise ScheduleError(f"{where}: unknown format {data.get('format')!r} (expected {FORMAT!r})")
-    if data.get("version") != VERSION:
-        raise ScheduleError(f"{where}: unsupported version {data.get('version')!r} of {FORMAT} (this reads {VERSION})")
+    version = data.get("version")
+    if version not in READS or isinstance(version, bool):
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > max(READS)
+        raise ScheduleError(f"{where}: unsupported version {version!r} of {FORMAT} (this learnsteps reads versions "
+                            f"{', '.join(map(str, READS))}{'; the file was written by a newer learnsteps' if newer else ''})")
     for key, typ in (("solver", str), ("order", int), ("nfe", int), ("noise_schedule", dict)):
         if not isinstance(data.get(key), typ) or isinstance(data.get(key), bool):
             raise ScheduleError(f"{where}: '{key}' is missing or not a {typ.__name__}")
@@ -223,6 +272,9 @@ def validate(data, where: str = "schedule") -> Schedule:
         check_options(data["solver"], options)
     except ValueError as err:
         raise ScheduleError(f"{where}: {err}") from None
+    if "coefficients" in options:
+        raise ScheduleError(f"{where}: the coefficient table is the field 'coefficients', not an option")
+    coefficients = _table(data, version, steps, where)
     if "sigmas" in data:  # written by us: must agree with the times under the noise schedule
         sig = noise_schedule.sigma_tilde(torch.tensor(times, dtype=torch.float64))
         given = torch.tensor(_times(data, "sigmas", where), dtype=torch.float64)
@@ -233,7 +285,34 @@ def validate(data, where: str = "schedule") -> Schedule:
             raise ScheduleError(f"{where}: '{key}' must be a JSON object")
     return Schedule(solver=data["solver"], order=data["order"], nfe=data["nfe"], noise_schedule=data["noise_schedule"],
                     times=times, eval_times=eval_times, options=options, teacher=dict(data.get("teacher", {})),
-                    provenance=dict(data.get("provenance", {})))
+                    provenance=dict(data.get("provenance", {})), coefficients=coefficients)
+
+
+def _table(data: dict, version: int, steps: int, where: str) -> list[list[float]] | None:
+    """The coefficient table of a version-2 file (with its alpha and sigma checked), None for a version-1 file."""
+    tabulated = data["solver"] == "tabulated"
+    if version == VERSION:
+        if tabulated or "coefficients" in data:
+            raise ScheduleError(f"{where}: a coefficient table needs version {TABLE_VERSION} of {FORMAT}")
+        return None
+    if not tabulated:
+        raise ScheduleError(f"{where}: version {TABLE_VERSION} holds the solver 'tabulated' and its table, "
+                            f"not {data['solver']!r}")
+    rows = data.get("coefficients")
+    if not isinstance(rows, list) or len(rows) > MAX_TIMES:
+        raise ScheduleError(f"{where}: 'coefficients' must be a list of rows")
+    table = [_times(dict(row=r), "row", f"{where}: 'coefficients' row {i}") for i, r in enumerate(rows)]
+    try:
+        c = check_table(table, steps, data["order"])
+    except ValueError as err:
+        raise ScheduleError(f"{where}: {err}") from None
+    ns = make_schedule(**data["noise_schedule"])
+    g = Grid(ns, torch.tensor(data["times"], dtype=torch.float64))
+    for key, want in (("alpha", g.alpha), ("sigma", g.sigma)):
+        given = torch.tensor(_times(data, key, where), dtype=torch.float64)
+        if given.shape != (len(want),) or not torch.allclose(given, torch.stack(want), rtol=1e-9, atol=1e-12):
+            raise ScheduleError(f"{where}: '{key}' disagree with 'times' under {ns!r}")
+    return c.tolist()
 
 
 if __name__ == "__main__":  # python -m learnsteps.schedule export FILE --to comfyui|a1111|sigmas|diffusers|k-diffusion

@@ -56,13 +56,24 @@ def test_eval_end_to_end_with_a_schedule_file(tmp_path, monkeypatch):
     grid = ls.grids.make("time_quadratic", 3, s, to_zero=True)
     path = save_schedule(tmp_path / "learned.json", Schedule.from_grid(
         grid, s, "unipc", 2, teacher=dict(fingerprint=teacher.fingerprint())))
+    # the same solver as a learned-solver file (version 2): UniPC-2's own table on that grid
+    from learnsteps.core.steps import Grid
+    from learnsteps.core.tables import solver_table
+
+    table = solver_table("unipc", 2, Grid(s, grid), "data")
+    tabulated = save_schedule(tmp_path / "table.json", Schedule.from_grid(
+        grid, s, "tabulated", table.shape[1], options=dict(form="data"), coefficients=table,
+        teacher=dict(fingerprint=teacher.fingerprint())))
     cfg = EvalConfig(teachers=["gmm_digits"], solvers=[SolverChoice("dpm_solver++", 2), SolverChoice("euler", 1)],
                      grids=["logsnr", "edm"], nfe=[3, 4], samples=64, batch_size=64, teacher_steps=10,
-                     schedules=[str(path)], out_dir=str(tmp_path / "out"))
+                     schedules=[str(path), str(tabulated)], out_dir=str(tmp_path / "out"))
     rows = evaluate(cfg)
-    assert len(rows) == 2 + 2 * 2 * 2 + 1  # teacher, floor, solvers x grids x NFE, the schedule file
+    assert len(rows) == 2 + 2 * 2 * 2 + 2  # teacher, floor, solvers x grids x NFE, the schedule files
     learned = [r for r in rows if r["grid"].endswith("/learned.json")]
     assert learned[0]["solver"] == "unipc-2" and learned[0]["nfe"] == 3
+    table_row = [r for r in rows if r["grid"].endswith("/table.json")][0]
+    assert table_row["solver"] == f"tabulated-{table.shape[1]}" and table_row["nfe"] == 3
+    assert table_row["rmse_teacher"] == pytest.approx(learned[0]["rmse_teacher"], rel=1e-9)
     # the teacher against itself: 0 up to the rounding of a rank-deficient covariance (64 samples, 128 features)
     assert rows[0]["fid_teacher"] == pytest.approx(0, abs=1e-3) and rows[0]["grid"] == "teacher"
     with open(tmp_path / "out" / "results.csv") as f:

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -69,8 +70,12 @@ def test_gradients_reach_both_parameter_vectors_and_remat_changes_nothing():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
 
 
-def saved_bytes(teacher, nfe: int, remat: bool) -> int:
-    """Bytes the autograd graph holds for the backward pass of one sampler run (distinct storages)."""
+def saved_bytes(teacher, nfe: int, remat: bool, learned: bool = False) -> int:
+    """Bytes the autograd graph holds for the backward pass of one sampler run (distinct storages); learned: the
+    learned solver (DPM-Solver++(3M)'s table on the grid, found by the probe, plus corrections)."""
+    from learnsteps.core.steps import Grid
+    from learnsteps.ld3.solver import LearnedTable
+
     storages = {}
 
     def pack(t):
@@ -80,7 +85,11 @@ def saved_bytes(teacher, nfe: int, remat: bool) -> int:
     g = LD3Grid(teacher.noise_schedule, nfe, "lambda", to_zero=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         t, t_eval = g()
-        ls.sample(teacher, torch.randn(2, *teacher.shape), t, "dpm_solver++", 3, eval_grid=t_eval, remat=remat)
+        run = dict(solver="dpm_solver++", order=3)
+        if learned:
+            table = LearnedTable("dpm_solver++", 3, {}, nfe, "data", 3)(Grid(teacher.noise_schedule, t, t_eval))
+            run = dict(solver="tabulated", order=3, coefficients=table)
+        ls.sample(teacher, torch.randn(2, *teacher.shape), t, eval_grid=t_eval, remat=remat, **run)
     return sum(storages.values())
 
 
@@ -96,11 +105,12 @@ def test_rematerialisation_keeps_the_network_activations_out_of_the_graph():
         return t
 
     narrow, wide = teacher(8), teacher(32)
-    for nfe in (4, 10):
-        assert saved_bytes(narrow, nfe, True) == saved_bytes(wide, nfe, True)
-        assert saved_bytes(wide, nfe, False) > 4 * saved_bytes(wide, nfe, True)
     state = 2 * 64 * 4  # one x of the batch, float32
-    assert saved_bytes(wide, 10, True) < 40 * 10 * state
+    for learned in (False, True):  # the learned solver's table adds scalars, not network activations
+        for nfe in (4, 10):
+            assert saved_bytes(narrow, nfe, True, learned) == saved_bytes(wide, nfe, True, learned)
+            assert saved_bytes(wide, nfe, False, learned) > 4 * saved_bytes(wide, nfe, True, learned)
+        assert saved_bytes(wide, 10, True, learned) < 40 * 10 * state
 
 
 def tiny(tmp_path, **kw):
@@ -181,6 +191,9 @@ def test_feature_loss_is_the_squared_distance_of_the_digits_features_and_has_gra
     (["solver=ipndm", "order=4", "nfe=3"], "needs at least 4 steps"),
     (["solver=er_sde", "order=3"], "deterministic solvers"),
     (["teacher=/no/such/dir"], "unknown teacher '/no/such/dir'"),
+    (["learn=solver", "solver=heun", "order=2", "nfe=5"], "learn=solver needs a multistep solver"),
+    (["learn=solver", "init_schedule=/no/such.json"], "init_schedule='/no/such.json': does not exist"),
+    (["learn=everything"], "learn='everything': must be one of 'grid', 'solver'"),
 ])
 def test_bad_ld3_arguments_exit_2(args, match, tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "train.py"), "mode=ld3", f"run_dir={tmp_path / 'r'}", *args],
@@ -252,3 +265,69 @@ def test_gits_and_the_flow_models_shifted_grid_as_baselines(tmp_path):
     run_dir = train_ld3(tiny(tmp_path, baselines="[logsnr,shifted,gits]"))
     with open(run_dir / "results.csv") as f:
         assert [r["grid"] for r in csv.DictReader(f)] == ["ld3 (learned)", "logsnr", "gits"]
+
+
+# ------------------------------------------------------------------------------------------ learn=solver
+def test_a_learned_solver_run_exports_a_version_2_file_never_worse_than_its_start(tmp_path):
+    """learn=solver: the grid, offsets and the corrections to DPM-Solver++(3M)'s table are learned together; the
+    export is a version-2 file whose table runs in the core exactly as validated, at least as good as the start."""
+    cfg = tiny(tmp_path, learn="solver", solver="dpm_solver++", order=3, lr_coefficients=0.01)
+    run_dir = train_ld3(cfg)
+    schedule = load_schedule(run_dir / "schedule.json", solver="tabulated", nfe=4)
+    raw = json.loads((run_dir / "schedule.json").read_text())
+    assert raw["version"] == 2 and raw["options"] == {"form": "data"} and schedule.order == 3  # 3M: 3 outputs
+    assert schedule.provenance["base"] == dict(solver="dpm_solver++", order=3, options={})
+    assert "| ld3 (learned solver) |" in (run_dir / "results.md").read_text()
+    teacher = toy_mixture()
+    from learnsteps.core.steps import Grid
+    from learnsteps.core.tables import solver_table
+    from learnsteps.trajectories import TrajectoryDataset
+
+    ds = TrajectoryDataset(run_dir / "pairs" / "train", dtype=F64)
+    x_T, target = ds.tensors["x_T"][8:], ds.tensors["trajectory"][8:, -1]
+
+    def val_loss(**run):
+        return float((ls.solve(teacher, x_T, **run).x - target).pow(2).flatten(1).mean(1).mean())
+
+    learned = val_loss(**schedule.solve_kwargs)
+    assert learned == pytest.approx(schedule.provenance["validation"]["l2"], rel=1e-6)
+    initial = min(val_loss(grid=ls.grids.make(k, 4, teacher.noise_schedule, to_zero=True), solver="dpm_solver++", order=3)
+                  for k in ("time_uniform", "time_quadratic", "logsnr", "edm"))
+    assert learned <= initial
+    # the corrections moved the table away from DPM-Solver++(3M)'s own on the learned grid
+    base = solver_table("dpm_solver++", 3, Grid(teacher.noise_schedule, schedule.grid, schedule.eval_grid), "data", width=3)
+    assert (torch.tensor(schedule.coefficients) - base).abs().max() > 1e-4
+
+
+def test_a_learned_solver_starts_from_an_ld3_schedule(tmp_path):
+    """init_schedule: the run's first validation is the LD3 schedule's own loss (grid, offsets, base table)."""
+    first = train_ld3(tiny(tmp_path / "ld3", solver="dpm_solver++", order=3))
+    ld3 = load_schedule(first / "schedule.json")
+    from learnsteps.ld3.module import LD3
+
+    cfg = tiny(tmp_path / "solver", learn="solver", solver="dpm_solver++", order=3,
+               init_schedule=str(first / "schedule.json"), rounds_theta=0)
+    module = LD3(cfg, toy_mixture(), noise((8, 6)))
+    module.set_starts([(ld3.grid, ld3.eval_grid)])
+    run = module.best_run()
+    torch.testing.assert_close(run["grid"], ld3.grid)
+    torch.testing.assert_close(run["eval_grid"], ld3.eval_grid, rtol=1e-10, atol=1e-10)
+    x = noise((3, 6))
+    torch.testing.assert_close(ls.sample(toy_mixture(), x, **run).double(),
+                               ls.sample(toy_mixture(), x, **ld3.solve_kwargs), rtol=1e-10, atol=1e-10)
+    run_dir = train_ld3(cfg)
+    assert load_schedule(run_dir / "schedule.json").provenance["validation"]["l2"] <= \
+        ld3.provenance["validation"]["l2"] * (1 + 1e-9)
+
+
+def test_an_init_schedule_for_another_solver_or_nfe_is_refused(tmp_path):
+    from learnsteps.schedule import Schedule, save_schedule
+
+    s = toy_mixture().noise_schedule
+    path = save_schedule(tmp_path / "s.json", Schedule.from_grid(ls.grids.make("logsnr", 6, s, to_zero=True), s,
+                                                                  "dpm_solver++", 3))
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "mode=ld3", f"run_dir={tmp_path / 'r'}",
+                          "teacher=toy_mixture", "nfe=4", "learn=solver", f"init_schedule={path}"],
+                         capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "WANDB_MODE": "disabled"})
+    assert res.returncode == 2 and "made for NFE 6, not 4" in res.stderr, res.stderr[-1500:]
+    assert not (tmp_path / "r").exists()

@@ -48,7 +48,8 @@ def write(tmp_path, **changes):
 
 @pytest.mark.parametrize("changes, match", [
     (dict(format="ld3"), "unknown format"),
-    (dict(version=2), "unsupported version"),
+    (dict(version=3), "unsupported version 3"),
+    (dict(version=2), "version 2 holds the solver .tabulated."),
     (dict(times=[1.0, 0.5, 0.6, 0.1, 0.05, 0.01, 0.001]), "decrease strictly"),
     (dict(times=[1.0, float("nan"), 0.3, 0.1, 0.05, 0.01, 0.001]), "NaN is not a JSON number"),
     (dict(times=[1.0, 1e300 * 1e10, 0.3, 0.1, 0.05, 0.01, 0.001]), "Infinity is not a JSON number"),

@@ -33,6 +33,8 @@ class SolverSpec:
     doc: str = ""
 
 
+MAX_TABLE_WIDTH = 8  # outputs a tabulated step may combine
+
 SOLVERS: dict[str, SolverSpec] = {
     "euler": SolverSpec(S.euler, (1,), 1, multistep=False, doc="DDIM / Euler (eta for stochastic DDIM)"),
     "heun": SolverSpec(S.heun, (2,), 2, multistep=False, doc="EDM Heun, 2 calls per step"),
@@ -44,6 +46,8 @@ SOLVERS: dict[str, SolverSpec] = {
     "deis": SolverSpec(S.deis, (1, 2, 3, 4), 3, doc="DEIS, basis=tab|logrho|rhoab"),
     "ipndm": SolverSpec(S.ipndm, (1, 2, 3, 4), 4, doc="iPNDM (fixed Adams-Bashforth weights)"),
     "er_sde": SolverSpec(S.er_sde, (1, 2, 3), 3, doc="ER-SDE-Solver, noise_scale=" + "|".join(S.NOISE_SCALES)),
+    "tabulated": SolverSpec(S.tabulated, tuple(range(1, MAX_TABLE_WIDTH + 1)), 3, multistep=False,
+                            doc="the generalized multistep solver: coefficients=<N x order table>, form=data|noise"),
 }
 SOLVERS["ddim"] = SOLVERS["euler"]
 
@@ -84,6 +88,15 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _is_table(v) -> bool:
+    if v is None:  # the default: the solver says it needs one
+        return True
+    if isinstance(v, Tensor):
+        return v.dim() == 2 and bool(torch.isfinite(v).all())
+    return (isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(r, (list, tuple)) and len(r) == len(v[0])
+                                                                 and all(_is_number(x) for x in r) for r in v))
+
+
 def check_options(solver: str, options: dict) -> None:
     """ValueError naming the first option `solver` does not have, or a value it does not take."""
     known = solver_options(solver)
@@ -91,7 +104,8 @@ def check_options(solver: str, options: dict) -> None:
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)} for solver {solver}: accepted {sorted(known)}")
     choices = dict(variant=("midpoint", "taylor") if solver.startswith("dpm") else ("bh1", "bh2"),
-                   method=("multistep", "singlestep"), basis=S.DEIS_BASES, noise_scale=tuple(S.NOISE_SCALES))
+                   method=("multistep", "singlestep"), basis=S.DEIS_BASES, noise_scale=tuple(S.NOISE_SCALES),
+                   form=S.TABLE_FORMS)
     for key, v in options.items():
         if key in choices:
             ok, want = isinstance(v, str) and v in choices[key], " or ".join(map(repr, choices[key]))
@@ -99,6 +113,8 @@ def check_options(solver: str, options: dict) -> None:
             ok, want = isinstance(v, bool), "true or false"
         elif key == "eta":
             ok, want = _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"
+        elif key == "coefficients":
+            ok, want = _is_table(v), "a table (list of rows) of finite numbers"
         elif key == "plan":
             ok = v is None or (isinstance(v, (list, tuple)) and len(v) > 0
                                and all(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= 3 for k in v))

@@ -315,3 +315,45 @@ def er_sde(model: Model, x: Tensor, g: Grid, order: int = 3, noise_scale: str = 
         x0s = (x0s + [x0])[-3:]
         x = g.alpha[i + 1] * x_tilde
         yield x
+
+
+TABLE_FORMS = ("data", "noise")
+
+
+def tabulated(model: Model, x: Tensor, g: Grid, order: int = 3, coefficients=None,
+              form: str = "data") -> Iterator[Tensor]:
+    """The generalized multistep solver: step i combines the current and the last order-1 model outputs with the
+    per-step coefficients of a table c (N rows, `order` columns, newest output first):
+
+        x_{i+1} = r_i x_i + alpha_{i+1} sum_j c[i, j] m_{i-j}
+
+    data form: m = x0, r_i = sigma_{i+1}/sigma_i (DDIM's step is c[i] = [1 - e^{-h_i}, 0, ...]);
+    noise form: m = eps, r_i = alpha_{i+1}/alpha_i (DDIM's step is c[i] = [sigma~_{i+1} - sigma~_i, 0, ...]).
+    Every multistep solver of this module whose states are the points the model is called at is such a table on
+    its grid (core/tables.py finds it); a learned solver is a table learned with its grid (ld3, learn=solver).
+    Entries c[i, j] with j > i (outputs not computed yet) must be zero."""
+    c = check_table(coefficients, g.n, order)
+    data = form == "data"
+    ms: list[Tensor] = []
+    for i in range(g.n):
+        ms = [model.x0(x, i) if data else model.eps(x, i)] + ms[: order - 1]
+        r = g.sigma[i + 1] / g.sigma[i] if data else g.alpha[i + 1] / g.alpha[i]
+        x = r * x + g.alpha[i + 1] * sum(c[i, j] * m for j, m in enumerate(ms))
+        yield x
+
+
+def check_table(coefficients, steps: int, width: int) -> Tensor:
+    """The coefficient table as a float64 tensor of shape (steps, width), finite, zero where an output does not
+    exist yet (c[i, j] for j > i); ValueError naming what is off."""
+    if coefficients is None:
+        raise ValueError("the tabulated solver needs its coefficients (options.coefficients: a table, N x order)")
+    c = torch.as_tensor(coefficients, dtype=torch.float64)
+    if c.shape != (steps, width):
+        raise ValueError(f"coefficient table of shape {tuple(c.shape)}: the grid has {steps} steps and the order "
+                         f"is {width}, so it must be ({steps}, {width})")
+    if not torch.isfinite(c).all():
+        raise ValueError("coefficient table has non-finite entries")
+    future = torch.arange(width)[None, :] > torch.arange(steps)[:, None]
+    if bool((c.detach()[future] != 0).any()):
+        raise ValueError("coefficient table weights outputs not computed yet (c[i, j] != 0 for some j > i)")
+    return c

@@ -91,7 +91,7 @@ def entries(cfg: EvalConfig, teacher):
     for path in cfg.schedules:
         sched = load_schedule(path)
         if _belongs(sched.teacher.get("fingerprint"), teacher):
-            yield labels[path], SolverChoice(sched.solver, sched.order, sched.options), sched.nfe, sched.grid, \
+            yield labels[path], SolverChoice(sched.solver, sched.order, sched.solver_options), sched.nfe, sched.grid, \
                 sched.eval_grid
 
 

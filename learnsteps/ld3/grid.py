@@ -31,17 +31,24 @@ class LD3Grid(nn.Module):
         self.xi = nn.Parameter(torch.zeros(self.points, dtype=torch.float64))
 
     @torch.no_grad()
-    def init_from(self, t: Tensor) -> None:
-        """Set theta so that the grid is `t` (N+1 times, or N+2 with t_zero appended), offsets to zero.
+    def init_from(self, t: Tensor, t_eval: Tensor | None = None) -> None:
+        """Set theta so that the grid is `t` (N+1 times, or N+2 with t_zero appended), and the offsets so that the
+        model-evaluation times are `t_eval` (as far as the window lets them; zero offsets without it).
 
         Only the increments matter: (c_i - c_0)/(c_N - c_0) = sum_{j<=i} e^theta_j / sum_j e^theta_j (j >= 1)."""
         t = torch.as_tensor(t, dtype=torch.float64)[: self.points]
-        v = self.schedule.lambda_(t) if self.time_mode == "lambda" else t
+        v = self._from_time(t)
         inc = (v[1:] - v[:-1]) / (self.ends[1] - self.ends[0])
         if len(inc) != self.points - 1 or not (inc > 0).all():
             raise ValueError("the initial grid must have the same length and ends as the learned one")
         self.theta.copy_(torch.cat([inc.log().mean().reshape(1), inc.log()]))
         self.xi.zero_()
+        if t_eval is not None:
+            offset = self._from_time(torch.as_tensor(t_eval, dtype=torch.float64)[: self.points]) - v
+            self.xi[1:-1] = offset[1:-1]
+
+    def _from_time(self, t: Tensor) -> Tensor:
+        return self.schedule.lambda_(t) if self.time_mode == "lambda" else t
 
     def _to_time(self, v: Tensor) -> Tensor:
         return self.schedule.t_of_lambda(v) if self.time_mode == "lambda" else v

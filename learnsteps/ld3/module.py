@@ -27,16 +27,18 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..core.denoiser import dtype_of
 from ..core.grids import applicable, make as make_grid
-from ..config import at_least, between, each, existing_dir, not_a_file, one_of, positive
+from ..config import at_least, between, each, existing_dir, existing_file, not_a_file, one_of, positive
 from ..core.sample import check_options, check_order, get_solver, nfe as nfe_of, solve
+from ..core.steps import Grid
 from ..files import save_figure, write_csv, write_text
 from ..loaders import train_loader
 from ..quality.losses import check_loss_name, distance, pixel_space
-from ..schedule import Schedule, save_schedule
+from ..schedule import Schedule, ScheduleError, load_schedule, save_schedule
 from ..teachers.network import load_teacher
 from ..trajectories import TrajectoryDataset, TrajectorySpec, check_directory, generate, sample_noise
 from ..training.common import RunConfig, fit, make_logger, make_trainer, prepare_run, run_path
 from .grid import LD3Grid
+from .solver import LearnedTable, base_form
 
 # the hand grids LD3 starts from and compares with; "shifted": flow teachers only; "gits" (the teacher's own
 # trajectory-regularity grid, Chen et al. 2024; a few dozen teacher calls to find) when asked for
@@ -94,6 +96,11 @@ class LD3Config(RunConfig):
     val_every_n_steps: int = 5
     remat: str = "auto"  # recompute each network call in the backward pass: true | false | auto (REMAT_ABOVE)
     baselines: list[str] = field(default_factory=lambda: list(DEFAULT_BASELINES))
+    # learn=solver: the solver's coefficients too (the generalized multistep solver, initialised as `solver`)
+    learn: str = "grid"  # grid | solver
+    lr_coefficients: float = 0.05  # Adam, for the table's corrections
+    coefficient_penalty: float = 0.01  # weight of the L2 penalty on the corrections
+    init_schedule: str = ""  # start from this schedule file's grid and model times (an LD3 run's schedule.json)
     RULES: ClassVar = dict(
         RunConfig.RULES, order=at_least(1), nfe=between(1, 100), time_mode=one_of("lambda", "time"),
         init=one_of("uniform", "best", *BASELINES), window=between(0, 0.5),
@@ -102,7 +109,8 @@ class LD3Config(RunConfig):
         rounds_theta=at_least(0), rounds_joint=at_least(0), restarts=between(1, 10), lr_theta=positive,
         optimizer=one_of("rmsprop", "adam"), lr_xi=at_least(0), patience=at_least(1),
         lr_decay=between(1e-6, 1), min_lr_theta=at_least(0), min_lr_xi=at_least(0), val_every_n_steps=at_least(1),
-        baselines=each(one_of(*BASELINES), non_empty=True))
+        baselines=each(one_of(*BASELINES), non_empty=True), learn=one_of("grid", "solver"),
+        lr_coefficients=positive, coefficient_penalty=at_least(0), init_schedule=existing_file)
 
 
 def steps_for_nfe(solver: str, nfe: int, to_zero: bool) -> int:
@@ -116,7 +124,7 @@ def steps_for_nfe(solver: str, nfe: int, to_zero: bool) -> int:
 
 
 class LD3(L.LightningModule):
-    LR_KEYS = {"lr_theta": 0, "lr_xi": 1}  # -> optimizers (a resume with changed rates applies them)
+    LR_KEYS = {"lr_theta": 0, "lr_xi": 1, "lr_coefficients": 2}  # -> optimizers (a resume applies changed rates)
 
     def __init__(self, cfg: LD3Config, teacher, x_T_train: torch.Tensor):
         super().__init__()
@@ -126,22 +134,43 @@ class LD3(L.LightningModule):
         self.steps = steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero)
         check_order(cfg.solver, cfg.order, self.steps)
         self.grid = LD3Grid(teacher.noise_schedule, self.steps, cfg.time_mode, cfg.to_zero, cfg.window)
+        self.table = None
+        if cfg.learn == "solver":
+            form, width = base_form(cfg.solver, cfg.order, cfg.options, Grid(teacher.noise_schedule, *self.grid(False)))
+            self.table = LearnedTable(cfg.solver, cfg.order, cfg.options, self.steps, form, width)
         self.register_buffer("x_prime", x_T_train.clone())  # soft-forced starts, saved in checkpoints
         self.register_buffer("x_start", x_T_train.clone())
         d = x_T_train[0].numel()
         self.radius = cfg.gamma * d / cfg.nfe**2 * teacher.noise_schedule.init_noise_std()
         self.dist = distance(cfg.loss, feature_net=cfg.feature_net, **pixel_space(teacher))
         self.automatic_optimization = False
-        self.best = dict(loss=math.inf, state=copy.deepcopy(self.grid.state_dict()), step=0)
+        self.best = dict(loss=math.inf, state=self.snapshot(), step=0)
         self.best_of_start = dict(self.best)
         self.bad_validations, self.val_losses, self.started = 0, [], 0
 
-    def set_starts(self, starts: list[torch.Tensor]) -> None:
+    def snapshot(self) -> dict:
+        """What is learned (the grid and offsets; the coefficient corrections with learn=solver), copied."""
+        state = dict(grid=self.grid.state_dict(), **({} if self.table is None else dict(table=self.table.state_dict())))
+        return copy.deepcopy(state)
+
+    def restore(self, state: dict) -> None:
+        self.grid.load_state_dict(state["grid"])
+        if self.table is not None:
+            self.table.load_state_dict(state["table"])
+
+    def start_from(self, start) -> None:
+        """A start: a grid, or (grid, model-evaluation times); the coefficient corrections go back to zero."""
+        self.grid.init_from(*start) if isinstance(start, tuple) else self.grid.init_from(start)
+        if self.table is not None:
+            with torch.no_grad():
+                self.table.delta.zero_()
+
+    def set_starts(self, starts: list) -> None:
         """The grids the restarts begin from, in order (none: the grid's own uniform initialisation)."""
         self.starts = list(starts)
         if self.starts:
-            self.grid.init_from(self.starts[0])
-            self.best["state"] = copy.deepcopy(self.grid.state_dict())
+            self.start_from(self.starts[0])
+            self.best["state"] = self.snapshot()
             self.best_of_start = dict(self.best)
 
     @property
@@ -158,8 +187,8 @@ class LD3(L.LightningModule):
         if start <= self.started:
             return
         self.started = start
-        self.grid.init_from(self.starts[start])
-        self.best_of_start = dict(loss=math.inf, state=copy.deepcopy(self.grid.state_dict()), step=self.global_step)
+        self.start_from(self.starts[start])
+        self.best_of_start = dict(loss=math.inf, state=self.snapshot(), step=self.global_step)
         for opt, lr in zip(self.optimizers(), self.initial_lrs()):
             opt.optimizer.state.clear()
             for group in opt.param_groups:
@@ -171,27 +200,38 @@ class LD3(L.LightningModule):
                 decoupled: bool | None = None) -> torch.Tensor:
         decoupled = self.cfg.decoupled and (self.phase() == 2 if decoupled is None else decoupled)
         t, t_eval = self.grid(decoupled)
-        return solve(self.teacher, x_T.to(self.x_prime.dtype), t, self.cfg.solver, self.cfg.order, eval_grid=t_eval,
-                     cond=condition(cond), remat=self.cfg.remat == "true", **self.cfg.options).x
+        return solve(self.teacher, x_T.to(self.x_prime.dtype), t, eval_grid=t_eval, cond=condition(cond),
+                     remat=self.cfg.remat == "true", **self.solver_kwargs(t, t_eval)).x
+
+    def solver_kwargs(self, t: torch.Tensor, t_eval: torch.Tensor) -> dict:
+        """The solver on grid (t, t_eval): the configured one, or with learn=solver the tabulated solver with the
+        learned table on that grid."""
+        if self.table is None:
+            return dict(solver=self.cfg.solver, order=self.cfg.order, **self.cfg.options)
+        table = self.table(Grid(self.teacher.noise_schedule, t, t_eval))
+        return dict(solver="tabulated", order=self.table.width, coefficients=table, form=self.table.form)
 
     def training_step(self, batch, batch_idx):
         idx, _, target, cond = batch
-        opt_theta, opt_xi = self.optimizers()
+        opts = self.optimizers()
         x = self.x_prime[idx].clone().requires_grad_(self.cfg.soft_forcing)
         loss_each = self.dist(self.student(x, cond), target)
         loss = loss_each.mean()
-        opt_theta.zero_grad()
-        opt_xi.zero_grad()
-        self.manual_backward(loss)
-        torch.nn.utils.clip_grad_norm_([self.grid.theta], 1.0)
-        torch.nn.utils.clip_grad_norm_([self.grid.xi], 1.0)
-        opt_theta.step()
+        penalty = 0.0 if self.table is None else self.cfg.coefficient_penalty * self.table.penalty()
+        for opt in opts:
+            opt.zero_grad()
+        self.manual_backward(loss + penalty)
+        for p in self.learned_parameters():
+            torch.nn.utils.clip_grad_norm_([p], 1.0)
+        opts[0].step()
         if self.phase() == 2 and self.cfg.decoupled:
-            opt_xi.step()
+            opts[1].step()
+        if self.table is not None:  # the coefficients learn in both phases, with the grid
+            opts[2].step()
         if self.cfg.soft_forcing:
             self.soft_forcing_step(idx, x, target, cond, loss_each.detach())
         self.log_dict({"train/loss": loss, "train/phase": float(self.phase()),
-                       "train/lr_theta": opt_theta.param_groups[0]["lr"]}, prog_bar=True)
+                       "train/lr_theta": opts[0].param_groups[0]["lr"]}, prog_bar=True)
         return loss.detach()  # seen by StopOnNonFiniteLoss
 
     @torch.no_grad()
@@ -220,7 +260,7 @@ class LD3(L.LightningModule):
         val = float(self.all_gather(torch.cat(self.val_losses)).mean())
         self.val_losses = []
         self.log("val/loss", val, prog_bar=True, sync_dist=False)
-        state = dict(loss=val, state=copy.deepcopy(self.grid.state_dict()), step=self.global_step)
+        state = dict(loss=val, state=self.snapshot(), step=self.global_step)
         if val < self.best["loss"]:  # the best of all starts: what gets exported
             self.best = state
         if val < self.best_of_start["loss"]:  # the best of this start: where a plateau sends it back
@@ -228,23 +268,31 @@ class LD3(L.LightningModule):
         elif not self.trainer.sanity_checking:
             self.bad_validations += 1
             if self.bad_validations >= self.cfg.patience:  # decay, and go back to this start's best grid
-                for opt, floor in zip(self.optimizers(), (self.cfg.min_lr_theta, self.cfg.min_lr_xi)):
+                for opt, floor in zip(self.optimizers(), (self.cfg.min_lr_theta, self.cfg.min_lr_xi, 0.0)):
                     for group in opt.param_groups:
                         group["lr"] = max(floor, group["lr"] * self.cfg.lr_decay)
-                self.grid.load_state_dict(self.best_of_start["state"])
+                self.restore(self.best_of_start["state"])
                 self.bad_validations = 0
         self.log("val/best", self.best["loss"])
 
-    def initial_lrs(self) -> tuple[float, float]:
-        """The learning rates of theta and xi at the start of each restart (xi's divided by NFE, as the official
-        code does)."""
-        return self.cfg.lr_theta, self.cfg.lr_xi / self.cfg.nfe
+    def learned_parameters(self) -> list[torch.nn.Parameter]:
+        """theta, xi (and the coefficient corrections): one optimiser each, in this order."""
+        return [self.grid.theta, self.grid.xi] + ([] if self.table is None else [self.table.delta])
+
+    def initial_lrs(self) -> tuple[float, ...]:
+        """The learning rates of theta, xi (and the corrections) at the start of each restart (xi's divided by
+        NFE, as the official code does)."""
+        return (self.cfg.lr_theta, self.cfg.lr_xi / self.cfg.nfe) + (() if self.table is None
+                                                                     else (self.cfg.lr_coefficients,))
 
     def configure_optimizers(self):
         lr_theta = self.initial_lrs()[0]
         theta = (torch.optim.RMSprop([self.grid.theta], lr=lr_theta, momentum=0.9)
                  if self.cfg.optimizer == "rmsprop" else torch.optim.Adam([self.grid.theta], lr=lr_theta))
-        return [theta, torch.optim.SGD([self.grid.xi], lr=self.initial_lrs()[1])]
+        opts = [theta, torch.optim.SGD([self.grid.xi], lr=self.initial_lrs()[1])]
+        if self.table is not None:
+            opts.append(torch.optim.Adam([self.table.delta], lr=self.cfg.lr_coefficients))
+        return opts
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["ld3_best"] = self.best
@@ -258,36 +306,63 @@ class LD3(L.LightningModule):
         self.started = checkpoint.get("ld3_started", 0)
         self.best_of_start = checkpoint.get("ld3_best_of_start", self.best)
 
-    def best_grid(self) -> tuple[torch.Tensor, torch.Tensor]:
-        grid = copy.deepcopy(self.grid)
-        grid.load_state_dict(self.best["state"])
+    def best_run(self) -> dict:
+        """The best validation state as `solve` keywords: grid, eval_grid, solver, order and its options (the
+        learned table with learn=solver), detached."""
+        current = self.snapshot()
+        self.restore(self.best["state"])
         with torch.no_grad():
-            return grid(self.cfg.decoupled)
+            t, t_eval = self.grid(self.cfg.decoupled)
+            run = dict(grid=t, eval_grid=t_eval, **self.solver_kwargs(t, t_eval))
+        self.restore(current)
+        return run
 
 
 def initial_grids(cfg: LD3Config, teacher, module: LD3, val_set) -> list[torch.Tensor]:
     """The grids LD3 starts from: none for LD3's uniform one (init=uniform), a baseline kind, or the `restarts`
     best baselines on `val_set` (init=best), best first. A sum of losses is calibrated here, on the validation
     outputs of the candidate grids."""
-    kinds = applicable(cfg.baselines, teacher.noise_schedule) if cfg.init == "best" else [] if cfg.init == "uniform" \
-        else [cfg.init]
-    grids = {kind: baseline_grid(cfg, teacher, kind, module.steps) for kind in kinds}
-    if cfg.init == "uniform":
+    if cfg.init_schedule:
+        s = init_schedule(cfg, teacher)
+        grids = {cfg.init_schedule: (s.grid, s.eval_grid)}
+    else:
+        kinds = applicable(cfg.baselines, teacher.noise_schedule) if cfg.init == "best" else [] \
+            if cfg.init == "uniform" else [cfg.init]
+        grids = {kind: baseline_grid(cfg, teacher, kind, module.steps) for kind in kinds}
+    if cfg.init == "uniform" and not cfg.init_schedule:
         grids["uniform"] = module.grid(False)[0].detach()
     _, x_T, target, cond = (torch.stack([val_set[i][k] for i in range(len(val_set))]) for k in range(4))
     outs = {}
     for kind, g in grids.items():
+        t, t_eval = g if isinstance(g, tuple) else (g, None)
         with torch.no_grad():
-            outs[kind] = solve(teacher, x_T, g, cfg.solver, cfg.order, cond=condition(cond), **cfg.options).x
+            outs[kind] = solve(teacher, x_T, t, cfg.solver, cfg.order, eval_grid=t_eval, cond=condition(cond),
+                               **cfg.options).x
     if hasattr(module.dist, "calibrate"):  # a sum of losses: each term normalised over all candidates' outputs
         module.dist.calibrate(torch.cat(list(outs.values())), target.repeat(len(outs), *[1] * (target.dim() - 1)))
-    if cfg.init == "uniform":
+    if cfg.init == "uniform" and not cfg.init_schedule:
         return []
     scores = {kind: float(module.dist(out, target).mean()) for kind, out in outs.items()}
     ranked = sorted(scores, key=scores.get)[: cfg.restarts]
     print(f"LD3 starts from the {' / '.join(ranked)} grid{'s' if len(ranked) > 1 else ''} (validation {cfg.loss}: "
           + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()) + ")")
     return [grids[kind] for kind in ranked]
+
+
+def init_schedule(cfg: LD3Config, teacher) -> Schedule:
+    """The schedule file a run starts from (init_schedule): for this solver, order, NFE and teacher; ValueError
+    naming what does not fit."""
+    try:
+        s = load_schedule(cfg.init_schedule, solver=cfg.solver, order=cfg.order, nfe=cfg.nfe,
+                          noise_schedule=teacher.noise_schedule)
+    except ScheduleError as err:
+        raise ValueError(f"init_schedule: {err}") from None
+    grid = LD3Grid(teacher.noise_schedule, steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero), cfg.time_mode,
+                   cfg.to_zero, cfg.window)
+    if s.to_zero != cfg.to_zero or s.times[0] != grid.t_max or s.times[-1 - cfg.to_zero] != grid.t_min:
+        raise ValueError(f"init_schedule {cfg.init_schedule}: its grid runs from {s.times[0]} to {s.times[-1]}, the "
+                         f"learned one from {grid.t_max} to {grid.t_min}{' and then to sigma = 0' if cfg.to_zero else ''}")
+    return s
 
 
 def baseline_grid(cfg: LD3Config, teacher, kind: str, steps: int) -> torch.Tensor:
@@ -337,17 +412,18 @@ def condition(cond: torch.Tensor | None) -> torch.Tensor | None:
     return None if cond is None or bool((cond == NO_CONDITION).all()) else cond
 
 
-def evaluate_grids(cfg: LD3Config, teacher, learned, test: TensorDataset) -> list[dict]:
-    """On the held-out pairs, for the learned grid and every baseline grid (same solver, NFE): RMSE to the teacher
-    and, for 1x8x8 teachers, FID (digits feature network) against the teacher's samples and against the data."""
+def evaluate_grids(cfg: LD3Config, teacher, learned: dict, test: TensorDataset) -> list[dict]:
+    """On the held-out pairs, for the learned run (`solve` keywords: grid, eval_grid, solver, order, options) and
+    every baseline grid with the configured solver (same NFE): RMSE to the teacher and, for 1x8x8 teachers, FID
+    (digits feature network) against the teacher's samples and against the data."""
     from ..quality.metrics import Features, fid_features, pixels, reference_features
 
     _, x_T, target, cond = test.tensors
     steps = steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero)
-    grids = {"ld3 (learned)": learned}
+    runs = {"ld3 (learned)" if learned["solver"] != "tabulated" else "ld3 (learned solver)": learned}
     for kind in applicable(cfg.baselines, teacher.noise_schedule):
-        g = baseline_grid(cfg, teacher, kind, steps)
-        grids[kind] = (g, g)
+        runs[kind] = dict(grid=baseline_grid(cfg, teacher, kind, steps), solver=cfg.solver, order=cfg.order,
+                          **cfg.options)
     with torch.no_grad():
         images = pixels(teacher, target)  # a latent teacher's decoded by its VAE
     digits = tuple(images.shape[1:]) == (1, 8, 8) and len(target) >= 2
@@ -356,9 +432,8 @@ def evaluate_grids(cfg: LD3Config, teacher, learned, test: TensorDataset) -> lis
         f_teacher, f_data = features(images.float()), reference_features("digits", features)
     rows = []
     with torch.no_grad():
-        for name, (t, t_eval) in grids.items():
-            out = solve(teacher, x_T, t, cfg.solver, cfg.order, eval_grid=t_eval, cond=condition(cond),
-                        **cfg.options).x
+        for name, run in runs.items():
+            out = solve(teacher, x_T, cond=condition(cond), **run).x
             rows.append(dict(grid=name, rmse=float((out - target).pow(2).mean().sqrt())))
             if digits:
                 f = features(pixels(teacher, out).float())
@@ -370,7 +445,7 @@ def evaluate_grids(cfg: LD3Config, teacher, learned, test: TensorDataset) -> lis
     return rows
 
 
-def plot_grids(cfg: LD3Config, teacher, learned, path: Path) -> None:
+def plot_grids(cfg: LD3Config, teacher, learned: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -383,13 +458,13 @@ def plot_grids(cfg: LD3Config, teacher, learned, path: Path) -> None:
     for kind in applicable(cfg.baselines, teacher.noise_schedule):
         g = baseline_grid(cfg, teacher, kind, steps)[:n_finite]
         ax.plot(range(n_finite), s.lambda_(g), marker=".", alpha=0.6, label=kind)
-    t, t_eval = learned
+    t, t_eval = learned["grid"], learned["eval_grid"]
     ax.plot(range(n_finite), s.lambda_(t[:n_finite]), marker="o", color="k", lw=2, label="LD3 (integration)")
     if cfg.decoupled:
         ax.plot(range(n_finite), s.lambda_(t_eval[:n_finite]), marker="x", ls="--", color="crimson",
                 label="LD3 (model evaluation)")
     ax.set(xlabel="step", ylabel="log-SNR lambda", title=f"{cfg.solver} order {cfg.order}, NFE {cfg.nfe}"
-           + (" (+ final step to sigma = 0)" if cfg.to_zero else ""))
+           + (" (+ final step to sigma = 0)" if cfg.to_zero else "") + (", learned solver" if cfg.learn == "solver" else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -429,9 +504,15 @@ def check_ld3(cfg: LD3Config):
                          f"least as many baselines ({len(cfg.baselines)} given)")
     steps = steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero)
     check_order(cfg.solver, cfg.order, steps)
+    if cfg.init_schedule and cfg.restarts > 1:
+        raise ValueError("init_schedule gives one start: restarts must be 1")
     teacher = load_teacher(cfg.teacher, conditions=cfg.conditions, guidance=cfg.guidance)
     resolve_auto(cfg, teacher)
-    LD3Grid(teacher.noise_schedule, steps, cfg.time_mode, cfg.to_zero, cfg.window)  # at least one point to learn
+    grid = LD3Grid(teacher.noise_schedule, steps, cfg.time_mode, cfg.to_zero, cfg.window)  # a point to learn
+    if cfg.learn == "solver":
+        base_form(cfg.solver, cfg.order, cfg.options, Grid(teacher.noise_schedule, *grid(False)))
+    if cfg.init_schedule:
+        init_schedule(cfg, teacher)
     distance(cfg.loss, getattr(teacher, "shape", None), cfg.feature_net, **pixel_space(teacher))  # fail now
     pairs_dir = pairs_path(cfg)
     for name, spec in pair_sets(cfg, teacher).items():
@@ -461,13 +542,18 @@ def train_ld3(cfg: LD3Config) -> Path:
         run_dir=run_dir)
     if trainer.global_rank != 0:
         return run_dir
-    learned = module.best_grid()
+    learned = module.best_run()
+    options = {k: v for k, v in learned.items() if k not in ("grid", "eval_grid", "solver", "order")}
+    provenance = dict(method="ld3", loss=cfg.loss, validation={f"{cfg.loss}": module.best["loss"]},
+                      best_step=module.best["step"], seed=cfg.seed, time_mode=cfg.time_mode,
+                      soft_forcing=cfg.soft_forcing, pairs=dict(train=p.train, val=p.val))
+    if cfg.learn == "solver":
+        provenance.update(learn="solver", base=dict(solver=cfg.solver, order=cfg.order, options=cfg.options),
+                          coefficient_penalty=cfg.coefficient_penalty)
     schedule = Schedule.from_grid(
-        learned[0], teacher.noise_schedule, cfg.solver, cfg.order, eval_grid=learned[1], options=cfg.options,
-        teacher=dict(fingerprint=teacher.fingerprint(), name=cfg.teacher, **getattr(teacher, "record", dict)()),
-        provenance=dict(method="ld3", loss=cfg.loss, validation={f"{cfg.loss}": module.best["loss"]},
-                        best_step=module.best["step"], seed=cfg.seed, time_mode=cfg.time_mode,
-                        soft_forcing=cfg.soft_forcing, pairs=dict(train=p.train, val=p.val)))
+        learned["grid"], teacher.noise_schedule, learned["solver"], learned["order"], eval_grid=learned["eval_grid"],
+        options=options, provenance=provenance,
+        teacher=dict(fingerprint=teacher.fingerprint(), name=cfg.teacher, **getattr(teacher, "record", dict)()))
     save_schedule(run_dir / "schedule.json", schedule)
     plot_grids(cfg, teacher, learned, run_dir / "grid.png")
     rows = evaluate_grids(cfg, teacher, learned, test)
@@ -502,8 +588,7 @@ def _log_outputs(logger, run_dir: Path, module: LD3, teacher, test, learned, row
     _, x_T, target, cond = test.tensors
     n = min(32, len(x_T))
     with torch.no_grad():
-        student = solve(teacher, x_T[:n], learned[0], module.cfg.solver, module.cfg.order, eval_grid=learned[1],
-                        cond=condition(cond[:n]), **module.cfg.options).x
+        student = solve(teacher, x_T[:n], cond=condition(cond[:n]), **learned).x
     decode = getattr(teacher, "decode", None)  # a latent teacher: the VAE's images, decoded only here
     if decode is not None:
         student, target = decode(student), decode(target[:n])

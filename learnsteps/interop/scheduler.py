@@ -1,0 +1,122 @@
+"""A diffusers scheduler that runs a learnsteps schedule with the generalized multistep solver.
+
+    from learnsteps.interop.scheduler import TabulatedScheduler
+    pipe.scheduler = TabulatedScheduler.from_schedule("schedule.json")
+    images = pipe(..., num_inference_steps=pipe.scheduler.num_inference_steps).images
+
+It takes a learned-solver file (version 2: its coefficient table) or any version-1 schedule of a multistep solver
+of the core (whose table on its grid core/tables.py finds), so that LD3's decoupled model times and a learned
+update rule both reach a pipeline as they are: `timesteps` are the schedule's model inputs, and `step` is
+docs/schedule-format.md's reference update,
+
+    x_{i+1} = r_i x_i + alpha_{i+1} sum_j c[i, j] m_{i-j},
+
+with the model output converted to x0 (data form) or eps (noise form) with alpha and sigma of the integration
+time, exactly as our core does. Pipelines multiply their first latents by `init_noise_sigma`, which is our core's
+starting std, so `pipe(latents=noise)` starts where `learnsteps.sample` does.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
+
+from ..core.solvers import TABLE_FORMS, check_table
+from ..core.steps import Grid
+from ..core.tables import solver_table
+from ..schedule import Schedule, ScheduleError, load_schedule
+
+PREDICTIONS = ("epsilon", "v_prediction", "flow_prediction", "sample")
+
+
+class TabulatedScheduler(SchedulerMixin, ConfigMixin):
+    """The generalized multistep solver as a diffusers scheduler; build it with `from_schedule`."""
+
+    order = 1  # one model call per step
+
+    @register_to_config
+    def __init__(self, coefficients: list, timesteps: list, alpha: list, sigma: list, form: str = "data",
+                 prediction_type: str = "epsilon", num_train_timesteps: int = 1000, init_noise_sigma: float = 1.0):
+        n = len(timesteps)
+        check_table(coefficients, n, len(coefficients[0]) if coefficients else 0)
+        if len(alpha) != n + 1 or len(sigma) != n + 1:
+            raise ValueError(f"alpha and sigma need {n + 1} values (the integration times), got {len(alpha)}, {len(sigma)}")
+        if form not in TABLE_FORMS:
+            raise ValueError(f"form must be one of {TABLE_FORMS}, not {form!r}")
+        if prediction_type not in PREDICTIONS:
+            raise ValueError(f"prediction_type must be one of {PREDICTIONS}, not {prediction_type!r}")
+        self.init_noise_sigma = init_noise_sigma
+        self.num_inference_steps = n
+        self.set_timesteps()
+
+    @classmethod
+    def from_schedule(cls, schedule: Schedule | str | Path, prediction_type: str | None = None) -> "TabulatedScheduler":
+        """The scheduler of a schedule file (or Schedule); prediction_type: what the pipeline's network outputs
+        (default: "flow_prediction" for flow teachers, else the file's teacher's scheduler's, else "epsilon")."""
+        s = schedule if isinstance(schedule, Schedule) else load_schedule(schedule)
+        kind = s.noise_schedule.get("kind")
+        if kind not in ("ddpm", "flow"):
+            raise ScheduleError(f"diffusers pipelines run discrete DDPM or flow-matching models; this schedule is for a "
+                                f"{kind!r} noise schedule")
+        table, form = s.coefficients, s.options.get("form", "data")
+        if table is None:
+            table, form = _table_of(s)
+        if prediction_type is None:
+            prediction_type = "flow_prediction" if kind == "flow" else s.teacher.get("prediction_type", "epsilon")
+        return cls(coefficients=[list(map(float, row)) for row in table], timesteps=s.diffusers_timesteps,
+                   alpha=s.alpha, sigma=s.sigma, form=form, prediction_type=prediction_type,
+                   num_train_timesteps=int(s.noise_schedule["n"]),
+                   init_noise_sigma=s.make_noise_schedule().init_noise_std())
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, **kwargs):
+        """The schedule's own steps; a pipeline asking for another number of steps is told how many it has."""
+        n = len(self.config.timesteps)
+        if num_inference_steps not in (None, n):
+            raise ValueError(f"this scheduler runs a learned {n}-step schedule: call the pipeline with "
+                             f"num_inference_steps={n}, not {num_inference_steps}")
+        self.timesteps = torch.tensor(self.config.timesteps, dtype=torch.float64, device=device)
+        self._step_index, self._outputs = 0, []
+
+    def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return sample  # the network takes the VP (or flow) state itself
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True, **kwargs):
+        c, a, s = self.config.coefficients, self.config.alpha, self.config.sigma
+        i = self._step_index
+        if i >= len(c):
+            raise ValueError(f"all {len(c)} steps of the schedule are taken: call set_timesteps to sample again")
+        x0 = _to_x0(model_output.to(sample.dtype), sample, a[i], s[i], self.config.prediction_type)
+        m = x0 if self.config.form == "data" else (sample - a[i] * x0) / s[i]
+        self._outputs = [m] + self._outputs[: len(c[i]) - 1]
+        r = s[i + 1] / s[i] if self.config.form == "data" else a[i + 1] / a[i]
+        prev = r * sample + a[i + 1] * sum(w * out for w, out in zip(c[i], self._outputs))
+        self._step_index += 1
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+
+def _to_x0(out, x, alpha: float, sigma: float, prediction: str):
+    if prediction == "epsilon":
+        return (x - sigma * out) / alpha
+    if prediction == "v_prediction":
+        return alpha * x - sigma * out
+    if prediction == "flow_prediction":  # v = eps - x0, alpha + sigma = 1 on the flow path
+        return (x - sigma * out) / (alpha + sigma)
+    return out
+
+
+def _table_of(s: Schedule) -> tuple[list[list[float]], str]:
+    """The table of a version-1 schedule's solver on its grid: data form if it is one, else noise form."""
+    grid = Grid(s.make_noise_schedule(), s.grid, s.eval_grid)
+    errors = []
+    for form in TABLE_FORMS:
+        try:
+            return solver_table(s.solver, s.order, grid, form, **s.options).tolist(), form
+        except ValueError as err:
+            errors.append(str(err))
+    raise ScheduleError(f"{s.solver} (order {s.order}) is not a multistep table on this grid, so "
+                        f"TabulatedScheduler cannot run it: {errors[-1]}")
