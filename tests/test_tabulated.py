@@ -126,6 +126,7 @@ def test_version_2_round_trip_and_version_1_stays(tmp_path):
     raw = json.loads(path.read_text())
     assert raw["version"] == 2 and len(raw["coefficients"]) == 5 and raw["options"] == {"form": "data"}
     assert len(raw["alpha"]) == len(raw["sigma"]) == 6 and raw["sigma"][-1] == 0
+    assert all("TabulatedScheduler" in raw["consumers"][k]["unsupported"] for k in ("diffusers", "k_diffusion"))
     back = load_schedule(path, solver="tabulated", nfe=5)
     assert back.coefficients == sched.coefficients and back.eval_times == sched.eval_times
     teacher = toy_mixture(noise_schedule=s)

@@ -52,6 +52,9 @@ def recipe(schedule: Schedule) -> dict:
     """{"scheduler": diffusers class name, "config": its configuration} that runs `schedule` as our core does,
     or ScheduleError saying why no diffusers scheduler can."""
     ns, o = schedule.noise_schedule, schedule.options
+    if schedule.coefficients is not None:
+        raise ScheduleError("no diffusers scheduler runs a learned solver's coefficient table: "
+                            "pipe.scheduler = learnsteps.interop.scheduler.TabulatedScheduler.from_schedule(path)")
     if ns.get("kind") == "flow":
         return flow_recipe(schedule)
     if ns.get("kind") != "ddpm":

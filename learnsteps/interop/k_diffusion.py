@@ -28,6 +28,9 @@ from ..schedule import Schedule, ScheduleError
 
 def recipe(schedule: Schedule) -> dict:
     """{"sampler": name in k_diffusion.sampling, "kwargs": its arguments} reproducing `schedule`, or ScheduleError."""
+    if schedule.coefficients is not None:
+        raise ScheduleError("a learned solver's coefficient table has no k-diffusion sampler: run it with the "
+                            "reference sampler of docs/schedule-format.md, learnsteps' core or TabulatedScheduler")
     if schedule.decoupled:
         raise ScheduleError("this schedule evaluates the model at times of its own (LD3's offsets); a k-diffusion "
                             "sampler cannot express that: use learnsteps' core or the diffusers interop")
