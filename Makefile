@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 # The numerical core runs once more under each other CPU kernel path torch has (its kernels may round an ulp
 # differently, and an end-point formula that only works when they round alike has broken a fresh machine).
 CORE_TESTS := tests/test_schedules.py tests/test_grids.py tests/test_solvers.py tests/test_gmm_teacher.py \
-	tests/test_diffusers_parity.py tests/test_interop.py tests/test_flow.py
+	tests/test_diffusers_parity.py tests/test_interop.py tests/test_flow.py tests/test_tabulated.py
 
 test: setup
 	WANDB_MODE=disabled $(PY) -m pytest -q -p no:cacheprovider
