@@ -67,9 +67,15 @@ def solver_table(solver: str, order: int | None, grid: Grid, form: str = "data",
         if float(rest.max()) > TOLERANCE * max(1.0, float(d.detach().abs().max())):
             raise ValueError(f"{solver} (order {order}) is not a {form}-form multistep table on this grid: its step "
                              f"{i} is not r x + alpha (a combination of the outputs so far)")
-    need = max((int(row.detach().abs().gt(TOLERANCE * max(1.0, float(row.detach().abs().max()))).nonzero().max())
-                + 1 for row in rows if row.detach().abs().max() > 0), default=1)
+    need = max(_outputs_used(row) for row in rows)
     width = need if width is None else width
     if width < need:
         raise ValueError(f"{solver} (order {order}) needs a table {need} outputs wide, not {width}")
     return torch.stack([torch.cat([row[:width], row.new_zeros(max(0, width - len(row)))]) for row in rows])
+
+
+def _outputs_used(row: Tensor) -> int:
+    """How far back a row reaches: 1 + the lag of its last weight above rounding (1 for a zero row)."""
+    a = row.detach().abs()
+    used = (a > TOLERANCE * max(1.0, float(a.max()))).nonzero()
+    return int(used.max()) + 1 if len(used) else 1

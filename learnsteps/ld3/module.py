@@ -160,7 +160,8 @@ class LD3(L.LightningModule):
 
     def start_from(self, start) -> None:
         """A start: a grid, or (grid, model-evaluation times); the coefficient corrections go back to zero."""
-        self.grid.init_from(*start) if isinstance(start, tuple) else self.grid.init_from(start)
+        t, t_eval = start if isinstance(start, tuple) else (start, None)
+        self.grid.init_from(t, t_eval)
         if self.table is not None:
             with torch.no_grad():
                 self.table.delta.zero_()
