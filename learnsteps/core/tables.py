@@ -74,6 +74,20 @@ def solver_table(solver: str, order: int | None, grid: Grid, form: str = "data",
     return torch.stack([torch.cat([row[:width], row.new_zeros(max(0, width - len(row)))]) for row in rows])
 
 
+def narrowest_table(solver: str, order: int | None, grid: Grid, **options) -> tuple[Tensor, str]:
+    """(table, form) of the narrower of the solver's data- and noise-form tables on `grid` (data on a tie):
+    DPM-Solver++ and UniPC are data-form tables, iPNDM and DEIS noise-form ones. ValueError if it is neither."""
+    found, errors = [], []
+    for form in TABLE_FORMS:
+        try:
+            found.append((solver_table(solver, order, grid, form, **options), form))
+        except ValueError as err:
+            errors.append(str(err))
+    if not found:
+        raise ValueError(errors[0])
+    return min(found, key=lambda f: f[0].shape[1])
+
+
 def _outputs_used(row: Tensor) -> int:
     """How far back a row reaches: 1 + the lag of its last weight above rounding (1 for a zero row)."""
     a = row.detach().abs()

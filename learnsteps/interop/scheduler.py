@@ -25,7 +25,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutpu
 
 from ..core.solvers import TABLE_FORMS, check_table
 from ..core.steps import Grid
-from ..core.tables import solver_table
+from ..core.tables import narrowest_table
 from ..schedule import Schedule, ScheduleError, load_schedule
 
 PREDICTIONS = ("epsilon", "v_prediction", "flow_prediction", "sample")
@@ -110,13 +110,10 @@ def _to_x0(out, x, alpha: float, sigma: float, prediction: str):
 
 
 def _table_of(s: Schedule) -> tuple[list[list[float]], str]:
-    """The table of a version-1 schedule's solver on its grid: data form if it is one, else noise form."""
-    grid = Grid(s.make_noise_schedule(), s.grid, s.eval_grid)
-    errors = []
-    for form in TABLE_FORMS:
-        try:
-            return solver_table(s.solver, s.order, grid, form, **s.options).tolist(), form
-        except ValueError as err:
-            errors.append(str(err))
-    raise ScheduleError(f"{s.solver} (order {s.order}) is not a multistep table on this grid, so "
-                        f"TabulatedScheduler cannot run it: {errors[-1]}")
+    """The table of a version-1 schedule's solver on its grid, in the form where it is narrower."""
+    try:
+        table, form = narrowest_table(s.solver, s.order, Grid(s.make_noise_schedule(), s.grid, s.eval_grid), **s.options)
+    except ValueError as err:
+        raise ScheduleError(f"{s.solver} (order {s.order}) is not a multistep table on this grid, so "
+                            f"TabulatedScheduler cannot run it: {err}") from None
+    return table.tolist(), form

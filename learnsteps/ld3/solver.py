@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..core.solvers import TABLE_FORMS
 from ..core.steps import Grid
-from ..core.tables import solver_table
+from ..core.tables import narrowest_table, solver_table
 
 
 def base_form(solver: str, order: int, options: dict, grid: Grid) -> tuple[str, int]:
@@ -21,15 +20,11 @@ def base_form(solver: str, order: int, options: dict, grid: Grid) -> tuple[str, 
     are data-form tables, iPNDM and DEIS noise-form ones), at least `order` wide: a short grid's lowered final
     orders leave DPM-Solver++(3M) at NFE 4 a 2-wide table, and the learned solver may use the third output.
     ValueError if it is no table (Heun)."""
-    found, errors = [], []
-    for form in TABLE_FORMS:
-        try:
-            found.append((solver_table(solver, order, grid, form, **options).shape[1], form))
-        except ValueError as err:
-            errors.append(str(err))
-    if not found:
-        raise ValueError(f"learn=solver needs a multistep solver (one model call per step); {errors[0]}")
-    width, form = min(found)
+    try:
+        table, form = narrowest_table(solver, order, grid, **options)
+    except ValueError as err:
+        raise ValueError(f"learn=solver needs a multistep solver (one model call per step); {err}") from None
+    width = table.shape[1]
     return form, max(width, order)
 
 
