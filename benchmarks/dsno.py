@@ -115,7 +115,7 @@ def cost(cfg: Config, out: Path) -> list[dict]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from learnsteps.dsno.student import load_student
-    from learnsteps.teachers.network import load_teacher
+    from learnsteps.teachers import load_teacher
 
     rows = []
     for teacher_name in cfg.teachers:

@@ -62,7 +62,7 @@ def images_of(teacher, n: int, seed: int):
 def teacher_quality(cfg: Config, out: Path) -> str:
     from learnsteps.quality.features import load_feature_net
     from learnsteps.quality.metrics import Features, fid_features, reference_features
-    from learnsteps.teachers.network import load_teacher
+    from learnsteps.teachers import load_teacher
 
     features, classifier = Features("digits"), load_feature_net()
     data = reference_features("digits", features)

@@ -219,9 +219,11 @@ def cpu_paths() -> list[str]:
 def score(run_dir: Path, pairs_dir: Path, n: int) -> dict:
     """Learned / best baseline by RMSE and FID on the first n held-out pairs of the run (its own table's metrics)."""
     from learnsteps.core.denoiser import dtype_of
-    from learnsteps.ld3.module import LD3Config, evaluate_grids, pairs_dataset
+    from learnsteps.ld3 import LD3Config
+    from learnsteps.ld3.report import evaluate_grids
+    from learnsteps.ld3.run import pairs_dataset
     from learnsteps.schedule import load_schedule
-    from learnsteps.teachers.network import load_teacher
+    from learnsteps.teachers import load_teacher
     from learnsteps.trajectories import TrajectoryDataset
 
     cfg = load_config(LD3Config, [run_dir / "config.yaml"])

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from learnsteps.config import load_config  # noqa: E402
-from learnsteps.teachers.network import load_teacher  # noqa: E402
+from learnsteps.teachers import load_teacher  # noqa: E402
 from learnsteps.trajectories import TrajectorySpec, generate, output_times  # noqa: E402
 
 

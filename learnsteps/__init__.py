@@ -11,8 +11,8 @@ from .core import grids, schedules
 from .core.denoiser import ClassifierFreeGuidance, Denoiser, NetworkDenoiser
 from .core.reference import reference_solve
 from .core.sample import SOLVERS, Solution, nfe, sample, solve
-from . import teachers
+from . import interop, teachers  # interop: the schedule file's consumers register themselves
 
 __version__ = "0.1.0"
-__all__ = ["sample", "solve", "nfe", "SOLVERS", "Solution", "grids", "schedules", "teachers", "reference_solve",
+__all__ = ["sample", "solve", "nfe", "SOLVERS", "Solution", "grids", "schedules", "teachers", "interop", "reference_solve",
            "Denoiser", "NetworkDenoiser", "ClassifierFreeGuidance", "__version__"]

@@ -9,7 +9,7 @@ from .config import CONFIG_DIR, ConfigError, load_config
 
 def _modes() -> dict[str, tuple[type, Callable]]:
     from .dsno.module import DSNOConfig, train_dsno
-    from .ld3.module import LD3Config, train_ld3
+    from .ld3 import LD3Config, train_ld3
     from .training.features import FeatureTrainConfig, train_features
     from .training.latent_teacher import LatentTeacherConfig, train_latent_teacher
     from .training.teacher import TeacherTrainConfig, train_teacher

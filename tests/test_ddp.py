@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from learnsteps.teachers.network import load_teacher
+from learnsteps.teachers import load_teacher
 from learnsteps.trajectories import TrajectoryDataset, TrajectorySpec, generate
 
 ROOT = Path(__file__).resolve().parents[1]

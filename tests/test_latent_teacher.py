@@ -10,7 +10,8 @@ import torch
 
 import learnsteps as ls
 from learnsteps.config import load_config
-from learnsteps.teachers.network import TeacherLoadError, load_teacher
+from learnsteps.teachers import load_teacher
+from learnsteps.teachers.network import TeacherLoadError
 
 pytest.importorskip("diffusers")
 from learnsteps.training.latent_teacher import LatentTeacherConfig, train_latent_teacher  # noqa: E402

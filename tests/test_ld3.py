@@ -10,7 +10,8 @@ import learnsteps as ls
 from learnsteps.config import load_config
 from learnsteps.core.schedules import DiscreteDDPM, VPLinear
 from learnsteps.ld3.grid import LD3Grid
-from learnsteps.ld3.module import NO_CONDITION, LD3Config, train_ld3
+from learnsteps.ld3 import LD3Config, train_ld3
+from learnsteps.ld3.module import NO_CONDITION
 from learnsteps.schedule import load_schedule
 from learnsteps.teachers.gmm import toy_mixture
 
@@ -78,8 +79,9 @@ def saved_bytes(teacher, nfe: int, remat: bool, learned: bool = False) -> int:
 
     storages = {}
 
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    def pack(t):  # the storage is held, so that a freed one's address is never reused by another and miscounted
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s
         return t
 
     g = LD3Grid(teacher.noise_schedule, nfe, "lambda", to_zero=True)
@@ -90,7 +92,7 @@ def saved_bytes(teacher, nfe: int, remat: bool, learned: bool = False) -> int:
             table = LearnedTable("dpm_solver++", 3, {}, nfe, "data", 3)(Grid(teacher.noise_schedule, t, t_eval))
             run = dict(solver="tabulated", order=3, coefficients=table)
         ls.sample(teacher, torch.randn(2, *teacher.shape), t, eval_grid=t_eval, remat=remat, **run)
-    return sum(storages.values())
+    return sum(s.nbytes() for s in storages.values())
 
 
 def test_rematerialisation_keeps_the_network_activations_out_of_the_graph():
@@ -241,8 +243,8 @@ def test_a_sum_of_losses_weights_each_term_to_one_on_its_calibration_set():
 
 
 def test_auto_loss_and_remat_resolve_per_teacher():
-    from learnsteps.ld3.module import REMAT_ABOVE, resolve_auto
-    from learnsteps.teachers.network import load_teacher
+    from learnsteps.ld3.config import REMAT_ABOVE, resolve_auto
+    from learnsteps.teachers import load_teacher
 
     unet = load_teacher("digits_unet")
     cfg = LD3Config()

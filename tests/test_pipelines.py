@@ -9,7 +9,8 @@ import torch
 
 import learnsteps as ls
 from learnsteps.schedule import Schedule, ScheduleError
-from learnsteps.teachers.network import TeacherLoadError, load_teacher
+from learnsteps.teachers import load_teacher
+from learnsteps.teachers.network import TeacherLoadError
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -180,7 +181,7 @@ def test_ld3_with_guidance_on_a_pipeline_and_back_into_it(pipelines, tmp_path, n
     import diffusers
 
     from learnsteps.config import load_config
-    from learnsteps.ld3.module import LD3Config, train_ld3
+    from learnsteps.ld3 import LD3Config, train_ld3
     from learnsteps.schedule import load_schedule
     from learnsteps.trajectories import TrajectoryDataset
 

@@ -118,7 +118,7 @@ def test_a_schedule_of_another_noise_schedule_is_refused_by_eval(tmp_path, capsy
     import learnsteps as ls
     from learnsteps.core.schedules import EDM
     from learnsteps.schedule import Schedule, save_schedule
-    from learnsteps.teachers.network import load_teacher
+    from learnsteps.teachers import load_teacher
 
     teacher = load_teacher("digits_unet")
     path = save_schedule(tmp_path / "s.json", Schedule.from_grid(ls.grids.make("edm", 4, EDM()), EDM(), "euler", 1,

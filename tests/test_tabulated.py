@@ -239,7 +239,7 @@ def test_a_learned_solver_in_a_pipeline_gives_our_latents(tmp_path, name):
     import tiny_pipelines
 
     from learnsteps.interop.scheduler import TabulatedScheduler
-    from learnsteps.teachers.network import load_teacher
+    from learnsteps.teachers import load_teacher
 
     directory = getattr(tiny_pipelines, {"sd": "stable_diffusion", "sd3": "sd3"}[name])(tmp_path / name)
     prompts = ["a red dot", "two cats"]

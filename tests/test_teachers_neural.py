@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 import learnsteps as ls
 from learnsteps.core.schedules import VPLinear
-from learnsteps.teachers.network import TeacherLoadError, edm_teacher, load_teacher, save_unet_teacher
+from learnsteps.teachers import load_teacher
+from learnsteps.teachers.network import TeacherLoadError, edm_teacher, save_unet_teacher
 from learnsteps.teachers.unet import UNet, UNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]

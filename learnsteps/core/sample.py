@@ -64,6 +64,17 @@ def nfe(solver: str, steps: int, to_zero: bool = False) -> int:
     return 2 * steps - int(to_zero) if solver == "heun" else steps
 
 
+def steps_for_nfe(solver: str, n_calls: int, to_zero: bool) -> int:
+    """The grid intervals in which `solver` spends exactly `n_calls` model calls; ValueError where it cannot."""
+    if n_calls < 1:
+        raise ValueError(f"nfe must be at least 1, got {n_calls}")
+    steps = (n_calls + int(to_zero)) // 2 if solver == "heun" else n_calls
+    if nfe(solver, steps, to_zero) != n_calls:
+        raise ValueError(f"{solver} cannot spend exactly {n_calls} model calls"
+                         f"{' with a final step to sigma = 0' if to_zero else ''}")
+    return steps
+
+
 def check_order(solver: str, order: int | None, steps: int | None = None) -> int:
     """The order to use (the solver's default for None); ValueError if unsupported or too high for the steps."""
     spec = get_solver(solver)

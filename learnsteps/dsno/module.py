@@ -21,7 +21,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..config import all_of, at_least, between, fraction, not_a_file, one_of, positive
 from ..quality.losses import LOSSES, distance
-from ..teachers.network import NetworkTeacher, load_teacher
+from ..teachers import load_teacher
+from ..teachers.network import NetworkTeacher
 from ..teachers.unet import UNet, UNetConfig, check_unet
 from ..files import read_json
 from ..trajectories import TrajectoryDataModule, TrajectoryError, TrajectorySpec, check_directory
@@ -227,7 +228,7 @@ def _samples(cfg, teacher, student, run_dir: Path, logger) -> None:
     from ..core.grids import make
     from ..core.sample import sample
     from ..trajectories import sample_noise
-    from ..training.teacher import save_image_grid
+    from ..quality.images import save_image_grid
 
     from ..trajectories import conditions_of
 

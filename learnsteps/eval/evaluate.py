@@ -17,12 +17,12 @@ from tqdm import tqdm
 from ..config import SolverChoice, at_least, between, conditions_value, each, not_a_file, one_of
 from ..core.denoiser import dtype_of
 from ..core.grids import applicable, make as make_grid
-from ..core.sample import check_options, check_order, solve
+from ..core.sample import check_options, check_order, solve, steps_for_nfe
 from ..dsno.student import load_student
 from ..files import save_figure, write_csv, write_text
 from ..core.schedules import make_schedule
 from ..schedule import check_fits, load_schedule
-from ..teachers.network import load_teacher
+from ..teachers import load_teacher
 from ..trajectories import conditions_of, sample_noise
 from ..training.common import WandbConfig
 from ..quality.metrics import EXTRACTORS, Features, fid_kid, pixels, reference_features
@@ -79,8 +79,6 @@ def entries(cfg: EvalConfig, teacher):
     for case in cfg.solvers:
         for kind in applicable(cfg.grids, s):
             for nfe in cfg.nfe:
-                from ..ld3.module import steps_for_nfe
-
                 steps = steps_for_nfe(case.solver, nfe, cfg.to_zero)
                 if steps < case.order and case.solver not in ("euler", "heun"):
                     print(f"note: {case.solver} order {case.order} needs {case.order} steps, NFE {nfe} gives {steps}: "
@@ -231,7 +229,7 @@ def write_outputs(cfg: EvalConfig, rows, samples, teacher_samples, out: Path) ->
     write_text(out / "results.md", "\n".join(lines) + "\n")
     plot_fid(rows, out / "fid_vs_nfe.png")
     if teacher_samples.dim() == 4:
-        from ..training.teacher import save_image_grid
+        from ..quality.images import save_image_grid
 
         for nfe in sorted({k[2] for k in samples}):
             keys = [k for k in samples if k[2] == nfe]

@@ -152,7 +152,7 @@ def apply_to_pipeline(pipe, schedule: Schedule) -> dict:
         members["scale_model_input"] = lambda self, sample, *args, **kwargs: sample
     learned = type(base.__name__, (base,), members)
     config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
-    from ..teachers.pipelines import quiet_diffusers
+    from ..hf import quiet_diffusers
 
     with quiet_diffusers():
         pipe.scheduler = learned.from_config({**config, **r["config"]})

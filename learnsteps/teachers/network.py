@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import socket
 import warnings
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from torch import Tensor, nn
 from ..core.denoiser import NetworkDenoiser
 from ..core.schedules import EDM, DiscreteDDPM, NoiseSchedule, make_schedule
 from ..files import load_weights, parse_json, read_json, write_json, write_safetensors
+from ..hf import hub_reachable
 from .unet import UNet, UNetConfig
 
 TEACHER_FORMAT, TEACHER_VERSION = "learnsteps-teacher", 1
@@ -63,7 +62,7 @@ def save_unet_teacher(directory: str | Path, net: UNet, noise_schedule: NoiseSch
     meta = dict(format=TEACHER_FORMAT, version=TEACHER_VERSION, kind="unet", unet=net.config.to_dict(),
                 noise_schedule=noise_schedule.config(), prediction="epsilon", **(extra or {}))
     write_json(d / "teacher.json", meta)
-    meta["fingerprint"] = load_teacher(d, check=False).fingerprint()  # of the weights as stored
+    meta["fingerprint"] = learnsteps_teacher(d, check=False).fingerprint()  # of the weights as stored
     write_json(d / "teacher.json", meta)
     return d
 
@@ -78,15 +77,7 @@ def _load_user_state(path: Path) -> dict[str, Tensor]:
         raise TeacherLoadError(f"{path} is not a readable weights file ({type(err).__name__}: {err})") from None
 
 
-UNET2D_PIPELINES = ("DDPMPipeline", "DDIMPipeline", "PNDMPipeline")  # an unconditional UNet2DModel: diffusers_teacher
-BUILT_IN = ("gmm_digits", "toy_mixture", "gaussian", "digits_unet", "digits_latent_flow")
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-# A Hugging Face hub id: "org/name" (one slash, no leading dot or slash). Anything else that is not a local path
-# is a typo, and is said so at once instead of being sent to the hub (which retries for half a minute).
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-
-
-def _learnsteps_teacher(path: Path, check: bool) -> "NetworkTeacher":
+def learnsteps_teacher(path: Path, check: bool) -> NetworkTeacher:
     meta = read_json(path / "teacher.json", TeacherLoadError)
     if meta.get("format") != TEACHER_FORMAT or meta.get("version") != TEACHER_VERSION:
         raise TeacherLoadError(f"{path / 'teacher.json'}: unknown teacher format "
@@ -104,72 +95,6 @@ def _learnsteps_teacher(path: Path, check: bool) -> "NetworkTeacher":
     return teacher
 
 
-def load_teacher(spec: str | Path, *, check: bool = True, conditions=None, guidance: float = 1.0, **kwargs):
-    """A teacher by name or path:
-
-    - "gmm_digits", "toy_mixture", "gaussian": the exact mixtures;
-    - "digits_unet": the shipped UNet trained on the digits (learnsteps/assets/digits_unet);
-    - "digits_latent_flow": the shipped class-conditional latent flow-matching DiT (a DiTPipeline directory);
-    - a directory with teacher.json (learnsteps' own UNet, as `train.py mode=teacher` exports it);
-    - a diffusers pipeline (Stable Diffusion, DiT, SD3 layouts; learnsteps.teachers.pipelines), with its
-      `conditions` (prompts or class labels) and CFG scale `guidance`: a local directory or a hub id;
-    - a diffusers UNet2DModel: a local directory or a Hugging Face hub id (see `diffusers_teacher`)."""
-    from . import gmm
-    from .pipelines import SUPPORTED, pipeline_teacher
-
-    name = str(spec)
-    if name == "digits_latent_flow":
-        name = str(ASSETS / name)
-    kind = _pipeline_class(name)
-    conditional_hub_id = kind is None and (conditions or guidance != 1.0) and HUB_ID.match(name) \
-        and not Path(name).exists()  # not in the cache: the pipeline loader says so in one line
-    if (kind is not None and kind not in UNET2D_PIPELINES) or conditional_hub_id:  # SUPPORTED, or what is
-        return pipeline_teacher(name, conditions, guidance, **kwargs)
-    if conditions or guidance != 1.0:
-        raise TeacherLoadError(f"conditions= and guidance= apply to conditional diffusers pipelines "
-                               f"({', '.join(SUPPORTED)}); teacher {name!r} is unconditional")
-    exact = {"gmm_digits": gmm.gmm_digits, "toy_mixture": gmm.toy_mixture, "gaussian": gmm.gaussian}
-    if name in exact:
-        return exact[name](**kwargs)
-    if name == "digits_unet":
-        return load_teacher(ASSETS / "digits_unet")
-    path = Path(name)
-    if path.is_dir():
-        if (path / "teacher.json").is_file():
-            return _learnsteps_teacher(path, check)
-        if (path / "model_index.json").is_file() or (path / "config.json").is_file():
-            return diffusers_teacher(name, **kwargs)
-        raise TeacherLoadError(f"{path} is a directory but not a teacher: it has no teacher.json (a learnsteps "
-                               f"teacher, `train.py mode=teacher`) and no model_index.json or config.json (diffusers)")
-    if path.exists():
-        raise TeacherLoadError(f"{path} is a file; a teacher is a directory (teacher.json or a diffusers model)")
-    if HUB_ID.match(name):
-        return diffusers_teacher(name, **kwargs)
-    raise TeacherLoadError(f"unknown teacher {name!r}: not one of {', '.join(BUILT_IN)}, no such directory, and "
-                           f"not a Hugging Face hub id (org/name)")
-
-
-def _pipeline_class(name: str) -> str | None:
-    """The `_class_name` in a pipeline directory's model_index.json (a hub id's, if it is in the local cache)."""
-    path = Path(name) / "model_index.json"
-    try:
-        if path.is_file():
-            return parse_json(path.read_bytes()).get("_class_name")
-        if HUB_ID.match(name) and not Path(name).exists():
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(name, "model_index.json")
-            if not isinstance(cached, str) and os.environ.get("HF_HUB_OFFLINE") != "1" and hub_reachable():
-                from huggingface_hub import hf_hub_download
-
-                cached = hf_hub_download(name, "model_index.json")
-            if isinstance(cached, str):
-                return parse_json(Path(cached).read_bytes()).get("_class_name")
-    except Exception:  # not a pipeline, or the hub says no: the UNet2DModel path gives the user-facing message
-        return None
-    return None
-
-
 class DiffusersUNet(nn.Module):
     """diffusers' UNet2DModel called as net(x, t[, y]) -> its first in_channels outputs (a learned variance,
     if the model has one, is dropped: samplers of the probability-flow ODE do not use it)."""
@@ -185,18 +110,6 @@ class DiffusersUNet(nn.Module):
 
 
 PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x0"}
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers a TCP connection (its endpoint from HF_ENDPOINT, if set)."""
-    from urllib.parse import urlparse
-
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def diffusers_teacher(model: str, scheduler_config: dict | None = None, subfolder: str | None = None,

@@ -16,7 +16,6 @@ Supported layouts: StableDiffusionPipeline, DiTPipeline, StableDiffusion3Pipelin
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import math
 import os
@@ -28,7 +27,8 @@ from torch import Tensor, nn
 
 from ..core.denoiser import guided
 from ..core.schedules import DiscreteDDPM, FlowMatching, dynamic_shift_mu
-from .network import PREDICTION_TYPES, NetworkTeacher, TeacherLoadError, hub_reachable
+from ..hf import hub_reachable, quiet_diffusers
+from .network import PREDICTION_TYPES, NetworkTeacher, TeacherLoadError
 
 # diffusers 0.3x-0.4x warns on every Transformer2DModel call that its output class moved: nothing a user can act on
 warnings.filterwarnings("ignore", message=".*Transformer2DModelOutput.*", category=FutureWarning)
@@ -118,35 +118,6 @@ class PipelineTeacher(NetworkTeacher):
             p = next(vae.to(z.device).parameters())
         x = vae.decode((z.to(p.dtype) / c.scaling_factor) + (c.get("shift_factor") or 0.0)).sample
         return x.clamp(-1, 1).to(z.dtype)
-
-
-@contextlib.contextmanager
-def quiet_diffusers():
-    """diffusers' and transformers' loggers and progress bars at error level: their notices (loading bars, config
-    keys another class does not take, dtype advice) are not the user's business inside learnsteps' own calls."""
-    from diffusers.utils import logging as dlog
-
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    try:
-        from transformers.utils import logging as tlog
-    except ImportError:
-        tlog = None
-    if tlog is not None:
-        t_level = tlog.get_verbosity()
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        dlog.set_verbosity(level)
-        dlog.enable_progress_bar()
-        if tlog is not None:
-            tlog.set_verbosity(t_level)
-            tlog.enable_progress_bar()
 
 
 def read_conditions(conditions) -> list:

@@ -31,9 +31,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from ..config import at_least, between, each, fraction, not_a_file, one_of, positive
 from ..files import sha256_file, write_json
 from ..loaders import BatchDraws
-from ..teachers.pipelines import quiet_diffusers
+from ..hf import quiet_diffusers
 from .common import LossCurve, RunConfig, cosine_warmup, fit, make_logger, make_trainer, prepare_run
-from .teacher import DigitsDataModule, save_image_grid
+from ..quality.images import save_image_grid
+from .teacher import DigitsDataModule
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 NULL_CLASS = 1000  # DiTPipeline's unconditional label
@@ -247,7 +248,7 @@ def train_latent_teacher(cfg: LatentTeacherConfig) -> Path:
     export = [run_dir / "pipeline"] + ([Path(cfg.export_dir)] if cfg.export_dir else [])
     for d in export:
         save_pipeline(d, flow.ema.module.cpu(), vae, cfg.shift, dtype, summary)
-    from ..teachers.network import load_teacher
+    from ..teachers import load_teacher
 
     teacher = load_teacher(str(export[0]), guidance=cfg.guidance)
     g = torch.Generator().manual_seed(0)

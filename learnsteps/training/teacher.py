@@ -16,11 +16,11 @@ from torch.utils.data import TensorDataset
 
 from ..config import at_least, fraction, not_a_file, one_of, positive
 from ..core.schedules import make_schedule
-from ..files import write_atomically
 from ..teachers.gmm import digits_data
 from ..teachers.network import NetworkTeacher, save_unet_teacher
 from ..teachers.unet import UNet, UNetConfig, check_unet
 from ..loaders import BatchDraws, train_loader
+from ..quality.images import save_image_grid
 from .common import RunConfig, ScheduleConfig, cosine_warmup, fit, make_logger, make_trainer, prepare_run
 
 
@@ -110,22 +110,6 @@ def sample_grid(teacher, n: int = 64, steps: int = 20, seed: int = 0, cond=None)
     grid = make("logsnr", steps, teacher.noise_schedule, to_zero=True)
     with torch.no_grad():
         return sample(teacher, x_T, grid, "unipc", 3, cond=cond).clamp(-1, 1)
-
-
-def save_image_grid(images: torch.Tensor, path: Path, nrow: int = 8, scale: int = 4) -> None:
-    """Images in [-1, 1], shape (N, C, H, W) with C = 1 (grey) or 3 (RGB), as one PNG (nearest-neighbour upscaled)."""
-    from PIL import Image
-
-    n, c, h, w = images.shape
-    rows = (n + nrow - 1) // nrow
-    canvas = torch.ones(c, rows * (h + 1) + 1, nrow * (w + 1) + 1)
-    for i, img in enumerate(images):
-        r, col = divmod(i, nrow)
-        canvas[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = (img + 1) / 2
-    pixels = (canvas.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    image = Image.fromarray(pixels[..., 0] if c == 1 else pixels)
-    image = image.resize((canvas.shape[2] * scale, canvas.shape[1] * scale), Image.NEAREST)
-    write_atomically(Path(path), lambda tmp: image.save(tmp, format="PNG"))
 
 
 def train_teacher(cfg: TeacherTrainConfig) -> Path:

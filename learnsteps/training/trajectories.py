@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import lightning as L
 
 from ..config import not_a_file
-from ..teachers.network import load_teacher
+from ..teachers import load_teacher
 from ..trajectories import TrajectorySpec, check_directory, generate
 from .common import RunConfig
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .core.sample import check_options, check_order, get_solver, nfe as nfe_of, resolved_options
-from .core.schedules import NoiseSchedule, make_schedule
-from .core.solvers import check_table
-from .core.steps import Grid, check_times
-from .files import read_json, write_json
+from ..core.sample import check_options, check_order, get_solver, nfe as nfe_of, resolved_options
+from ..core.schedules import NoiseSchedule, make_schedule
+from ..core.solvers import check_table
+from ..core.steps import Grid, check_times
+from ..files import read_json, write_json
 
 FORMAT = "learnsteps-schedule"
 # version 1: a grid for a solver of the core; version 2 adds the coefficient table of the generalized multistep
@@ -30,6 +30,11 @@ READS = (VERSION, TABLE_VERSION)
 
 class ScheduleError(ValueError):
     """A schedule file that cannot be used as asked; the message names the problem."""
+
+
+# name -> recipe(schedule) -> the settings with which that sampler runs the schedule exactly (ScheduleError where it
+# cannot): filled by learnsteps.interop, which sits above this file, so that every file written says how to run it.
+CONSUMERS: dict = {}
 
 
 @dataclass
@@ -55,7 +60,7 @@ class Schedule:
                                                      "evaluation grid", monotone=False)
         order = check_order(solver, order, len(t) - 1)
         to_zero = bool(t[-1] == noise_schedule.t_zero)
-        from . import __version__
+        from .. import __version__
 
         prov = dict(created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     learnsteps_version=__version__, **(provenance or {}))
@@ -145,12 +150,11 @@ class Schedule:
         return x_tilde * float(self.make_noise_schedule().alpha(self.grid[-1]))
 
     def consumers(self) -> dict:
-        """How diffusers and k-diffusion reproduce this schedule exactly ({"scheduler"/"sampler": ..., ...}), or
-        why they cannot ({"unsupported": reason}): written into the file for readers without learnsteps."""
-        from .interop import diffusers, k_diffusion
-
+        """How other samplers reproduce this schedule exactly ({"scheduler"/"sampler": ..., ...}), or why they cannot
+        ({"unsupported": reason}), for each registered consumer: written into the file for readers without
+        learnsteps. The consumers (learnsteps.interop) register themselves in CONSUMERS."""
         out = {}
-        for name, recipe in (("diffusers", diffusers.recipe), ("k_diffusion", k_diffusion.recipe)):
+        for name, recipe in CONSUMERS.items():
             try:
                 out[name] = recipe(self)
             except ScheduleError as err:
@@ -313,9 +317,3 @@ def _table(data: dict, version: int, steps: int, where: str) -> list[list[float]
         if given.shape != (len(want),) or not torch.allclose(given, torch.stack(want), rtol=1e-9, atol=1e-12):
             raise ScheduleError(f"{where}: '{key}' disagree with 'times' under {ns!r}")
     return c.tolist()
-
-
-if __name__ == "__main__":  # python -m learnsteps.schedule export FILE --to comfyui|a1111|sigmas|diffusers|k-diffusion
-    from learnsteps.interop.export import main
-
-    raise SystemExit(main())

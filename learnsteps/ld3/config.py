@@ -1,0 +1,113 @@
+"""LD3's configuration (`python train.py mode=ld3`, configs/ld3.yaml): the schema, its checks, what `auto` means
+for a teacher, and the hand grids LD3 starts from and is compared with."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..config import at_least, between, each, existing_dir, existing_file, not_a_file, one_of, positive
+from ..core.denoiser import dtype_of
+from ..core.grids import make as make_grid
+from ..quality.losses import check_loss_name
+from ..trajectories import sample_noise
+from ..training.common import RunConfig
+
+# the hand grids LD3 starts from and compares with; "shifted": flow teachers only; "gits" (the teacher's own
+# trajectory-regularity grid, Chen et al. 2024; a few dozen teacher calls to find) when asked for
+BASELINES = ("time_uniform", "time_quadratic", "logsnr", "edm", "shifted", "gits")
+DEFAULT_BASELINES = BASELINES[:-1]
+
+
+@dataclass
+class PairsConfig:
+    train: int = 50
+    val: int = 50
+    test: int = 200  # held-out pairs for the final comparison with the baseline grids
+    seed: int = 0
+    solver: str = "unipc"  # the teacher's solver: a solver of the core, or "reference" (adaptive dopri5)
+    order: int = 3
+    steps: int = 40  # its steps from t_max to t_min (LD3's own teachers use UniPC-3 with 20)
+    rtol: float = 1e-5  # tolerance of the reference solver
+    directory: str = ""  # default <run_dir>/pairs; reusable across runs with the same teacher
+    RULES: ClassVar = dict(train=at_least(1), val=at_least(1), test=at_least(2), order=at_least(1),
+                           steps=between(1, 10_000), rtol=positive, directory=not_a_file)
+
+
+@dataclass
+class LD3Config(RunConfig):
+    teacher: str = "digits_unet"
+    conditions: Any = field(default_factory=list)  # a conditional pipeline's class labels or prompts (or a prompt file)
+    guidance: float = 1.0  # its classifier-free guidance scale
+    solver: str = "dpm_solver++"
+    order: int = 3
+    options: dict = field(default_factory=dict)
+    nfe: int = 6
+    to_zero: bool = True  # the last step goes to sigma = 0 (x = x0)
+    time_mode: str = "lambda"  # learn the grid in lambda (log-SNR) or in t
+    init: str = "best"  # initial grid: a baseline kind, "uniform" (LD3's: uniform in lambda or t), or "best"
+    # (the baseline with the lowest validation loss; LD3 then starts from, and never exports worse than, it)
+    decoupled: bool = True  # learn LD3's model-evaluation offsets xi in phase 2
+    window: float = 0.5  # xi clip: this fraction of the smallest grid gap
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    loss: str = "auto"  # auto | l2 | l1 | pseudo_huber | lpips | features, or a sum such as l2+features (see below)
+    feature_net: str = ""  # loss=features: a digits feature network directory (default: the shipped loss network)
+    soft_forcing: bool = True
+    gamma: float = 0.001  # ball radius r = gamma * d / NFE^2
+    shift_lr: float = 0.0  # step of x'_T; 0: the official 12 / NFE
+    batch_size: int = 2
+    rounds_theta: int = 2  # phase 1 epochs (grid only)
+    rounds_joint: int = 5  # phase 2 epochs (grid and offsets)
+    restarts: int = 1  # train this many times, from the best `restarts` baseline grids (init=best); export the best
+    lr_theta: float = 0.005
+    optimizer: str = "rmsprop"  # for theta: rmsprop (the official code's, momentum 0.9) or adam (bias-corrected)
+    lr_xi: float = 0.1  # divided by NFE, as the official code does
+    patience: int = 5
+    lr_decay: float = 0.8
+    min_lr_theta: float = 5e-5
+    min_lr_xi: float = 1e-6
+    val_every_n_steps: int = 5
+    remat: str = "auto"  # recompute each network call in the backward pass: true | false | auto (REMAT_ABOVE)
+    baselines: list[str] = field(default_factory=lambda: list(DEFAULT_BASELINES))
+    # learn=solver: the solver's coefficients too (the generalized multistep solver, initialised as `solver`)
+    learn: str = "grid"  # grid | solver
+    lr_coefficients: float = 0.05  # Adam, for the table's corrections
+    coefficient_penalty: float = 0.01  # weight of the L2 penalty on the corrections
+    init_schedule: str = ""  # start from this schedule file's grid and model times (an LD3 run's schedule.json)
+    RULES: ClassVar = dict(
+        RunConfig.RULES, order=at_least(1), nfe=between(1, 100), time_mode=one_of("lambda", "time"),
+        init=one_of("uniform", "best", *BASELINES), window=between(0, 0.5),
+        loss=lambda v: None if v == "auto" else check_loss_name(v), remat=one_of("auto", "True", "False", "true", "false"),
+        feature_net=existing_dir, gamma=at_least(0), shift_lr=at_least(0), batch_size=at_least(1),
+        rounds_theta=at_least(0), rounds_joint=at_least(0), restarts=between(1, 10), lr_theta=positive,
+        optimizer=one_of("rmsprop", "adam"), lr_xi=at_least(0), patience=at_least(1),
+        lr_decay=between(1e-6, 1), min_lr_theta=at_least(0), min_lr_xi=at_least(0), val_every_n_steps=at_least(1),
+        baselines=each(one_of(*BASELINES), non_empty=True), learn=one_of("grid", "solver"),
+        lr_coefficients=positive, coefficient_penalty=at_least(0), init_schedule=existing_file)
+
+
+# loss=auto: the sum of L2 (paired accuracy) and the digits feature distance (what FID sees) for 1x8x8 teachers,
+# whose feature network ships; L2 elsewhere (docs/ld3.md says why).
+AUTO_LOSS = {(1, 8, 8): "l2+features"}
+# remat=auto rematerialises for teachers of at least this many parameters: below it the graph of N network calls
+# is small, and recomputing them costs a quarter of a training step.
+REMAT_ABOVE = 5_000_000
+
+
+def resolve_auto(cfg: LD3Config, teacher) -> None:
+    """Replace loss=auto and remat=auto by what they mean for this teacher (recorded so in config.yaml)."""
+    if cfg.loss == "auto":
+        cfg.loss = AUTO_LOSS.get(tuple(getattr(teacher, "shape", ())), "l2")
+    if cfg.remat == "auto":
+        cfg.remat = str(sum(p.numel() for p in teacher.parameters()) >= REMAT_ABOVE).lower()
+    cfg.remat = str(cfg.remat).lower()
+
+
+def baseline_grid(cfg: LD3Config, teacher, kind: str, steps: int) -> torch.Tensor:
+    """A hand grid of `kind`; GITS' is found on the teacher's trajectories from 64 noises of their own seed."""
+    s = teacher.noise_schedule
+    if kind != "gits":
+        return make_grid(kind, steps, s, to_zero=cfg.to_zero)
+    x_T = sample_noise(range(64), tuple(teacher.shape), cfg.seed + 7919, s.init_noise_std()).to(dtype_of(teacher))
+    return make_grid("gits", steps, s, to_zero=cfg.to_zero, teacher=teacher, x_T=x_T)

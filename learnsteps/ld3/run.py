@@ -1,0 +1,178 @@
+"""The LD3 run: check everything, make the teacher pairs, pick the starting grids, train, export the schedule file
+and compare it with the hand grids on held-out pairs (report.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from ..core.denoiser import dtype_of
+from ..core.grids import applicable
+from ..core.sample import check_options, check_order, get_solver, solve, steps_for_nfe
+from ..core.steps import Grid
+from ..files import write_csv, write_text
+from ..loaders import train_loader
+from ..quality.losses import distance, pixel_space
+from ..schedule import Schedule, ScheduleError, load_schedule, save_schedule
+from ..teachers import load_teacher
+from ..trajectories import TrajectoryDataset, TrajectorySpec, check_directory, generate
+from ..training.common import fit, make_logger, make_trainer, prepare_run, run_path
+from .config import LD3Config, baseline_grid, resolve_auto
+from .grid import LD3Grid
+from .module import LD3, NO_CONDITION, condition
+from .report import evaluate_grids, log_outputs, plot_grids, results_table
+from .solver import base_form
+
+def check_ld3(cfg: LD3Config):
+    """Everything that can be wrong with an LD3 run's input, found before anything is written: the teacher."""
+    get_solver(cfg.solver)
+    check_options(cfg.solver, cfg.options)
+    if cfg.solver == "er_sde" and cfg.options.get("noise_scale", "sde5") != "ode":
+        raise ValueError("LD3 learns grids for deterministic solvers; er_sde needs options.noise_scale=ode")
+    if cfg.options.get("eta"):
+        raise ValueError("LD3 learns grids for deterministic solvers; stochastic DDIM (eta > 0) is not one")
+    if cfg.rounds_theta + cfg.rounds_joint < 1:
+        raise ValueError("rounds_theta + rounds_joint must be at least 1: LD3 would export its initial grid untrained")
+    if cfg.restarts > 1 and (cfg.init != "best" or cfg.restarts > len(cfg.baselines)):
+        raise ValueError(f"restarts={cfg.restarts} start from the best baseline grids: it needs init=best and at "
+                         f"least as many baselines ({len(cfg.baselines)} given)")
+    steps = steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero)
+    check_order(cfg.solver, cfg.order, steps)
+    if cfg.init_schedule and cfg.restarts > 1:
+        raise ValueError("init_schedule gives one start: restarts must be 1")
+    teacher = load_teacher(cfg.teacher, conditions=cfg.conditions, guidance=cfg.guidance)
+    resolve_auto(cfg, teacher)
+    grid = LD3Grid(teacher.noise_schedule, steps, cfg.time_mode, cfg.to_zero, cfg.window)  # a point to learn
+    if cfg.learn == "solver":
+        base_form(cfg.solver, cfg.order, cfg.options, Grid(teacher.noise_schedule, *grid(False)))
+    if cfg.init_schedule:
+        init_schedule(cfg, teacher)
+    distance(cfg.loss, getattr(teacher, "shape", None), cfg.feature_net, **pixel_space(teacher))  # fail now
+    pairs_dir = pairs_path(cfg)
+    for name, spec in pair_sets(cfg, teacher).items():
+        check_directory(pairs_dir / name, spec, teacher, cfg.teacher)
+    return teacher
+
+
+def train_ld3(cfg: LD3Config) -> Path:
+    teacher = check_ld3(cfg)
+    run_dir = prepare_run(cfg)
+    pairs_dir = pairs_path(cfg)
+    p = cfg.pairs
+    specs = pair_sets(cfg, teacher)
+    pairs = teacher_pairs(teacher, cfg, pairs_dir, specs["train"], "train")
+    test = teacher_pairs(teacher, cfg, pairs_dir, specs["test"], "test")
+    train_set = torch.utils.data.Subset(pairs, range(p.train))
+    val_set = torch.utils.data.Subset(pairs, range(p.train, p.train + p.val))
+    module = LD3(cfg, teacher, pairs.tensors[1])
+    module.set_starts(initial_grids(cfg, teacher, module, val_set))
+    logger = make_logger(cfg, run_dir)
+    cfg.trainer.max_steps = -1
+    trainer = make_trainer(cfg, run_dir, [], logger, find_unused_parameters=True,  # xi waits for phase 2
+                           max_epochs=module.epochs_per_start * max(1, len(module.starts)),
+                           val_check_interval=min(cfg.val_every_n_steps, max(1, p.train // cfg.batch_size)),
+                           num_sanity_val_steps=-1)  # the sanity pass scores the initial (uniform) grid
+    fit(trainer, module, train_loader(train_set, cfg.batch_size, cfg.seed), DataLoader(val_set, batch_size=64),
+        run_dir=run_dir)
+    if trainer.global_rank != 0:
+        return run_dir
+    learned = module.best_run()
+    options = {k: v for k, v in learned.items() if k not in ("grid", "eval_grid", "solver", "order")}
+    provenance = dict(method="ld3", loss=cfg.loss, validation={f"{cfg.loss}": module.best["loss"]},
+                      best_step=module.best["step"], seed=cfg.seed, time_mode=cfg.time_mode,
+                      soft_forcing=cfg.soft_forcing, pairs=dict(train=p.train, val=p.val))
+    if cfg.learn == "solver":
+        provenance.update(learn="solver", base=dict(solver=cfg.solver, order=cfg.order, options=cfg.options),
+                          coefficient_penalty=cfg.coefficient_penalty)
+    schedule = Schedule.from_grid(
+        learned["grid"], teacher.noise_schedule, learned["solver"], learned["order"], eval_grid=learned["eval_grid"],
+        options=options, provenance=provenance,
+        teacher=dict(fingerprint=teacher.fingerprint(), name=cfg.teacher, **getattr(teacher, "record", dict)()))
+    save_schedule(run_dir / "schedule.json", schedule)
+    plot_grids(cfg, teacher, learned, run_dir / "grid.png")
+    rows = evaluate_grids(cfg, teacher, learned, test)
+    write_csv(run_dir / "results.csv", rows)
+    table = results_table(cfg, rows, p.test)
+    write_text(run_dir / "results.md", "\n".join(table) + "\n")
+    log_outputs(logger, run_dir, module, teacher, test, learned, rows)
+    print("\n".join(table))
+    print(f"schedule: {run_dir / 'schedule.json'}   grid plot: {run_dir / 'grid.png'}")
+    return run_dir
+
+
+def initial_grids(cfg: LD3Config, teacher, module: LD3, val_set) -> list[torch.Tensor]:
+    """The grids LD3 starts from: none for LD3's uniform one (init=uniform), a baseline kind, or the `restarts`
+    best baselines on `val_set` (init=best), best first. A sum of losses is calibrated here, on the validation
+    outputs of the candidate grids."""
+    if cfg.init_schedule:
+        s = init_schedule(cfg, teacher)
+        grids = {cfg.init_schedule: (s.grid, s.eval_grid)}
+    else:
+        kinds = applicable(cfg.baselines, teacher.noise_schedule) if cfg.init == "best" else [] \
+            if cfg.init == "uniform" else [cfg.init]
+        grids = {kind: baseline_grid(cfg, teacher, kind, module.steps) for kind in kinds}
+    if cfg.init == "uniform" and not cfg.init_schedule:
+        grids["uniform"] = module.grid(False)[0].detach()
+    _, x_T, target, cond = (torch.stack([val_set[i][k] for i in range(len(val_set))]) for k in range(4))
+    outs = {}
+    for kind, g in grids.items():
+        t, t_eval = g if isinstance(g, tuple) else (g, None)
+        with torch.no_grad():
+            outs[kind] = solve(teacher, x_T, t, cfg.solver, cfg.order, eval_grid=t_eval, cond=condition(cond),
+                               **cfg.options).x
+    if hasattr(module.dist, "calibrate"):  # a sum of losses: each term normalised over all candidates' outputs
+        module.dist.calibrate(torch.cat(list(outs.values())), target.repeat(len(outs), *[1] * (target.dim() - 1)))
+    if cfg.init == "uniform" and not cfg.init_schedule:
+        return []
+    scores = {kind: float(module.dist(out, target).mean()) for kind, out in outs.items()}
+    ranked = sorted(scores, key=scores.get)[: cfg.restarts]
+    print(f"LD3 starts from the {' / '.join(ranked)} grid{'s' if len(ranked) > 1 else ''} (validation {cfg.loss}: "
+          + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()) + ")")
+    return [grids[kind] for kind in ranked]
+
+
+def init_schedule(cfg: LD3Config, teacher) -> Schedule:
+    """The schedule file a run starts from (init_schedule): for this solver, order, NFE and teacher; ValueError
+    naming what does not fit."""
+    try:
+        s = load_schedule(cfg.init_schedule, solver=cfg.solver, order=cfg.order, nfe=cfg.nfe,
+                          noise_schedule=teacher.noise_schedule)
+    except ScheduleError as err:
+        raise ValueError(f"init_schedule: {err}") from None
+    grid = LD3Grid(teacher.noise_schedule, steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero), cfg.time_mode,
+                   cfg.to_zero, cfg.window)
+    if s.to_zero != cfg.to_zero or s.times[0] != grid.t_max or s.times[-1 - cfg.to_zero] != grid.t_min:
+        raise ValueError(f"init_schedule {cfg.init_schedule}: its grid runs from {s.times[0]} to {s.times[-1]}, the "
+                         f"learned one from {grid.t_max} to {grid.t_min}{' and then to sigma = 0' if cfg.to_zero else ''}")
+    return s
+
+
+def pairs_spec(cfg: LD3Config, teacher, n: int, seed: int) -> TrajectorySpec:
+    """The trajectory spec of n teacher pairs (x_T at t_max, the teacher's sample at t_min or t_zero)."""
+    s, p = teacher.noise_schedule, cfg.pairs
+    times = [s.t_max, s.t_min] + ([s.t_zero] if cfg.to_zero else [])
+    return TrajectorySpec(n=n, shard_size=max(1, min(n, 256)), seed=seed, output_times=times, solver=p.solver,
+                          order=p.order, steps_per_interval=p.steps, rtol=p.rtol, batch_size=128)
+
+
+def pairs_path(cfg: LD3Config) -> Path:
+    """Where the teacher pairs live: pairs.directory, or the run directory's pairs/."""
+    return Path(cfg.pairs.directory) if cfg.pairs.directory else run_path(cfg) / "pairs"
+
+
+def pair_sets(cfg: LD3Config, teacher) -> dict[str, TrajectorySpec]:
+    p = cfg.pairs
+    return {"train": pairs_spec(cfg, teacher, p.train + p.val, p.seed), "test": pairs_spec(cfg, teacher, p.test, p.seed + 1)}
+
+
+def teacher_pairs(teacher, cfg: LD3Config, directory: Path, spec: TrajectorySpec, name: str) -> TensorDataset:
+    generate(teacher, directory / name, spec, teacher_name=cfg.teacher, progress=cfg.trainer.progress_bar)
+    return pairs_dataset(TrajectoryDataset(directory / name, dtype=dtype_of(teacher)).tensors)
+
+
+def pairs_dataset(tensors: dict, n: int | None = None) -> TensorDataset:
+    """(index, x_T, the teacher's sample, condition) of the first n stored pairs (all for None); the condition is
+    NO_CONDITION for an unconditional teacher's."""
+    cond = tensors.get("cond", torch.full_like(tensors["index"], NO_CONDITION))
+    return TensorDataset(tensors["index"][:n], tensors["x_T"][:n], tensors["trajectory"][:n, -1], cond[:n])
