@@ -318,11 +318,12 @@ def test_export_prints_each_tool_its_form(tmp_path):
     schedule = Schedule.from_grid(grid, s, "dpm_solver++", 2)
     path = save_schedule(tmp_path / "s.json", schedule)
     parse = lambda out: [float(v) for v in out.strip().split(",")]  # noqa: E731
-    for target in ("comfyui", "sigmas"):
+    for target, sampler in (("comfyui", "ComfyUI's dpmpp_2m"), ("sigmas", "k-diffusion's sample_dpmpp_2m")):
         run = export_cli(path, "--to", target)
         assert run.returncode == 0
-        torch.testing.assert_close(torch.tensor(parse(run.stdout)), torch.tensor(schedule.sigmas), rtol=1e-9, atol=0)
-        assert "exact with k-diffusion's sample_dpmpp_2m" in run.stderr
+        # the float32 values the UIs compute with (tests/test_comfyui.py: exactly those)
+        torch.testing.assert_close(torch.tensor(parse(run.stdout)), torch.tensor(schedule.sigmas), rtol=1e-7, atol=0)
+        assert f"exact with {sampler}" in run.stderr
     a1111 = export_cli(path, "--to", "a1111")
     assert parse(a1111.stdout) == parse(export_cli(path, "--to", "sigmas").stdout)[:-1]  # A1111 appends the 0
     diff = export_cli(path, "--to", "diffusers")
@@ -362,8 +363,11 @@ def test_export_steps_interpolates_and_says_so(tmp_path):
         ten = resampled_sigmas(schedule, 10)
         assert len(ten) == 11 and ten[0] == pytest.approx(schedule.sigmas[0]) and ten[-1] == schedule.sigmas[-1]
         assert all(b < a for a, b in zip(ten, ten[1:]))
-        _, notes = export(schedule, "comfyui", steps=10)
+        _, notes = export(schedule, "sigmas", steps=10)
         assert any(n.startswith("interpolated") for n in notes) and any("not exact" in n for n in notes)
+        _, notes = export(schedule, "comfyui", steps=10)
+        assert any(n.startswith("interpolated") for n in notes)
+        assert any(n.startswith("no ComfyUI sampler reproduces it exactly") for n in notes)
 
 
 def test_export_of_a_bad_file_is_one_line_and_exit_2(tmp_path):
