@@ -1,6 +1,7 @@
 """learnsteps' ComfyUI nodes and exported lists, run through ComfyUI's own sampling (a development check, not CI).
 
-    python benchmarks/comfyui.py --comfyui-dir /path/to/ComfyUI [--record tests/fixtures/comfyui_conventions.json]
+    python benchmarks/comfyui.py --comfyui-dir /path/to/ComfyUI [--ld3-file runs/ld3/schedule.json]
+                                 [--record tests/fixtures/comfyui_conventions.json] [--commit SHA]
 
 No registry package carries ComfyUI's sampling code in a form a test can depend on (docs/benchmarks.md says what
 was checked), so this check runs a ComfyUI checkout: the Comfy-Org/ComfyUI repository with its requirements
@@ -8,11 +9,19 @@ installed. Its `--cpu` option is put in effect before `comfy` is imported. Two r
 `comfy.model_base.BaseModel` with SD1.5's model config (ModelSamplingDiscrete, EPS: scaled-linear betas
 0.00085..0.012) and one with SD3's (ModelSamplingDiscreteFlow with shift 3, CONST), with a neutral latent format
 (scale 1) and, as their diffusion model, learnsteps' exact mixture teacher (16 dimensions as 4x2x2 latents), whose
-outputs are known. Every route is sampled by the SamplerCustom node itself (its seeded noise, comfy.sample.
-sample_custom, the model's noise scaling), and compared with learnsteps' core on the same file and noise (float64):
+outputs are known. learnsteps' nodes are installed into the checkout (`python -m learnsteps.interop.comfyui
+install`, the custom_nodes/learnsteps folder) and loaded by ComfyUI's own custom-node loader. Every route is
+sampled by the SamplerCustom node itself (its seeded noise, comfy.sample.sample_custom, the model's noise scaling),
+and compared with learnsteps' core on the same file, network and noise (float64):
 
-    node       'Load learnsteps schedule' -> sigmas, 'learnsteps sampler' -> sampler (nodes.py, through ComfyUI)
-    pasted     `export --to comfyui`'s list read as ManualSigmas reads it, with the sampler the export names
+    node       'Load learnsteps schedule' -> sigmas, 'learnsteps sampler' -> sampler
+    pasted     `export --to comfyui`'s list read as ManualSigmas reads it (its pattern: ManualSigmas is newer than
+               v0.3.64), with the sampler and settings the export names, with and without 'learnsteps exact
+               timesteps' on the model
+    other      what the export led users to before: the sigma/alpha list on flow models, dpmpp_2m on the t list
+
+--ld3-file adds a flow schedule learned by `train.py mode=ld3` (its grid, evaluation times and table, on a flow
+model set to its shift with ComfyUI's ModelSamplingSD3 node; the network is still the mixture).
 
 --record writes what CI's tests/test_comfyui.py checks the nodes and its stand-in of ComfyUI against: ComfyUI's
 sigma tables, its timestep rounding, noise scaling, and each route's inputs and ComfyUI's outputs (checksummed).
@@ -36,6 +45,7 @@ from learnsteps.core.schedules import DiscreteDDPM, FlowMatching  # noqa: E402
 from learnsteps.core.steps import Grid  # noqa: E402
 from learnsteps.core.tables import solver_table  # noqa: E402
 from learnsteps.files import write_json  # noqa: E402
+from learnsteps.interop.comfyui import install  # noqa: E402
 from learnsteps.interop.export import export  # noqa: E402
 from learnsteps.schedule import Schedule, ScheduleError, load_schedule, save_schedule  # noqa: E402
 from learnsteps.teachers.gmm import toy_mixture  # noqa: E402
@@ -72,6 +82,23 @@ def teacher_for(ns):
     flow = ns.kind == "flow"
     exact = toy_mixture(dim=16, noise_schedule=ns)
     return NetworkDenoiser((VelocityNetwork if flow else EpsilonNetwork)(exact), ns, "flow" if flow else "epsilon")
+
+
+def load_nodes(comfyui_dir: Path):
+    """learnsteps' nodes as ComfyUI loads them: the install command's custom_nodes/learnsteps folder, through
+    ComfyUI's own custom-node loader (nodes.load_custom_node)."""
+    import asyncio
+
+    import nodes
+
+    folder = install(comfyui_dir)
+    if not asyncio.run(nodes.load_custom_node(str(folder))):
+        raise SystemExit(f"error: ComfyUI did not load {folder}")
+    found = [nodes.NODE_CLASS_MAPPINGS[k] for k in ("LearnstepsLoadSchedule", "LearnstepsSampler",
+                                                      "LearnstepsExactTimesteps")]
+    print(f"ComfyUI loaded {folder}: " + ", ".join(nodes.NODE_DISPLAY_NAME_MAPPINGS[n.GET_SCHEMA().node_id]
+                                                   for n in found))
+    return found
 
 
 class TeacherNet(torch.nn.Module):
@@ -178,7 +205,7 @@ def main(argv=None) -> int:
     ap.add_argument("--commit", default=None, help="the ComfyUI commit checked out, if --comfyui-dir is no git tree")
     args = ap.parse_args(argv)
     comfy, folder_paths, ncs = import_comfyui(args.comfyui_dir.resolve())
-    from learnsteps.interop.comfyui.nodes import LearnstepsExactTimesteps, LearnstepsSampler, LoadLearnstepsSchedule
+    LoadLearnstepsSchedule, LearnstepsSampler, LearnstepsExactTimesteps = load_nodes(args.comfyui_dir.resolve())
 
     tmp = Path(tempfile.mkdtemp())
     folder_paths.folder_names_and_paths["learnsteps"] = ([str(tmp)], {".json"})

@@ -233,7 +233,7 @@ def test_the_export_prints_fixed_point_that_manualsigmas_reads_back_as_float32()
         payload, _ = export(schedule, target)
         assert "e" not in payload.lower()
         got = [float(v) for v in re.findall(BENCH.MANUAL_SIGMAS, payload)]
-        values = comfy_sigmas(schedule) if target != "sigmas" else schedule.sigmas
+        values = comfy_sigmas(schedule)  # t: the flow models of ComfyUI, A1111, Forge, stable-diffusion.cpp
         want = torch.tensor(values[:-1] if target == "a1111" else values, dtype=F32).tolist()
         assert torch.tensor(got, dtype=F32).tolist() == want and got == [float(v) for v in payload.split(",")]
         assert max(len(v.strip().lstrip("0.").replace(".", "")) for v in payload.split(",")) <= 9

@@ -8,7 +8,7 @@ works); what the consumer must set, and whether the result is exactly our sample
                  ComfyUI sampler and settings that reproduce the file, or say that none does
     a1111        the same convention (A1111's and Forge's flow models take sigma = t too), without a terminal 0
                  (A1111 appends sigma = 0 itself)
-    sigmas       the plain sigma/alpha list with its terminal value (stable-diffusion.cpp's --sigmas, ...)
+    sigmas       the same list with its terminal value (stable-diffusion.cpp's --sigmas: its flow models take t too)
     diffusers    pipeline keyword arguments: sigmas=[...] (Euler/Heun) and timesteps=[...] (integers, DPM/UniPC)
     k-diffusion  a Python snippet: the sigma tensor, the starting state and the sampler call
 
@@ -30,6 +30,7 @@ import torch
 
 from ..core.grids import loglinear_interp
 from ..schedule import Schedule, ScheduleError, load_schedule
+from . import comfyui
 
 TARGETS = ("comfyui", "a1111", "sigmas", "diffusers", "k-diffusion")
 
@@ -56,7 +57,6 @@ def resampled_sigmas(schedule: Schedule, steps: int | None) -> list[float]:
 
 def export(schedule: Schedule, target: str, steps: int | None = None) -> tuple[str, list[str]]:
     """(payload, notes) of `schedule` for `target` (one of TARGETS)."""
-    from . import comfyui
     from .k_diffusion import recipe as k_recipe
 
     if target not in TARGETS:
@@ -68,9 +68,9 @@ def export(schedule: Schedule, target: str, steps: int | None = None) -> tuple[s
         notes.append(f"interpolated: sigma~ re-spaced log-linearly from the schedule's {len(schedule.sigmas) - 1} "
                      f"steps to {len(sigmas) - 1} (Align-Your-Steps style); not a schedule learned for that NFE")
     ns = schedule.noise_schedule
-    ui_list = target in ("comfyui", "a1111")
-    convention = ("t, the sigma of ComfyUI's, A1111's and Forge's flow models (not sigma/alpha)"
-                  if ui_list and comfyui.is_flow(schedule) else "sigma~ = sigma/alpha (k-diffusion's sigma)")
+    ui_list = target in ("comfyui", "a1111", "sigmas")
+    convention = ("t, the sigma of ComfyUI's, A1111's, Forge's and stable-diffusion.cpp's flow models (not "
+                  "sigma/alpha)" if ui_list and comfyui.is_flow(schedule) else "sigma~ = sigma/alpha (k-diffusion's sigma)")
     notes.append(f"made for {schedule.solver} order {schedule.order} {json.dumps(schedule.options)} at NFE "
                  f"{schedule.nfe}, on a {ns.get('kind')} teacher; the list holds {convention}")
     if target == "comfyui":
@@ -86,11 +86,15 @@ def export(schedule: Schedule, target: str, steps: int | None = None) -> tuple[s
         k, sampler, why_not_k = None, None, str(err)
     if target == "a1111":
         return _a1111(schedule, steps, sampler, notes)
-    if target in ("sigmas", "k-diffusion"):
+    if target == "sigmas" and comfyui.is_flow(schedule):
+        notes.append("which stable-diffusion.cpp sampler reproduces it on a flow model is not checked by learnsteps "
+                     "(its flow models take sigma = t, as ComfyUI's, where Euler is the flow Euler step and "
+                     "k-diffusion's DPM++ steps in log t)")
+    elif target in ("sigmas", "k-diffusion"):
         notes.append(f"exact with k-diffusion's {sampler}" if sampler else
                      f"no k-diffusion sampler reproduces it exactly: {why_not_k}")
     if target == "sigmas":
-        return _fmt(sigmas), notes
+        return _fmt(comfyui.comfy_sigmas(schedule, steps)), notes
     if target == "k-diffusion":
         kwargs = "".join(f", {a}={v!r}" for a, v in (k["kwargs"] if k else {}).items())
         scale = float(schedule.x_tilde(torch.ones((), dtype=torch.float64)))
@@ -101,7 +105,9 @@ def export(schedule: Schedule, target: str, steps: int | None = None) -> tuple[s
     # diffusers
     code = f"sigmas=[{_fmt(sigmas, exact=True)}]"
     notes.append("sigmas= (N + 1 values, terminal included) is what EulerDiscreteScheduler / HeunDiscreteScheduler "
-                 "pipelines take; the exact route for every class is learnsteps.interop.diffusers.scheduler_for")
+                 "pipelines take; the exact route for every class is learnsteps.interop.diffusers.scheduler_for"
+                 + (" (flow pipelines take t, not these sigma/alpha, and shift what they are given: use "
+                    "learnsteps.interop.diffusers.apply_schedule)" if comfyui.is_flow(schedule) else ""))
     if ns.get("kind") == "ddpm" and not resampled:
         timesteps = [round(t) for t in schedule.eval_times[:-1]]
         worst = max(abs(t - r) for t, r in zip(schedule.eval_times[:-1], timesteps))
@@ -114,14 +120,13 @@ def export(schedule: Schedule, target: str, steps: int | None = None) -> tuple[s
 def _a1111(schedule: Schedule, steps: int | None, sampler: str | None, notes: list[str]) -> tuple[str, list[str]]:
     """A1111 / Forge: the list in the model type's convention (A1111's SD3 and Forge's flow models take sigma = t,
     as ComfyUI's: their CONST sampling), without the terminal 0 they append. Their samplers are k-diffusion's; on a
-    flow model only Euler is checked to compute the flow step (k-diffusion's DPM++ steps in log t there)."""
-    from . import comfyui
-
+    flow model only Euler computes the flow step (k-diffusion's DPM++ steps in log t there)."""
     values = comfyui.comfy_sigmas(schedule, steps)
     if comfyui.is_flow(schedule):
-        notes.append("exact with Euler (on a flow model k-diffusion's Euler is the flow Euler step); A1111's other "
-                     "samplers are k-diffusion's, whose DPM++ steps in log t rather than the flow's log-SNR: not "
-                     "exact; Forge's flow sampling is not checked by learnsteps" if sampler == "sample_euler"
+        notes.append("Euler: k-diffusion's Euler on sigma = t is the flow Euler step, exact as run in ComfyUI (A1111 "
+                     "itself is not run by learnsteps); A1111's DPM++ samplers are k-diffusion's, which step in log t "
+                     "rather than the flow's log-SNR: not exact; Forge's flow sampling is not checked by learnsteps"
+                     if sampler == "sample_euler"
                      else f"no A1111 sampler is known to reproduce {schedule.solver} on a flow model (k-diffusion's "
                      f"DPM++ steps in log t there, not in the flow's log-SNR); Forge's is not checked by learnsteps")
     elif sampler is None:

@@ -29,8 +29,8 @@ class ExactTimesteps:
     sigma(timestep) (log sigma linear between whole timesteps) instead of the nearest whole timestep."""
 
     def timestep(self, sigma: Tensor) -> Tensor:
-        xp = self.log_sigmas.to(F64)
-        t = interp(sigma.to(xp.device, F64).log().reshape(-1), xp, torch.arange(len(xp), dtype=F64, device=xp.device))
+        xp = self.log_sigmas.to("cpu", F64)  # float64 on the CPU, whatever device the model is on
+        t = interp(sigma.to("cpu", F64).log().reshape(-1), xp, torch.arange(len(xp), dtype=F64))
         return t.clamp(0, len(xp) - 1).view(sigma.shape).to(sigma.device, torch.float32)
 
 
@@ -65,13 +65,13 @@ class ComfyDenoiser(Denoiser):
         self.noise_schedule, self.prediction, self.conv = schedule.make_noise_schedule(), prediction, Convention(schedule)
 
     def forward(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
-        t = torch.as_tensor(t, dtype=F64, device=x.device).expand(x.shape[0])
-        x_c = (x / per_sample(self.conv.scale(t), x)).to(self.dtype)
-        sigma = self.conv.sigma(t).to(self.dtype)
+        t = torch.as_tensor(t).to("cpu", F64).expand(x.shape[0])  # the schedule's arithmetic, in float64 on the CPU
+        x_c = (x / per_sample(self.conv.scale(t).to(x), x)).to(self.dtype)
+        sigma = self.conv.sigma(t).to(x.device, self.dtype)
         denoised = self.model(x_c, sigma, **self.extra_args)
         if self.on_call is not None:
             self.on_call(x_c, sigma, denoised)
-        x_c, s, d = x_c.to(F64), per_sample(sigma.to(F64), x), denoised.to(F64)
+        x_c, s, d = x_c.to(x.dtype), per_sample(sigma.to(x.dtype), x), denoised.to(x.dtype)
         if self.prediction == "x0":
             return d
         if self.prediction == "v":  # V_PREDICTION: D = x_c / (s^2 + 1) - v s / sqrt(s^2 + 1)
@@ -133,12 +133,13 @@ def sampler_function(schedule: Schedule, exact: bool = True, warn=None):
             bar.update()
 
         denoiser = ComfyDenoiser(model, schedule, prediction_of(model_sampling), x.dtype, extra_args or {}, on_call)
-        x_T = x.to(F64) * per_sample(conv.scale(grid[:1])[0], x)  # ComfyUI's x_c at sigmas[0] as our state
+        work = torch.float32 if x.device.type == "mps" else F64  # the solver's state: float64 where the device has it
+        x_T = x.to(work) * float(conv.scale(grid[:1])[0])  # ComfyUI's x_c at sigmas[0] as our state
         try:
             with model_sampling_as(base, exact_timesteps(model_sampling) if exact else model_sampling):
                 x_end = solve(denoiser, x_T, **kwargs).x
         finally:
             bar.close()
-        return (x_end / conv.scale(grid[-1:])[0]).to(x.dtype)
+        return (x_end / float(conv.scale(grid[-1:])[0])).to(x.dtype)
 
     return sample
