@@ -194,6 +194,14 @@ def test_files_for_another_noise_schedule_are_refused_with_one_line():
     model_fit(f, standin.model_sampling(True, shift=3.0))
     model_fit(d, standin.model_sampling(False))
 
+    class ModelSamplingFlux(standin.CONST):  # FLUX's: shift is mu, sigma = e^mu / (e^mu + 1/t - 1)
+        def __init__(self, mu):
+            self.shift = mu
+
+    model_fit(f, ModelSamplingFlux(math.log(3.0)))
+    with pytest.raises(ScheduleError, match="FLUX shift mu = 1.15"):
+        model_fit(f, ModelSamplingFlux(1.15))
+
 
 def test_the_sampler_runs_a_plain_file_on_other_sigmas_and_refuses_for_a_learned_table(tmp_path):
     """Re-spaced sigmas (the loader's steps > 0): the file's solver on them, with a warning; a learned table or

@@ -10,9 +10,10 @@ v0.3.64):
 i.e. x_c = x / c(t) and sigma_c = sigma(t) / c(t) with c = alpha (VP) or c = 1 (flow: x = (1 - t) x0 + t eps
 itself). A flow model's shift only moves the schedules ComfyUI computes itself (`ModelSamplingDiscreteFlow.sigma`
 of a timestep); a SIGMAS list handed to SamplerCustom is used as it is. Its discrete models round every sigma to the
-nearest whole timestep when they call the network (`ModelSamplingDiscrete.timestep`); `exact_timesteps` below is
-the continuous inverse of ComfyUI's own `sigma(timestep)` (log sigma linear between whole steps, the convention of
-our DDPM times), which the nodes put in place.
+nearest whole timestep when they call the network (`ModelSamplingDiscrete.timestep`); `sampler.exact_timesteps`
+is the continuous inverse of ComfyUI's own `sigma(timestep)` (log sigma linear between whole steps, the convention
+of our DDPM times), which the nodes put in place. FLUX's ModelSamplingFlux (shift e^mu, sigma = t) is handled by
+the same algebra as ModelSamplingDiscreteFlow; benchmarks/comfyui.py runs SD1- and SD3-type models.
 
 This module needs no ComfyUI: `comfy_sigmas` and `recipe` serve `python -m learnsteps.schedule export --to
 comfyui`; `model_fit` and `sampler_function` are what the nodes (nodes.py, imported inside ComfyUI only) run.
