@@ -1,7 +1,10 @@
 """The command lines behind train.py and eval.py: pick the mode, load its config, run it, report bad input."""
 from __future__ import annotations
 
+import shlex
+import signal
 import sys
+import threading
 from typing import Callable
 
 from .config import CONFIG_DIR, ConfigError, load_config
@@ -22,7 +25,18 @@ def _modes() -> dict[str, tuple[type, Callable]]:
 
 
 def _run(program: str, schema: type, config_file: str, argv: list[str], runner: Callable) -> int:
-    """configs/<config_file>, then the key=value overrides, then the runner; bad input: a message and exit 2."""
+    """configs/<config_file>, then the key=value overrides, then the runner. Bad input: one line and exit code 2; a
+    file that cannot be written (a full disk): one line naming it and its errno, exit code 2; SIGTERM or SIGINT:
+    one line saying so and how to resume, exit code 128 + the signal's number (a training step in progress is
+    finished and checkpointed first: training.common.StopOnSignal)."""
+    from .training.common import Interrupted, raise_interrupted
+
+    rerun = f"rerun the same command to {'resume' if program == 'train.py' else 'start again'}: " + \
+        shlex.join(["python", program, *argv])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    if threading.current_thread() is threading.main_thread():
+        for s in handlers:
+            signal.signal(s, raise_interrupted)
     try:
         cfg = load_config(schema, [CONFIG_DIR / config_file], argv)
         cfg.command = f"python {program} " + " ".join(argv)  # recorded in the run's outputs
@@ -30,6 +44,16 @@ def _run(program: str, schema: type, config_file: str, argv: list[str], runner: 
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # files.WriteError names the file and the errno; others name theirs
+        print(f"error: {err}; {rerun}", file=sys.stderr)
+        return 2
+    except Interrupted as err:
+        print(f"error: {err}; {rerun}", file=sys.stderr)
+        return err.code
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for s, handler in handlers.items():
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
     return 0
 
 

@@ -80,6 +80,13 @@ def conditions_value(v) -> str | None:
     return "must be a list of class labels or prompts, or a prompt file"
 
 
+def guidance_scale(v) -> str | None:
+    """A classifier-free guidance scale: a number in [0, MAX_GUIDANCE] (core/denoiser.py says why)."""
+    from .core.denoiser import MAX_GUIDANCE
+
+    return between(0, MAX_GUIDANCE)(v)
+
+
 def existing_dir(v) -> str | None:
     """An input directory: empty (the default) or an existing directory."""
     if not v:

@@ -11,6 +11,7 @@ A reader raises the error type its caller asks for (a loader's own), naming the 
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -24,14 +25,34 @@ from safetensors.torch import save_file
 MAX_JSON_BYTES = 16 << 20  # no metadata document learnsteps writes comes near this
 
 
+class WriteError(OSError):
+    """A file that could not be written (a full disk, no permission, ...): one line naming the file and the errno.
+    The previous version of the file, if any, is intact (the write went to a temporary file)."""
+
+    def __init__(self, path: Path, err: OSError):
+        super().__init__(err.errno, err.strerror, str(path))
+        self.path, self.reason = path, err
+
+    def __str__(self) -> str:
+        code = errno.errorcode.get(self.errno, "") if self.errno is not None else ""
+        what = self.reason.strerror or str(self.reason) or type(self.reason).__name__
+        return (f"cannot write {self.path}: {what} (errno {self.errno}{' ' + code if code else ''}); its previous "
+                f"version, if any, is intact")
+
+
 def write_atomically(path: Path, write) -> Path:
-    """Call write(tmp) on a temporary path next to `path`, then rename it over `path`."""
+    """Call write(tmp) on a temporary path next to `path`, then rename it over `path`; an OSError on the way (a
+    full disk, ...) is a WriteError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)  # atomic on POSIX and Windows when both are on one file system
+    except WriteError:
+        raise
+    except OSError as err:
+        raise WriteError(path, err) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -198,6 +198,7 @@ def generate(teacher, out_dir: str | Path, spec: TrajectorySpec, rank: int = 0, 
             c = None if cond is None else cond[b: b + spec.batch_size]
             with torch.no_grad():
                 traj = integrate(teacher, x, times, spec, c)  # (M, B, ...)
+                check_not_diverged(traj, x, times, out)
                 parts["trajectory"].append(traj.transpose(0, 1))
                 if spec.store_x0:
                     x0 = [traj[m] if times[m] == sched.t_zero else teacher.x0(traj[m], times[m].to(x).expand(len(x)), c)
@@ -227,6 +228,27 @@ def generate(teacher, out_dir: str | Path, spec: TrajectorySpec, rank: int = 0, 
                         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         write_json(out / "manifest.json", manifest)
     return out / "manifest.json"
+
+
+# A teacher state this many times the starting noise's RMS: its ODE blew up. A trained model's samples are of the
+# order of its noise (the shipped latent model: 1.0x at its guidance, 8x at guidance 100, 1e8x at 1e9:
+# tests/test_reliability.py), the tests' tiny pipelines with random weights reach a few hundred.
+DIVERGED = 1e4
+
+
+def check_not_diverged(traj: Tensor, x_T: Tensor, times: Tensor, where: Path) -> None:
+    """TrajectoryError, before the shard is written, if the teacher's states (M, B, ...) are not finite or their RMS
+    at some output time exceeds DIVERGED x the starting noise's: the samples of a teacher that blows up (a guidance
+    scale far beyond use, broken weights, a float16 overflow) are no target to learn, and would only be exported as
+    a result."""
+    start = float(x_T.double().pow(2).mean().sqrt())
+    for m, state in enumerate(traj):
+        rms = float(state.double().pow(2).mean().sqrt())
+        if not math.isfinite(rms) or rms > DIVERGED * start:
+            raise TrajectoryError(f"{where}: the teacher's samples diverge (RMS {rms:.4g} at output time "
+                                  f"{float(times[m]):.4g}: {rms / start:.3g}x the starting noise's, the limit is "
+                                  f"{DIVERGED:g}x): its guidance, weights or dtype make its ODE blow up; no shard of "
+                                  f"them was written")
 
 
 class TrajectoryDataset(torch.utils.data.Dataset):

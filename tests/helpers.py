@@ -43,6 +43,15 @@ class Linear(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.cfg.lr)
 
 
+class ValidatedLinear(Linear):
+    """Linear with a validation loss (`val/loss`, as LD3 and DSNO log it); at a learning rate above 1 / E[x^2] its
+    SGD diverges (each step multiplies w - 2 by 1 - 2 lr E[x^2]), and so does its validation loss."""
+
+    def validation_step(self, batch, batch_idx):
+        x = batch[0]
+        self.log("val/loss", (self.w * x - 2 * x).pow(2).mean())
+
+
 def reexpressed(teacher, prediction: str):
     """The exact `teacher` as a network whose output is `prediction` (epsilon, x0, v, edm or flow), wrapped back
     into a NetworkDenoiser: the same model, seen through another parameterization's conversions."""

@@ -1,7 +1,9 @@
 """Reliability, round two: every bad input is one line on stderr, exit code 2, and nothing written; every artifact
 is checksummed and every reader verifies it; a NaN's advice works; one run per run directory."""
+import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from learnsteps.cli import eval_main, train_main
 
@@ -28,14 +31,48 @@ def snapshot(root: Path) -> set:
 
 def files(tmp_path: Path) -> dict:
     """Paths the bad inputs point at: a plain file, a directory that is no teacher, a DSNO data dir with a bad
-    manifest."""
+    manifest, a binary prompt file, and checksummed schedule files that are wrong inside (for digits_unet: options
+    holding "options", a coefficient of 1e308; one learned for gmm_digits)."""
+    from learnsteps.files import write_json
+
     (tmp_path / "a_file").write_text("not a directory")
     (tmp_path / "not_a_teacher").mkdir()
     (tmp_path / "not_a_teacher" / "readme.txt").write_text("hello")
     bad = tmp_path / "bad_data"
     bad.mkdir()
     (bad / "manifest.json").write_text('{"format": "learnsteps-trajectories", "output_times": [1, ')
-    return dict(file=tmp_path / "a_file", notteacher=tmp_path / "not_a_teacher", baddata=bad)
+    (tmp_path / "prompts.bin").write_bytes(b"\xff\xfe\x00a red dot\n")
+    paths = dict(file=tmp_path / "a_file", notteacher=tmp_path / "not_a_teacher", baddata=bad,
+                 binprompts=tmp_path / "prompts.bin")
+    for name, data in schedule_files().items():
+        paths[name] = write_json(tmp_path / f"{name}.json", data)
+    return paths
+
+
+@functools.lru_cache(maxsize=None)
+def _schedule_files() -> str:
+    import learnsteps as ls
+    from learnsteps.core.steps import Grid
+    from learnsteps.core.tables import narrowest_table
+    from learnsteps.schedule import Schedule
+    from learnsteps.teachers import load_teacher
+
+    unet, gmm = load_teacher("digits_unet"), load_teacher("gmm_digits")
+    s = unet.noise_schedule
+    grid = ls.grids.make("logsnr", 6, s, to_zero=True)
+    optnull = Schedule.from_grid(grid, s, "dpm_solver++", 3, teacher=dict(fingerprint=unet.fingerprint())).to_dict()
+    optnull["options"]["options"] = None
+    table, form = narrowest_table("dpm_solver++", 3, Grid(s, grid))
+    bigcoef = Schedule.from_grid(grid, s, "tabulated", table.shape[1], options=dict(form=form), coefficients=table,
+                                 teacher=dict(fingerprint=unet.fingerprint())).to_dict()
+    bigcoef["coefficients"][2][0] = 1e308
+    gmmschedule = Schedule.from_grid(grid, s, "dpm_solver++", 3, teacher=dict(fingerprint=gmm.fingerprint(),
+                                                                             name="gmm_digits")).to_dict()
+    return json.dumps(dict(optnull=optnull, bigcoef=bigcoef, gmmschedule=gmmschedule))
+
+
+def schedule_files() -> dict:
+    return {k: {f: v for f, v in d.items() if f != "sha256"} for k, d in json.loads(_schedule_files()).items()}
 
 
 def fill(args: list[str], paths: dict) -> list[str]:
@@ -81,6 +118,22 @@ TRAIN_CASES = {  # args -> a fragment of the one line on stderr (the case's own 
     "features holdout=0": (["mode=features", "holdout=0"], "holdout=0"),
     "wandb.mode=foo": (["mode=teacher", "wandb.mode=foo"], "wandb.mode='foo'"),
     "schedule param": (["mode=teacher", "schedule.params={beta_min: -1}"], "beta_min=-1"),
+    # round three (issue #32): the surfaces added since
+    "options holding options": (["mode=ld3", "options={options: null}"], "unknown option(s) ['options']"),
+    "ld3 solver=tabulated": (["mode=ld3", "solver=tabulated"], "solver=tabulated: LD3 learns"),
+    "ld3 init_schedule of another teacher": (["mode=ld3", "learn=solver", "init_schedule={gmmschedule}"],
+                                             "learned for another teacher (gmm_digits), not digits_unet"),
+    "class label 10 of 10 classes": (["mode=ld3", "teacher=digits_latent_flow", "conditions=[10]"],
+                                     "class label 10 is not one of this pipeline's 10 classes"),
+    "class label 999": (["mode=dsno", "teacher=digits_latent_flow", "conditions=[999]"],
+                        "class label 999 is not one of this pipeline's 10 classes"),
+    "guidance=1e9": (["mode=ld3", "teacher=digits_latent_flow", "conditions=[3]", "guidance=1e9"],
+                     "guidance=1000000000.0: must be a number in [0, 100.0]"),
+    "binary prompt file": (["mode=ld3", "teacher=digits_latent_flow", "conditions={binprompts}"],
+                           "prompt file {binprompts} cannot be read as UTF-8"),
+    "latent_teacher 5 levels": (["mode=latent_teacher", "vae.channels=[8,8,8,8,8]"], "below one latent pixel"),
+    "latent_teacher GroupNorm": (["mode=latent_teacher", "vae.channels=[12,20]"], "must be a multiple of 8"),
+    "latent_teacher guidance": (["mode=latent_teacher", "guidance=101"], "guidance=101.0: must be a number in [0, 100"),
 }
 
 
@@ -93,6 +146,10 @@ EVAL_CASES = {
     "grids=[foo]": (["grids=[foo]"], "grids=['foo']"),
     "out_dir is a file": (["out_dir={file}"], "is an existing file"),
     "unknown teacher": (["teachers=[nowhere]"], "unknown teacher 'nowhere'"),
+    "schedule whose options hold options": (["schedules=[{optnull}]"], "optnull.json: unknown option(s) ['options']"),
+    "coefficient 1e308": (["schedules=[{bigcoef}]"], "bigcoef.json: coefficient c[2][0] = 1e+308 is beyond the bound"),
+    "solver tabulated": (["solvers=[{solver: tabulated, order: 3}]"], "tabulated runs a schedule file's own table"),
+    "guidance=1e9": (["teachers=[digits_latent_flow]", "conditions=[3]", "guidance=1e9"], "guidance=1000000000.0"),
 }
 
 
@@ -104,7 +161,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(program, case, tmp_pat
     main, cases, out_key, default = ((train_main, TRAIN_CASES, "run_dir", QUIET) if program == "train.py"
                                      else (eval_main, EVAL_CASES, "out_dir", []))
     args, match = cases[case]
-    args = fill(args, dict(files(tmp_path), out=tmp_path / "out"))
+    paths = dict(files(tmp_path), out=tmp_path / "out")
+    args, match = fill(args, paths), fill([match], paths)[0]
     before = snapshot(tmp_path)
     out = [] if any(a.startswith(f"{out_key}=") for a in args) else [f"{out_key}={tmp_path / 'run'}"]
     assert main(default + out + args) == 2  # the case's own arguments come last and win
@@ -327,3 +385,230 @@ def test_train_py_on_a_damaged_checkpoint_is_one_line(tmp_path):
     res = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT)
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
     assert "last.ckpt: checksum mismatch" in res.stderr and "restart=true" in res.stderr
+
+
+# ------------------------------------------------------------- pipeline directories (tiny pipelines built here)
+def _index_edit(**changes):
+    def edit(path: Path) -> None:
+        path.write_text(json.dumps(dict(json.loads(path.read_text()), **changes)))
+    return edit
+
+
+PIPELINE_DAMAGE = {  # model_index.json of a DiT flow pipeline -> what the one line says
+    "_class_name a dict": (_index_edit(_class_name={"a": 1}), "'_class_name' is {'a': 1}, not the name of"),
+    "_class_name a number": (_index_edit(_class_name=5), "'_class_name' is 5"),
+    "transformer declared as UNet2DModel": (
+        _index_edit(transformer=["diffusers", "UNet2DModel"]),
+        "transformer is declared as ['diffusers', 'UNet2DModel'], but the weights in transformer/ do not fit it"),
+    "component not [library, class]": (_index_edit(transformer=["diffusers"]),
+                                       "component 'transformer' is declared as ['diffusers'], not [library, class]"),
+    "truncated": (lambda p: p.write_text(p.read_text()[:30]), "not valid JSON"),
+    "empty list": (lambda p: p.write_text("[]"), "holds a JSON object, not list"),
+    "binary": (lambda p: p.write_bytes(b"\xff\xfe\x00\x01\x80garbage"), "not valid JSON"),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_dit(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    import tiny_pipelines
+
+    return tiny_pipelines.dit(tmp_path_factory.mktemp("pipelines") / "dit", flow=True)
+
+
+@pytest.mark.parametrize("damage", sorted(PIPELINE_DAMAGE))
+@pytest.mark.parametrize("conditions", [["conditions=[0]"], []], ids=["conditions", "none"])
+def test_a_damaged_model_index_is_one_line_naming_it(damage, conditions, tiny_dit, tmp_path, capsys):
+    d = tmp_path / "pipe"
+    shutil.copytree(tiny_dit, d)
+    how, match = PIPELINE_DAMAGE[damage]
+    how(d / "model_index.json")
+    before = snapshot(tmp_path)
+    assert train_main(["mode=ld3", f"teacher={d}", *conditions, f"run_dir={tmp_path / 'run'}"] + QUIET) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {d / 'model_index.json'}: ") and err.count("\n") == 1 and match in err, err
+    assert snapshot(tmp_path) == before
+
+
+COMPONENTS = st.sampled_from([["diffusers", c] for c in ("UNet2DModel", "Transformer2DModel", "AutoencoderKL",
+                                                           "AutoencoderTiny", "DDIMScheduler", "NoSuchClass")]
+                             + [["transformers", "CLIPTextModel"], ["nolibrary", "X"], [None, None], ["diffusers"],
+                                ["diffusers", "AutoencoderKL", "x"], ["", ""], [1, 2], []])
+INDEX_VALUES = (COMPONENTS | st.sampled_from(["DiTPipeline", "StableDiffusionPipeline", "DDPMPipeline", "UNet2DModel",
+                                              "", "no such", "0.42.1", None, True, 0, -1, 1e300, {}, {"0": 5},
+                                              {"x": "y"}, {"10": "ten"}])
+                | st.text(max_size=6) | st.integers(-10, 2000))
+
+
+@settings(max_examples=int(os.environ.get("FUZZ_INDEX", 40)), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(["_class_name", "transformer", "vae", "scheduler", "id2label", "_diffusers_version",
+                            "extra"]), value=INDEX_VALUES,
+       whole=st.none() | st.binary(max_size=40) | st.sampled_from(["[]", "{}", "null", '"DiTPipeline"', "[1, 2]"]))
+def test_fuzzed_model_index_loads_a_usable_teacher_or_fails_with_teacher_load_error(tiny_dit, tmp_path, key, value,
+                                                                                   whole):
+    """A pipeline directory whose model_index.json holds anything (one entry edited, or other bytes altogether):
+    the teacher loads and samples, or loading is a TeacherLoadError (never another exception)."""
+    from learnsteps.teachers import load_teacher
+    from learnsteps.teachers.network import TeacherLoadError
+
+    d = tmp_path / "pipe"
+    if not d.exists():
+        shutil.copytree(tiny_dit, d)
+    index = d / "model_index.json"
+    if whole is None:
+        index.write_text(json.dumps(dict(json.loads((tiny_dit / "model_index.json").read_text()), **{key: value})))
+    else:
+        index.write_bytes(whole if isinstance(whole, bytes) else whole.encode())
+    try:
+        teacher = load_teacher(str(d), conditions=[0])
+    except TeacherLoadError:
+        return
+    assert len(teacher.fingerprint()) == 64
+    x = torch.randn(2, *teacher.shape)
+    assert teacher(x, torch.full((2,), teacher.noise_schedule.t_max * 0.5)).shape == x.shape
+
+
+def test_class_labels_are_checked_against_the_pipelines_own_label_table(tiny_dit):
+    """The tiny DiT's id2label has 3 classes (its network embeds 1000): label 2 and its name load, 3 does not."""
+    from learnsteps.teachers import load_teacher
+    from learnsteps.teachers.network import TeacherLoadError
+
+    assert load_teacher(str(tiny_dit), conditions=[2, "one"]).class_ids(torch.tensor([0, 1])).tolist() == [2, 1]
+    with pytest.raises(TeacherLoadError, match=r"class label 3 is not one of this pipeline's 3 classes \(0..2 in its"):
+        load_teacher(str(tiny_dit), conditions=[3])
+
+
+# ------------------------------------------------------- schedule files: one refusal, whoever reads them
+def ddpm_table_file(tmp_path: Path, **teacher) -> dict:
+    """A valid version-2 file (DPM-Solver++(3M)'s table on a DDPM logsnr grid), as a dict without its checksum."""
+    import learnsteps as ls
+    from learnsteps.core.schedules import DiscreteDDPM
+    from learnsteps.core.steps import Grid
+    from learnsteps.core.tables import narrowest_table
+    from learnsteps.schedule import Schedule
+
+    s = DiscreteDDPM()
+    grid = ls.grids.make("logsnr", 6, s, to_zero=True)
+    table, form = narrowest_table("dpm_solver++", 3, Grid(s, grid))
+    data = Schedule.from_grid(grid, s, "tabulated", table.shape[1], options=dict(form=form), coefficients=table,
+                              teacher=teacher).to_dict()
+    return {k: v for k, v in data.items() if k != "sha256"}
+
+
+def test_a_table_beyond_the_bound_is_refused_by_every_reader(tmp_path):
+    """The same ScheduleError from the loader (eval.py: EVAL_CASES), TabulatedScheduler and the export command."""
+    from learnsteps.files import write_json
+    from learnsteps.interop.export import main as export_main
+    from learnsteps.interop.scheduler import TabulatedScheduler
+    from learnsteps.schedule import ScheduleError, load_schedule
+
+    data = ddpm_table_file(tmp_path)
+    assert TabulatedScheduler.from_schedule(write_json(tmp_path / "good.json", data)).num_inference_steps == 6
+    data["coefficients"][3][1] = -1e30
+    path = write_json(tmp_path / "big.json", data)
+    match = f"{path}: coefficient c[3][1] = -1e+30 is beyond the bound"
+    for read in (load_schedule, TabulatedScheduler.from_schedule):
+        with pytest.raises(ScheduleError) as err:
+            read(path)
+        assert str(err.value).startswith(match)
+    res = subprocess.run([sys.executable, "-m", "learnsteps.schedule", "export", str(path), "--to", "sigmas"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and match in res.stderr and not res.stdout
+    assert export_main(["export", str(path), "--to", "comfyui"]) == 2
+
+
+@pytest.mark.parametrize("prediction", ["foo", 5, None, [1], {"a": 1}])
+def test_a_bad_prediction_type_is_a_schedule_error_naming_the_file(tmp_path, prediction):
+    from learnsteps.files import write_json
+    from learnsteps.interop.scheduler import TabulatedScheduler
+    from learnsteps.schedule import ScheduleError
+
+    path = write_json(tmp_path / "s.json", ddpm_table_file(tmp_path, prediction_type=prediction))
+    with pytest.raises(ScheduleError, match=re.escape(f"teacher.prediction_type {prediction!r} is not one of")) as err:
+        TabulatedScheduler.from_schedule(path)
+    assert str(err.value).startswith(str(path))
+
+
+@pytest.mark.parametrize("args, match", [(["--to", "foo"], "argument --to: invalid choice: 'foo'"),
+                                         (["--steps", "x", "--to", "sigmas"], "argument --steps: invalid int value"),
+                                         ([], "the following arguments are required: --to")])
+def test_export_argument_errors_are_one_line(tmp_path, args, match):
+    from learnsteps.schedule import save_schedule
+
+    path = save_schedule(tmp_path / "s.json", _schedule_of_digits_unet())
+    res = subprocess.run([sys.executable, "-m", "learnsteps.schedule", "export", str(path), *args],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
+    assert match in res.stderr and not res.stdout
+
+
+def _schedule_of_digits_unet():
+    from learnsteps.schedule import validate
+
+    return validate(schedule_files()["gmmschedule"])
+
+
+def test_solver_options_are_its_keyword_parameters_not_a_catch_all():
+    from learnsteps.core.sample import solver_options
+
+    assert solver_options("dpm_solver++") == {"method", "variant", "lower_order_final", "plan"}
+    assert "options" not in solver_options("dpm_solver")
+
+
+# ---------------------------------------------------------------------------------------- diverged runs
+def test_a_diverging_validation_loss_stops_the_run_before_any_export(tmp_path):
+    """SGD at twice the stable rate: the validation loss grows x9 per step; past 1000x the first it stops."""
+    from helpers import ValidatedLinear
+    from learnsteps.training.common import StopOnDivergence
+
+    cfg = RunConfig(mode="test")
+    cfg.trainer.max_steps, cfg.trainer.checkpoint_every, cfg.trainer.progress_bar = 40, 100, False
+    x = torch.ones(64, 1)  # E[x^2] = 1: stable below lr 1; at 2, w - 2 is multiplied by -3 each step
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=4)
+    trainer = make_trainer(cfg, tmp_path, [], val_check_interval=1, num_sanity_val_steps=1)
+    with pytest.raises(NonFiniteLoss, match=r"validation loss \(val/loss\) is .*x the first validation's 4 at step "
+                                            r"\d+: stopped, nothing exported .*smaller lr and restart=true") as err:
+        fit(trainer, ValidatedLinear(lr=2.0), data, data, run_dir=tmp_path)
+    step = int(str(err.value).split(" at step ")[1].split(":")[0])
+    assert 9 ** step > StopOnDivergence.FACTOR >= 9 ** (step - 1)  # the first validation past the factor
+    module = ValidatedLinear(lr=0.1)  # a learning run is not stopped
+    fit(make_trainer(cfg, tmp_path / "ok", [], val_check_interval=1), module, data, data, run_dir=tmp_path / "ok")
+    assert abs(float(module.w.detach()) - 2) < 1e-3
+
+
+def test_a_non_finite_first_validation_says_the_starting_point_is_at_fault(tmp_path):
+    from helpers import ValidatedLinear
+
+    cfg = RunConfig(mode="test")
+    cfg.trainer.max_steps, cfg.trainer.progress_bar = 4, False
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.full((8, 1), float("inf"))), batch_size=4)
+    with pytest.raises(NonFiniteLoss, match="is nan at step 0: stopped, nothing exported .the first validation is "
+                                            "not finite: the teacher's samples or the starting point are at fault"):
+        fit(make_trainer(cfg, tmp_path, [], num_sanity_val_steps=1), ValidatedLinear(lr=0.1), data, data,
+            run_dir=tmp_path)
+
+
+@pytest.mark.parametrize("guidance, ratio", [(1.15, (0.5, 2)), (100, (2, 20)), (1e9, None)])
+def test_a_teacher_whose_samples_diverge_writes_no_pairs(tmp_path, guidance, ratio):
+    """Case 10 of issue #32 through the Python API, where no config bounds guidance: the shipped latent model's
+    samples are about as large as its noise at its guidance (1.15), a few times larger at the bound (100), and 1e8
+    times at 1e9, whose pairs are refused before a shard is written."""
+    from learnsteps.teachers import load_teacher
+    from learnsteps.trajectories import DIVERGED, TrajectoryDataset, TrajectoryError, TrajectorySpec, generate
+
+    teacher = load_teacher("digits_latent_flow", conditions=[3, 5])
+    teacher.guidance = guidance  # the config's bound bypassed
+    s = teacher.noise_schedule
+    spec = TrajectorySpec(n=16, shard_size=16, output_times=[s.t_max, s.t_min, s.t_zero], solver="unipc", order=2,
+                          steps_per_interval=10)
+    if ratio is None:
+        with pytest.raises(TrajectoryError, match=r"the teacher's samples diverge \(RMS .*: [0-9.e+]*x the starting "
+                                                  rf"noise's, the limit is {DIVERGED:g}x\)"):
+            generate(teacher, tmp_path / "pairs", spec, progress=False)
+        assert not list((tmp_path / "pairs").glob("shard-*"))
+        return
+    generate(teacher, tmp_path / "pairs", spec, progress=False)
+    t = TrajectoryDataset(tmp_path / "pairs").tensors
+    measured = float(t["trajectory"][:, -1].pow(2).mean().sqrt() / t["x_T"].pow(2).mean().sqrt())
+    assert ratio[0] < measured < ratio[1] and measured < DIVERGED

@@ -166,7 +166,11 @@ def usable(sched: Schedule) -> None:
     assert sched.nfe >= 1 and isinstance(sched.options, dict) and isinstance(sched.teacher, dict)
     x = torch.randn(2, 2, dtype=F64) * s.init_noise_std()
     ls.sample(gaussian(dim=2, noise_schedule=s), x, sched.grid, sched.solver, sched.order, eval_grid=sched.eval_grid,
-              **sched.options)
+              **sched.solver_options)
+    if sched.coefficients is not None and s.kind in ("ddpm", "flow"):  # and diffusers' loop takes its table
+        from learnsteps.interop.scheduler import TabulatedScheduler
+
+        TabulatedScheduler.from_schedule(sched)
 
 
 def loads_usable_or_fails_cleanly(path, data) -> None:
@@ -249,3 +253,64 @@ def test_every_valid_grid_round_trips(tmp_path, cuts, to_zero):
     again = load_schedule(save_schedule(tmp_path / "s.json", sched))
     usable(again)
     assert again.times == sched.times == grid.tolist() and again.nfe == len(grid) - 1
+
+
+# ---- version 2: the coefficient table, alpha and sigma, the teacher's prediction type -----------------------------
+def table_file(kind: str, solver: str, order: int) -> dict:
+    """A valid version-2 file: `solver`'s narrowest table on a 5-step grid of the `kind` noise schedule."""
+    from learnsteps.core.schedules import make_schedule
+    from learnsteps.core.steps import Grid
+    from learnsteps.core.tables import narrowest_table
+
+    ns = make_schedule(kind)
+    grid = ls.grids.make("shifted" if kind == "flow" else "logsnr", 5, ns, to_zero=True)
+    table, form = narrowest_table(solver, order, Grid(ns, grid))
+    return Schedule.from_grid(grid, ns, "tabulated", table.shape[1], options=dict(form=form), coefficients=table,
+                              teacher=dict(prediction_type="epsilon")).to_dict()
+
+
+TABLES = [table_file(*case) for case in [("ddpm", "dpm_solver++", 3), ("flow", "unipc", 2), ("vp_linear", "ipndm", 4),
+                                         ("edm", "deis", 3), ("vp_cosine", "unipc", 3)]]
+NUMBERS = (st.floats(allow_nan=False, allow_infinity=False) | st.integers(-10**40, 10**40)
+           | st.sampled_from([1e6, 1e6 + 1, -1e7, 1e300, 1e308, -1e308, 5e-324, 0.0]))
+
+
+@FUZZ
+@given(base=st.integers(0, len(TABLES) - 1), where=st.sampled_from(["cell", "row", "alpha", "sigma", "prediction_type",
+                                                                    "form", "coefficients", "order", "version"]),
+       i=st.integers(0, 6), j=st.integers(0, 4), value=NUMBERS | NASTY)
+def test_version_2_mutations_load_as_usable_tables_or_fail_with_schedule_error(tmp_path, base, where, i, j, value):
+    """One value of a valid table file set to anything: a table cell (numbers of every size: the bound), a row,
+    alpha or sigma, the teacher's prediction type, the table's form; loaded by the loader and TabulatedScheduler."""
+    import copy
+
+    data = copy.deepcopy(TABLES[base])
+    rows = data["coefficients"]
+    if where == "cell":
+        rows[i % len(rows)][j % len(rows[0])] = value
+    elif where == "row":
+        rows[i % len(rows)] = value
+    elif where in ("alpha", "sigma"):
+        data[where][i % len(data[where])] = value
+    elif where == "prediction_type":
+        data["teacher"]["prediction_type"] = value
+    elif where == "form":
+        data["options"]["form"] = value
+    else:
+        data[where] = value
+    loads_usable_or_fails_cleanly(tmp_path / "fuzz.json", data)
+
+
+def test_a_table_at_the_bound_loads_and_one_beyond_is_refused(tmp_path):
+    from learnsteps.core.solvers import MAX_COEFFICIENT
+
+    for data in TABLES:
+        scale = 1.0 if data["options"]["form"] == "data" else data["sigmas"][0]
+        at = MAX_COEFFICIENT * scale * (1 - 1e-12)  # (sigmas[0] and the loader's sigma / alpha may differ by an ulp)
+        data["coefficients"][-1][0] = at
+        loads_usable_or_fails_cleanly(tmp_path / "at.json", data)
+        assert load_schedule(tmp_path / "at.json").coefficients[-1][0] == at
+        data["coefficients"][-1][0] = -MAX_COEFFICIENT * scale * (1 + 1e-9)
+        (tmp_path / "beyond.json").write_text(json.dumps(data))
+        with pytest.raises(ScheduleError, match=r"coefficient c\[4\]\[0\] = .* is beyond the bound of 1e\+06"):
+            load_schedule(tmp_path / "beyond.json")

@@ -1,5 +1,6 @@
 """The generalized multistep solver: tables that reproduce the named solvers, gradients, the version-2 schedule
 file with its reference sampler, and TabulatedScheduler in diffusers' loop and pipelines (float64 unless said)."""
+import itertools
 import json
 import re
 from pathlib import Path
@@ -90,6 +91,58 @@ def test_bad_tables_are_refused(table, match):
     with pytest.raises(ValueError, match=match):
         ls.sample(toy_mixture(noise_schedule=s), noise((2, 6)), ls.grids.make("logsnr", 4, s), "tabulated", 2,
                   coefficients=table)
+
+
+def test_a_table_beyond_the_coefficient_bound_is_refused_by_the_solver_itself():
+    from learnsteps.core.solvers import MAX_COEFFICIENT
+
+    s = VPLinear()
+    grid = ls.grids.make("logsnr", 4, s)
+    table = solver_table("dpm_solver++", 2, Grid(s, grid), "data")
+    table[2, 1] = -1.01 * MAX_COEFFICIENT
+    with pytest.raises(ValueError, match=r"coefficient c\[2\]\[1\] = -1.01e\+06 is beyond the bound of 1e\+06"):
+        ls.sample(toy_mixture(noise_schedule=s), noise((2, 6)), grid, "tabulated", 2, coefficients=table)
+    noise_table = solver_table("ipndm", 2, Grid(s, grid), "noise")  # in units of sigma~(times[0]) = 152
+    noise_table[1, 0] = 100 * MAX_COEFFICIENT
+    ls.sample(toy_mixture(noise_schedule=s), noise((2, 6)), grid, "tabulated", 2, coefficients=noise_table,
+              form="noise")
+    noise_table[1, 0] = 200 * MAX_COEFFICIENT
+    with pytest.raises(ValueError, match=r"beyond the bound of 1e\+06 x sigma~\(times\[0\]\) = 1.52"):
+        ls.sample(toy_mixture(noise_schedule=s), noise((2, 6)), grid, "tabulated", 2, coefficients=noise_table,
+                  form="noise")
+
+
+CORE_TABLES = [("dpm_solver++", 3, {}), ("unipc", 3, {}), ("unipc", 3, dict(variant="bh1")), ("deis", 3, {}),
+               ("deis", 4, {}), ("ipndm", 4, {}), ("euler", 1, {})]
+
+
+def largest_coefficients() -> dict[str, float]:
+    """form -> the largest |c| / unit of the tables of CORE_TABLES on the five hand grids of the five noise schedules
+    at NFE 3-50 (unit: 1 in the data form, sigma~(times[0]) in the noise form)."""
+    from learnsteps.core.grids import applicable
+    from learnsteps.core.schedules import make_schedule
+
+    worst = dict(data=0.0, noise=0.0)
+    for kind in ("vp_linear", "vp_cosine", "ddpm", "edm", "flow"):
+        s = make_schedule(kind)
+        for spacing in applicable(["time_uniform", "time_quadratic", "logsnr", "edm", "shifted"], s):
+            for nfe in (3, 4, 6, 10, 20, 50):
+                g = Grid(s, ls.grids.make(spacing, nfe, s, to_zero=True))
+                for (solver, order, options), form in itertools.product(CORE_TABLES, worst):
+                    if nfe >= order:
+                        unit = 1.0 if form == "data" else float(g.sigma[0] / g.alpha[0])
+                        c = solver_table(solver, order, g, form, **options)
+                        worst[form] = max(worst[form], float(c.abs().max()) / unit)
+    return worst
+
+
+def test_every_core_solvers_table_stays_far_below_the_coefficient_bound():
+    """Measured: 1.15e4 in the data form (DEIS-4's data-form table on the EDM grid of a flow schedule at NFE 10; its
+    narrowest form is the noise one), 40 in the noise form: the bound, 1e6, leaves a factor of 80 and more."""
+    from learnsteps.core.solvers import MAX_COEFFICIENT
+
+    worst = largest_coefficients()
+    assert 1e4 < worst["data"] < MAX_COEFFICIENT / 50 and 10 < worst["noise"] < MAX_COEFFICIENT / 50, worst
 
 
 def test_gradients_match_finite_differences():

@@ -110,6 +110,12 @@ class NetworkDenoiser(Denoiser):
         return self.net(x, t, *args)
 
 
+# The classifier-free guidance scales learnsteps takes: [0, MAX_GUIDANCE]. Pipelines are run at 1-15 (SD 7.5, DiT 4,
+# SD3 7, FLUX 3.5) and ComfyUI's KSampler stops at 100; far beyond, the guided output is scale x (cond - uncond)
+# and the samples blow up instead of saturating (docs/reliability.md).
+MAX_GUIDANCE = 100.0
+
+
 def guided(net, x: Tensor, t: Tensor, cond: Tensor, null: Tensor, scale: float) -> Tensor:
     """Classifier-free guidance, uncond + scale (cond - uncond), with net(x, t, c) called once on a batch of 2B.
 

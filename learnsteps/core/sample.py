@@ -88,10 +88,12 @@ def check_order(solver: str, order: int | None, steps: int | None = None) -> int
 
 @lru_cache(maxsize=None)
 def solver_options(solver: str) -> frozenset[str]:
-    """The option names `solver` accepts."""
+    """The option names `solver` accepts: the keyword parameters of its function(s), not a `**options` catch-all
+    (DPM-Solver's wrapper passes that on to the multistep or singlestep function, whose names are listed)."""
     spec = get_solver(solver)
     fns = [spec.fn] + ([S.dpm_multistep, S.dpm_singlestep] if spec.fn is _dpm_solver else [])
-    params = {p for fn in fns for p in inspect.signature(fn).parameters}
+    params = {name for fn in fns for name, p in inspect.signature(fn).parameters.items()
+              if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
     return frozenset(params - {"model", "x", "g", "order"} - set(spec.fixed))
 
 

@@ -332,7 +332,7 @@ def tabulated(model: Model, x: Tensor, g: Grid, order: int = 3, coefficients=Non
     Every multistep solver of this module whose states are the points the model is called at is such a table on
     its grid (core/tables.py finds it); a learned solver is a table learned with its grid (ld3, learn=solver).
     Entries c[i, j] with j > i (outputs not computed yet) must be zero."""
-    c = check_table(coefficients, g.n, order)
+    c = check_table(coefficients, g.n, order, table_scale(form, g.alpha[0], g.sigma[0]))
     data = form == "data"
     ms: list[Tensor] = []
     for i in range(g.n):
@@ -342,9 +342,23 @@ def tabulated(model: Model, x: Tensor, g: Grid, order: int = 3, coefficients=Non
         yield x
 
 
-def check_table(coefficients, steps: int, width: int) -> Tensor:
+# The largest |c[i, j]| a table may hold: in the data form as it is (the coefficients are dimensionless; DDIM's are
+# 1 - e^-h < 1), in the noise form in units of sigma~ = sigma / alpha at the grid's first time (DDIM's are
+# differences of sigma~). The multistep solvers of the core stay far below it on every grid worth sampling
+# (tests/test_tabulated.py measures them); a table beyond it makes each step many orders of magnitude larger than
+# the whole trajectory, and from 1e308 on a first step overflows to inf. docs/schedule-format.md says so.
+MAX_COEFFICIENT = 1e6
+
+
+def table_scale(form: str, alpha0, sigma0) -> float:
+    """The unit of MAX_COEFFICIENT for a table of `form` on a grid whose first time has alpha0, sigma0."""
+    return 1.0 if form == "data" else float(sigma0) / float(alpha0)
+
+
+def check_table(coefficients, steps: int, width: int, scale: float | None = None) -> Tensor:
     """The coefficient table as a float64 tensor of shape (steps, width), finite, zero where an output does not
-    exist yet (c[i, j] for j > i); ValueError naming what is off."""
+    exist yet (c[i, j] for j > i) and, with `scale` (table_scale), at most MAX_COEFFICIENT x scale in magnitude;
+    ValueError naming what is off."""
     if coefficients is None:
         raise ValueError("the tabulated solver needs its coefficients (options.coefficients: a table, N x order)")
     c = torch.as_tensor(coefficients, dtype=torch.float64)
@@ -356,4 +370,11 @@ def check_table(coefficients, steps: int, width: int) -> Tensor:
     future = torch.arange(width)[None, :] > torch.arange(steps)[:, None]
     if bool((c.detach()[future] != 0).any()):
         raise ValueError("coefficient table weights outputs not computed yet (c[i, j] != 0 for some j > i)")
+    if scale is not None and c.numel():
+        a = c.detach()
+        i, j = divmod(int(a.abs().argmax()), width)
+        if float(a[i, j].abs()) > MAX_COEFFICIENT * scale:
+            unit = "" if scale == 1 else f" x sigma~(times[0]) = {MAX_COEFFICIENT * scale:.4g}"
+            raise ValueError(f"coefficient c[{i}][{j}] = {float(a[i, j]):.4g} is beyond the bound of "
+                             f"{MAX_COEFFICIENT:.0e}{unit} that no multistep solver reaches")
     return c

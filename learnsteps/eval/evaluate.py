@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from tqdm import tqdm
 
-from ..config import SolverChoice, at_least, between, conditions_value, each, not_a_file, one_of
+from ..config import SolverChoice, at_least, between, conditions_value, each, guidance_scale, not_a_file, one_of
 from ..core.denoiser import dtype_of
 from ..core.grids import applicable, make as make_grid
 from ..core.sample import check_options, check_order, solve, steps_for_nfe
@@ -57,7 +57,7 @@ class EvalConfig:
         teachers=each(lambda v: None if v else "must name a teacher", non_empty=True),
         grids=each(one_of(*GRID_KINDS)), nfe=each(between(1, 200)),
         samples=between(2, 10**6), batch_size=at_least(1), reference=one_of("digits", "none"),
-        conditions=conditions_value, guidance=at_least(0),
+        conditions=conditions_value, guidance=guidance_scale,
         feature_extractor=one_of(*EXTRACTORS), teacher_steps=between(1, 10_000), out_dir=not_a_file)
 
 
@@ -113,6 +113,8 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     for case in [*cfg.solvers, cfg.teacher_solver]:
         check_order(case.solver, case.order)
         check_options(case.solver, case.options)
+        if case.solver == "tabulated":  # its table belongs to one grid of one NFE
+            raise ValueError("solvers: tabulated runs a schedule file's own table; give the file as schedules=[...]")
     features = Features(cfg.feature_extractor, cfg.feature_weights or None)
     teachers = {name: load_teacher(name, conditions=cfg.conditions, guidance=cfg.guidance) for name in cfg.teachers}
     for kind, paths in (("schedule", cfg.schedules), ("student", cfg.students)):

@@ -139,10 +139,18 @@ def _a1111(schedule: Schedule, steps: int | None, sampler: str | None, notes: li
     return _fmt(values), notes + ["not exact: this schedule ends at sigma > 0 and A1111 appends a step to 0"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are the project's one line (`error: ...`, exit code 2), not a usage block; --help
+    still prints the usage."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m learnsteps.schedule",
-                                     description="Print a schedule file in the form another tool takes.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="python -m learnsteps.schedule",
+                     description="Print a schedule file in the form another tool takes.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     ex = sub.add_parser("export", help="print the schedule for comfyui, a1111, sigmas, diffusers or k-diffusion")
     ex.add_argument("file")
     ex.add_argument("--to", required=True, choices=TARGETS)

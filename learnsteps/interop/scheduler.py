@@ -23,12 +23,10 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
-from ..core.solvers import TABLE_FORMS, check_table
+from ..core.solvers import TABLE_FORMS, check_table, table_scale
 from ..core.steps import Grid
 from ..core.tables import narrowest_table
-from ..schedule import Schedule, ScheduleError, load_schedule
-
-PREDICTIONS = ("epsilon", "v_prediction", "flow_prediction", "sample")
+from ..schedule import PREDICTION_TYPES as PREDICTIONS, Schedule, ScheduleError, check_prediction_type, load_schedule
 
 
 class TabulatedScheduler(SchedulerMixin, ConfigMixin):
@@ -40,11 +38,11 @@ class TabulatedScheduler(SchedulerMixin, ConfigMixin):
     def __init__(self, coefficients: list, timesteps: list, alpha: list, sigma: list, form: str = "data",
                  prediction_type: str = "epsilon", num_train_timesteps: int = 1000, init_noise_sigma: float = 1.0):
         n = len(timesteps)
-        check_table(coefficients, n, len(coefficients[0]) if coefficients else 0)
         if len(alpha) != n + 1 or len(sigma) != n + 1:
             raise ValueError(f"alpha and sigma need {n + 1} values (the integration times), got {len(alpha)}, {len(sigma)}")
         if form not in TABLE_FORMS:
             raise ValueError(f"form must be one of {TABLE_FORMS}, not {form!r}")
+        check_table(coefficients, n, len(coefficients[0]) if coefficients else 0, table_scale(form, alpha[0], sigma[0]))
         if prediction_type not in PREDICTIONS:
             raise ValueError(f"prediction_type must be one of {PREDICTIONS}, not {prediction_type!r}")
         self.init_noise_sigma = init_noise_sigma
@@ -56,13 +54,15 @@ class TabulatedScheduler(SchedulerMixin, ConfigMixin):
         """The scheduler of a schedule file (or Schedule); prediction_type: what the pipeline's network outputs
         (default: "flow_prediction" for flow teachers, else the file's teacher's scheduler's, else "epsilon")."""
         s = schedule if isinstance(schedule, Schedule) else load_schedule(schedule)
+        where = "schedule" if isinstance(schedule, Schedule) else str(schedule)
         kind = s.noise_schedule.get("kind")
         if kind not in ("ddpm", "flow"):
-            raise ScheduleError(f"diffusers pipelines run discrete DDPM or flow-matching models; this schedule is for a "
-                                f"{kind!r} noise schedule")
+            raise ScheduleError(f"{where}: diffusers pipelines run discrete DDPM or flow-matching models; this "
+                                f"schedule is for a {kind!r} noise schedule")
+        check_prediction_type(s.teacher, where)
         table, form = s.coefficients, s.options.get("form", "data")
         if table is None:
-            table, form = _table_of(s)
+            table, form = _table_of(s, where)
         if prediction_type is None:
             prediction_type = "flow_prediction" if kind == "flow" else s.teacher.get("prediction_type", "epsilon")
         return cls(coefficients=[list(map(float, row)) for row in table], timesteps=s.diffusers_timesteps,
@@ -109,11 +109,11 @@ def _to_x0(out, x, alpha: float, sigma: float, prediction: str):
     return out
 
 
-def _table_of(s: Schedule) -> tuple[list[list[float]], str]:
+def _table_of(s: Schedule, where: str) -> tuple[list[list[float]], str]:
     """The table of a version-1 schedule's solver on its grid, in the form where it is narrower."""
     try:
         table, form = narrowest_table(s.solver, s.order, Grid(s.make_noise_schedule(), s.grid, s.eval_grid), **s.options)
     except ValueError as err:
-        raise ScheduleError(f"{s.solver} (order {s.order}) is not a multistep table on this grid, so "
+        raise ScheduleError(f"{where}: {s.solver} (order {s.order}) is not a multistep table on this grid, so "
                             f"TabulatedScheduler cannot run it: {err}") from None
     return table.tolist(), form

@@ -27,6 +27,9 @@ from .solver import base_form
 def check_ld3(cfg: LD3Config):
     """Everything that can be wrong with an LD3 run's input, found before anything is written: the teacher."""
     get_solver(cfg.solver)
+    if cfg.solver == "tabulated":  # its table belongs to one grid; LD3 moves the grid
+        raise ValueError("solver=tabulated: LD3 learns a tabulated solver's table itself, from a multistep solver's: "
+                         "e.g. solver=dpm_solver++ learn=solver")
     check_options(cfg.solver, cfg.options)
     if cfg.solver == "er_sde" and cfg.options.get("noise_scale", "sde5") != "ode":
         raise ValueError("LD3 learns grids for deterministic solvers; er_sde needs options.noise_scale=ode")
@@ -133,13 +136,18 @@ def initial_grids(cfg: LD3Config, teacher, module: LD3, val_set) -> list[torch.T
 
 
 def init_schedule(cfg: LD3Config, teacher) -> Schedule:
-    """The schedule file a run starts from (init_schedule): for this solver, order, NFE and teacher; ValueError
-    naming what does not fit."""
+    """The schedule file a run starts from (init_schedule): for this solver, order, NFE and teacher (its fingerprint,
+    when the file records one, as eval.py checks it; a file written by hand without one only needs the teacher's
+    noise schedule); ValueError naming what does not fit."""
     try:
         s = load_schedule(cfg.init_schedule, solver=cfg.solver, order=cfg.order, nfe=cfg.nfe,
                           noise_schedule=teacher.noise_schedule)
     except ScheduleError as err:
         raise ValueError(f"init_schedule: {err}") from None
+    made_for = s.teacher.get("fingerprint")
+    if made_for and made_for != teacher.fingerprint():
+        raise ValueError(f"init_schedule {cfg.init_schedule}: learned for another teacher "
+                         f"({s.teacher.get('name') or 'fingerprint ' + str(made_for)[:12]}), not {cfg.teacher}")
     grid = LD3Grid(teacher.noise_schedule, steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero), cfg.time_mode,
                    cfg.to_zero, cfg.window)
     if s.to_zero != cfg.to_zero or s.times[0] != grid.t_max or s.times[-1 - cfg.to_zero] != grid.t_min:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..core.sample import check_options, check_order, get_solver, nfe as nfe_of, resolved_options
 from ..core.schedules import NoiseSchedule, make_schedule
-from ..core.solvers import check_table
+from ..core.solvers import check_table, table_scale
 from ..core.steps import Grid, check_times
 from ..files import read_json, write_json
 
@@ -26,6 +26,10 @@ FORMAT = "learnsteps-schedule"
 # so that every reader that knows version 1 keeps reading it.
 VERSION, TABLE_VERSION = 1, 2
 READS = (VERSION, TABLE_VERSION)
+
+
+# what a diffusers pipeline's network outputs (its scheduler's `prediction_type`): a file's teacher may record it
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow_prediction", "sample")
 
 
 class ScheduleError(ValueError):
@@ -287,9 +291,17 @@ def validate(data, where: str = "schedule") -> Schedule:
     for key in ("teacher", "provenance"):
         if not isinstance(data.get(key, {}), dict):
             raise ScheduleError(f"{where}: '{key}' must be a JSON object")
+    check_prediction_type(data.get("teacher", {}), where)
     return Schedule(solver=data["solver"], order=data["order"], nfe=data["nfe"], noise_schedule=data["noise_schedule"],
                     times=times, eval_times=eval_times, options=options, teacher=dict(data.get("teacher", {})),
                     provenance=dict(data.get("provenance", {})), coefficients=coefficients)
+
+
+def check_prediction_type(teacher: dict, where: str) -> None:
+    """ScheduleError unless the teacher's recorded `prediction_type`, if any, is one a sampler can convert."""
+    if "prediction_type" in teacher and teacher["prediction_type"] not in PREDICTION_TYPES:
+        raise ScheduleError(f"{where}: teacher.prediction_type {teacher['prediction_type']!r} is not one of "
+                            f"{', '.join(PREDICTION_TYPES)}")
 
 
 def _table(data: dict, version: int, steps: int, where: str) -> list[list[float]] | None:
@@ -306,12 +318,13 @@ def _table(data: dict, version: int, steps: int, where: str) -> list[list[float]
     if not isinstance(rows, list) or len(rows) > MAX_TIMES:
         raise ScheduleError(f"{where}: 'coefficients' must be a list of rows")
     table = [_times(dict(row=r), "row", f"{where}: 'coefficients' row {i}") for i, r in enumerate(rows)]
-    try:
-        c = check_table(table, steps, data["order"])
-    except ValueError as err:
-        raise ScheduleError(f"{where}: {err}") from None
     ns = make_schedule(**data["noise_schedule"])
     g = Grid(ns, torch.tensor(data["times"], dtype=torch.float64))
+    try:
+        c = check_table(table, steps, data["order"],
+                        table_scale(data.get("options", {}).get("form", "data"), g.alpha[0], g.sigma[0]))
+    except ValueError as err:
+        raise ScheduleError(f"{where}: {err}") from None
     for key, want in (("alpha", g.alpha), ("sigma", g.sigma)):
         given = torch.tensor(_times(data, key, where), dtype=torch.float64)
         if given.shape != (len(want),) or not torch.allclose(given, torch.stack(want), rtol=1e-9, atol=1e-12):

@@ -6,9 +6,9 @@ import os
 import re
 from pathlib import Path
 
-from ..files import parse_json
 from ..hf import hub_reachable
 from . import gmm
+from .model_index import read_model_index
 from .network import TeacherLoadError, diffusers_teacher, learnsteps_teacher
 from .pipelines import SUPPORTED, pipeline_teacher
 
@@ -63,23 +63,23 @@ def load_teacher(spec: str | Path, *, check: bool = True, conditions=None, guida
 
 
 def _pipeline_class(name: str) -> str | None:
-    """The `_class_name` in a pipeline directory's model_index.json (a hub id's, if it is in the local cache)."""
+    """The `_class_name` in a pipeline directory's model_index.json (a hub id's, if it is in the local cache); a
+    model_index.json that is there but unreadable or malformed is a TeacherLoadError naming it."""
     path = Path(name) / "model_index.json"
+    if path.is_file():
+        return read_model_index(path)["_class_name"]
+    if not HUB_ID.match(name) or Path(name).exists():
+        return None
     try:
-        if path.is_file():
-            return parse_json(path.read_bytes()).get("_class_name")
-        if HUB_ID.match(name) and not Path(name).exists():
-            from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache
 
-            cached = try_to_load_from_cache(name, "model_index.json")
-            if not isinstance(cached, str) and os.environ.get("HF_HUB_OFFLINE") != "1" and hub_reachable():
-                from huggingface_hub import hf_hub_download
+        cached = try_to_load_from_cache(name, "model_index.json")
+        if not isinstance(cached, str) and os.environ.get("HF_HUB_OFFLINE") != "1" and hub_reachable():
+            from huggingface_hub import hf_hub_download
 
-                cached = hf_hub_download(name, "model_index.json")
-            if isinstance(cached, str):
-                return parse_json(Path(cached).read_bytes()).get("_class_name")
+            cached = hf_hub_download(name, "model_index.json")
     except Exception:  # not a pipeline, or the hub says no: the UNet2DModel path gives the user-facing message
         return None
-    return None
+    return read_model_index(Path(cached))["_class_name"] if isinstance(cached, str) else None
 
 

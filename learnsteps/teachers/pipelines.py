@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..core.denoiser import guided
+from ..core.denoiser import MAX_GUIDANCE, guided
 from ..core.schedules import DiscreteDDPM, FlowMatching, dynamic_shift_mu
 from ..hf import hub_reachable, quiet_diffusers
+from .model_index import check_components, check_model_index
 from .network import PREDICTION_TYPES, NetworkTeacher, TeacherLoadError
 
 # diffusers 0.3x-0.4x warns on every Transformer2DModel call that its output class moved: nothing a user can act on
@@ -126,7 +127,10 @@ def read_conditions(conditions) -> list:
         path = Path(conditions)
         if not path.is_file():
             raise TeacherLoadError(f"conditions={conditions!r}: no such prompt file")
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        try:
+            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise TeacherLoadError(f"prompt file {path} cannot be read as UTF-8 text ({err})") from None
         conditions = [line for line in lines if line]
         if not conditions:
             raise TeacherLoadError(f"prompt file {path} holds no prompt")
@@ -148,7 +152,8 @@ def _load(model: str, local_files_only: bool | None, dtype: torch.dtype):
             f"Face cache{' and the hub is not reachable (offline)' if offline else ''}. Download it where there is "
             f"internet (`huggingface-cli download {model}`) and pass the directory. ({type(err).__name__}: "
             f"{str(err).splitlines()[0]})") from None
-    cls = index.get("_class_name")
+    where = path / "model_index.json" if path.exists() else model
+    cls = check_model_index(index, where)["_class_name"]
     verify_checksums(path)
     if cls not in SUPPORTED:
         raise TeacherLoadError(f"{model!r} is a {cls}; learnsteps loads " + "; ".join(
@@ -159,9 +164,10 @@ def _load(model: str, local_files_only: bool | None, dtype: torch.dtype):
         with quiet_diffusers():
             pipe = getattr(diffusers, cls).from_pretrained(model, local_files_only=offline, torch_dtype=dtype,
                                                            **absent)
-    except (OSError, ValueError, TypeError) as err:
+    except Exception as err:  # what a malformed component or config makes diffusers or the pipeline raise
         raise TeacherLoadError(f"could not load the {cls} at {model!r} ({type(err).__name__}: "
-                               f"{str(err).splitlines()[0]})") from None
+                               f"{(str(err).splitlines() or [''])[0]})") from None
+    check_components(pipe, index, where)
     pipe.set_progress_bar_config(disable=True)
     return pipe, cls
 
@@ -202,6 +208,8 @@ def _schedule(scheduler_class: str, config: dict, latent_tokens: int):
 
 def _class_labels(pipe, conditions: list) -> Tensor:
     names = {name.lower(): int(i) for name, i in (getattr(pipe, "labels", None) or {}).items()}  # name -> id
+    # the pipeline's own label table (id2label) where it has one, else every class its network embeds
+    classes = sorted(set(names.values())) or range(pipe.transformer.config.get("num_embeds_ada_norm") or 1000)
     out = []
     for c in conditions:
         if isinstance(c, int) and not isinstance(c, bool):
@@ -213,8 +221,9 @@ def _class_labels(pipe, conditions: list) -> Tensor:
         else:
             raise TeacherLoadError(f"class condition {c!r} is neither a label index nor a label name of this "
                                    f"pipeline ({', '.join(sorted(names)) or 'it has no id2label'})")
-        if not 0 <= label < 1000:
-            raise TeacherLoadError(f"class label {label} is outside DiT's 0..999")
+        if label not in classes:
+            raise TeacherLoadError(f"class label {label} is not one of this pipeline's {len(classes)} classes "
+                                   f"({min(classes)}..{max(classes)}{' in its id2label' if names else ''})")
         out.append(label)
     return torch.tensor(out + [1000])  # DiTPipeline's null class
 
@@ -238,8 +247,8 @@ def pipeline_teacher(model: str, conditions=None, guidance: float = 1.0, local_f
     if importlib.util.find_spec("diffusers") is None or importlib.util.find_spec("transformers") is None:
         raise TeacherLoadError("loading a diffusers pipeline needs diffusers and transformers: "
                                "pip install 'learnsteps[diffusers]'")
-    if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
-        raise TeacherLoadError(f"guidance={guidance!r} must be a number >= 0")
+    if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
+        raise TeacherLoadError(f"guidance={guidance!r} must be a number in [0, {MAX_GUIDANCE:g}]")
     conditions = read_conditions(conditions)
     pipe, cls = _load(model, local_files_only, dtype)
     if cls == "DiTPipeline":

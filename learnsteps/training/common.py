@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import math
 import os
 import random
 import shutil
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,7 +21,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import OmegaConf
 
-from ..config import at_least, conditions_value, not_a_file, one_of, to_yaml
+from ..config import at_least, conditions_value, guidance_scale, not_a_file, one_of, to_yaml
 from ..core.schedules import SCHEDULES
 from ..files import checksum_path, verify_checksum, write_checksummed, write_text
 from ..loaders import SeededShuffle
@@ -71,7 +74,7 @@ class RunConfig:
     command: str = ""  # filled in by train.py: the command line that made this run, recorded in its outputs
     restart: bool = False  # empty an existing run_dir and start over (instead of resuming it)
     # the teacher's conditions and guidance, in the modes that load a teacher
-    RULES: ClassVar = dict(run_dir=not_a_file, conditions=conditions_value, guidance=at_least(0))
+    RULES: ClassVar = dict(run_dir=not_a_file, conditions=conditions_value, guidance=guidance_scale)
 
 
 def run_path(cfg: RunConfig) -> Path:
@@ -195,13 +198,14 @@ def make_trainer(cfg: RunConfig, run_dir: Path, callbacks: list, logger=None, fi
     several = t.num_nodes > 1 or (len(t.devices) if isinstance(t.devices, (list, tuple)) else t.devices) not in (1, "1")
     ddp = t.strategy == "ddp" or (t.strategy == "auto" and several)
     strategy = "ddp_find_unused_parameters_true" if ddp and find_unused_parameters else t.strategy
-    ckpt = ModelCheckpoint(dirpath=last_checkpoint(run_dir).parent, save_last=True,
-                           every_n_train_steps=t.checkpoint_every)
+    ckpt = StepCheckpoint(dirpath=last_checkpoint(run_dir).parent, save_last=True,
+                          every_n_train_steps=t.checkpoint_every)
     return L.Trainer(
         default_root_dir=str(run_dir), max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices,
         num_nodes=t.num_nodes, strategy=strategy, precision=t.precision, log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.progress_bar, logger=logger if logger is not None else False,
-        callbacks=[StopOnNonFiniteLoss(), ExactResume(), ApplyChangedLearningRates(), *callbacks, ckpt],
+        callbacks=[StopOnNonFiniteLoss(), StopOnDivergence(), ExactResume(), ApplyChangedLearningRates(), *callbacks,
+                   StopOnSignal(), ckpt],  # StopOnSignal after every callback that records the step
         plugins=[AtomicCheckpointIO()],
         enable_model_summary=False, use_distributed_sampler=False, **kwargs)
 
@@ -210,10 +214,145 @@ def last_checkpoint(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints" / "last.ckpt"
 
 
+def validation_follows(trainer: L.Trainer) -> bool:
+    """Whether the training loop validates right after the batch that just ended (Lightning's own decision)."""
+    loop = trainer.fit_loop
+    return bool(loop.epoch_loop._should_check_val_fx(loop._data_fetcher))
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint every `every_n_train_steps`, except that a step with a validation right after it
+    is saved after that validation. Lightning resumes a checkpoint saved at the end of a training batch by skipping
+    the validation due after that batch, and LD3's best grid (and its learning-rate decay) depends on every
+    validation: a resume from such a checkpoint did not end where the uninterrupted run did."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        due = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
+        if due and validation_follows(trainer):
+            self._defer_save_until_validation = not self._should_skip_saving_checkpoint(trainer)
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def resume_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint a rerun resumes from: last.ckpt, or an hpc_ckpt_<n>.ckpt of Lightning's SLURM requeue (saved
+    when SLURM sends its requeue signal) where that is newer; None for a new run."""
+    found = [p for p in [last_checkpoint(run_dir), *Path(run_dir).glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
 def fit(trainer: L.Trainer, module, *data, run_dir: Path) -> None:
-    """trainer.fit, resuming from run_dir/checkpoints/last.ckpt when an earlier run left one."""
-    last = last_checkpoint(run_dir)
-    trainer.fit(module, *data, ckpt_path=str(last) if last.exists() else None)
+    """trainer.fit, resuming from the checkpoint an earlier run left (resume_checkpoint)."""
+    start = resume_checkpoint(run_dir)
+    trainer.fit(module, *data, ckpt_path=str(start) if start else None)
+
+
+class Interrupted(SystemExit):
+    """A run stopped by SIGTERM (a scheduler's pre-emption or time limit) or SIGINT (Ctrl+C). It exits with code
+    128 + the signal's number, the shell's convention for a process a signal ended (143, 130): a job script sees a
+    failure, and a rerun of the same command resumes."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(128 + signum)
+        self.signum = signum
+        self.message = message or f"interrupted by {signal.Signals(signum).name}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def raise_interrupted(signum, frame) -> None:
+    """A signal handler: stop here with Interrupted (the command lines install it for SIGTERM and SIGINT; writes are
+    atomic, so stopping anywhere leaves finished files and no half-written one)."""
+    raise Interrupted(signum)
+
+
+class StopOnSignal(Callback):
+    """SIGTERM or SIGINT while training: the step in progress finishes (with the validation due after it, if any),
+    is checkpointed as last.ckpt, and the run stops with Interrupted. Lightning's own SIGTERM handling (which stops at the next step without a checkpoint
+    and exits with code 0) is replaced while the training loop runs; SIGUSR1, with which SLURM asks Lightning to
+    save an hpc checkpoint and requeue the job (auto_requeue), is left to Lightning. A second SIGINT stops at once
+    (the last checkpoint is then the periodic one). On several ranks the decision is reduced over them every step,
+    so all stop after the same step; rank 0 writes the checkpoint."""
+
+    def __init__(self):
+        self.received, self.previous, self.after_validation = None, {}, None
+
+    def on_train_start(self, trainer, pl_module):
+        self.received = self.after_validation = None
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self.previous[signum] = signal.getsignal(signum)
+                signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise Interrupted(signum, "interrupted by a second SIGINT in the middle of a step (the last checkpoint "
+                                      "is the last periodic one)")
+        self.received = signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            return
+        signum = self.received or signal.SIGTERM  # a rank the signal did not reach stops with its sender
+        if validation_follows(trainer):  # the step is done once its validation is (StepCheckpoint says why)
+            self.after_validation = signum
+        else:
+            self._stop(trainer, signum)
+
+    def on_validation_end(self, trainer, pl_module):
+        if self.after_validation is not None and not trainer.sanity_checking:
+            self._stop(trainer, self.after_validation)
+
+    def _stop(self, trainer, signum: int):
+        last = last_checkpoint(trainer.default_root_dir)
+        trainer.save_checkpoint(last, weights_only=False)
+        raise Interrupted(signum, f"interrupted by {signal.Signals(signum).name} after step {trainer.global_step}, "
+                                  f"checkpointed in {last}")
+
+    def _restore(self, *_, **__):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    on_train_end = on_exception = teardown = _restore
+
+
+class StopOnDivergence(Callback):
+    """A diverged run is never exported: a validation loss (`key`, what LD3 and DSNO log) that is NaN or Inf, or
+    more than FACTOR times the run's first validation loss, stops it with NonFiniteLoss. The first one (LD3: its
+    starting grid's, before any step) sets the scale; a run that learns does not go FACTOR x beyond it (LD3's
+    restarts start from the best baseline grids), while one whose learning rate makes it blow up goes there
+    within a few validations. The checkpoints then hold the diverged state: the advice is to start over."""
+
+    FACTOR = 1e3
+
+    def __init__(self, key: str = "val/loss"):
+        self.key, self.first = key, None
+
+    def on_validation_end(self, trainer, pl_module):
+        value = trainer.callback_metrics.get(self.key)
+        if value is None:
+            return
+        value, step = float(value), trainer.global_step
+        if self.first is None and math.isfinite(value):
+            self.first = value
+        elif self.first is None or not math.isfinite(value) or value > self.FACTOR * self.first:
+            keys = sorted(k for k in LEARNING_RATES if hasattr(getattr(pl_module, "cfg", None), k))
+            what = (f"{value}" if not math.isfinite(value) or self.first is None
+                    else f"{value:.4g}, {value / self.first:.3g}x the first validation's {self.first:.4g}")
+            advice = ("the first validation is not finite: the teacher's samples or the starting point are at fault "
+                      "(check the teacher, its guidance and dtype)" if self.first is None else
+                      f"training diverged; the checkpoints hold the diverged state, so start over with a smaller "
+                      f"{' / '.join(keys) or 'learning rate'} and restart=true")
+            raise NonFiniteLoss(f"the validation loss ({self.key}) is {what} at step {step}: stopped, nothing "
+                                f"exported ({advice})")
+
+    def state_dict(self) -> dict:
+        return dict(first=self.first)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.first = state.get("first")
 
 
 class NonFiniteLoss(ValueError):

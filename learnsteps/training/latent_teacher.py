@@ -28,7 +28,7 @@ import lightning as L
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ..config import at_least, between, each, fraction, not_a_file, one_of, positive
+from ..config import at_least, between, each, fraction, guidance_scale, not_a_file, one_of, positive
 from ..files import sha256_file, write_json
 from ..loaders import BatchDraws
 from ..hf import quiet_diffusers
@@ -77,7 +77,7 @@ class LatentTeacherConfig(RunConfig):
     export_dtype: str = "float16"  # the shipped weights' storage (a pipeline loads them as float32)
     RULES: ClassVar = dict(RunConfig.RULES, data=one_of("digits"), shift=between(0.1, 20), label_dropout=fraction,
                            time_sampling=one_of("logit_normal", "uniform"), batch_size=at_least(1), lr=positive,
-                           warmup_steps=at_least(0), ema_decay=fraction, guidance=at_least(0),
+                           warmup_steps=at_least(0), ema_decay=fraction, guidance=guidance_scale,
                            export_dir=not_a_file, export_dtype=one_of("float16", "float32"))
 
 
@@ -101,6 +101,31 @@ def make_dit(cfg: DiTConfig, latent_channels: int, latent_size: int):
                               in_channels=latent_channels, out_channels=latent_channels,
                               activation_fn="gelu-approximate", num_embeds_ada_norm=NULL_CLASS,
                               norm_type="ada_norm_zero", norm_elementwise_affine=False)
+
+
+def check_latent_teacher(cfg: LatentTeacherConfig) -> None:
+    """ValueError for VAE and DiT sizes that cannot be built or run on the 8x8 digits, before anything is written:
+    the rules stated, then both networks built on the meta device and run on a meta batch (shapes only, no memory,
+    no time), so that whatever else diffusers refuses is refused now too."""
+    channels, levels = cfg.vae.channels, len(cfg.vae.channels)
+    if levels > 4:  # each entry after the first halves the side: 8 -> 4 -> 2 -> 1
+        raise ValueError(f"vae.channels={channels}: each entry after the first halves the 8x8 digits, so {levels} "
+                         f"entries go below one latent pixel (at most 4 entries)")
+    groups = min(8, min(channels))  # make_vae's GroupNorm
+    if any(c % groups for c in channels):
+        raise ValueError(f"vae.channels={channels}: the VAE's GroupNorm splits every level into min(8, smallest "
+                         f"entry) = {groups} groups, so every entry must be a multiple of {groups}")
+    try:
+        with torch.device("meta"):
+            z = make_vae(cfg.vae).encode(torch.zeros(2, 1, 8, 8)).latent_dist.mean
+            make_dit(cfg.dit, cfg.vae.latent_channels, z.shape[-1])(
+                z, timestep=torch.zeros(2), class_labels=torch.zeros(2, dtype=torch.long))
+    except ValueError:
+        raise
+    except Exception as err:  # diffusers and torch raise several types for sizes they cannot build
+        raise ValueError(f"vae={channels} / latent_channels={cfg.vae.latent_channels}, dit.width={cfg.dit.width} / "
+                         f"head_dim={cfg.dit.head_dim}: cannot be built ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0]})") from None
 
 
 class VAETraining(L.LightningModule):
@@ -214,7 +239,7 @@ def save_pipeline(directory: Path, transformer, vae, shift: float, dtype: torch.
 
 
 def train_latent_teacher(cfg: LatentTeacherConfig) -> Path:
-    make_dit(cfg.dit, cfg.vae.latent_channels, 8 // 2 ** (len(cfg.vae.channels) - 1))  # bad sizes: refused now
+    check_latent_teacher(cfg)
     run_dir = prepare_run(cfg)
     # stage 1: the autoencoder
     vae_cfg = stage(cfg, run_dir, "vae", cfg.vae.steps, cfg.vae.batch_size)
