@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 import torch
@@ -50,6 +51,9 @@ def export(schedule: Schedule, target: str, steps: int | None = None) -> tuple[s
 
     if target not in TARGETS:
         raise ScheduleError(f"unknown export target {target!r}: expected one of {', '.join(TARGETS)}")
+    if math.isinf(schedule.sigmas[0]):
+        raise ScheduleError("this schedule starts where alpha = 0 (a flow model's t = 1), where sigma~ = sigma/alpha is "
+                            "infinite: no sigma~ list holds it (flow samplers take sigma = t itself: the file's `times`)")
     sigmas = resampled_sigmas(schedule, steps)
     notes = []
     if len(sigmas) != len(schedule.sigmas):
