@@ -48,6 +48,7 @@ def write(tmp_path, **changes):
 
 @pytest.mark.parametrize("changes, match", [
     (dict(format="ld3"), "unknown format"),
+    (dict(teacher=dict(prediction_type="velocity")), "teacher.prediction_type 'velocity' is not one of"),
     (dict(version=3), "unsupported version 3"),
     (dict(version=2), "version 2 holds the solver .tabulated."),
     (dict(times=[1.0, 0.5, 0.6, 0.1, 0.05, 0.01, 0.001]), "decrease strictly"),

@@ -45,9 +45,10 @@ def check_ld3(cfg: LD3Config):
     resolve_auto(cfg, teacher)
     s = teacher.noise_schedule
     if start_time(s, cfg.solver, cfg.options) != s.t_max:
-        raise ValueError(f"{cfg.solver} {cfg.options or ''} cannot start at t = {s.t_max}, where this teacher's "
-                         f"sampling starts (alpha = 0, pure noise: its pipelines start there too); learn the schedule "
-                         f"for a data-form solver: dpm_solver++, unipc (bh2) or euler")
+        named = cfg.solver + (f" {cfg.options}" if cfg.options else "")
+        raise ValueError(f"{named} cannot start at t = {s.t_max}, where this teacher's sampling starts (alpha = 0, "
+                         f"pure noise: its pipelines start there too); learn the schedule for a data-form solver: "
+                         f"dpm_solver++, unipc (bh2) or euler")
     grid = LD3Grid(teacher.noise_schedule, steps, cfg.time_mode, cfg.to_zero, cfg.window)  # a point to learn
     if cfg.learn == "solver":
         base_form(cfg.solver, cfg.order, cfg.options, Grid(teacher.noise_schedule, *grid(False)))

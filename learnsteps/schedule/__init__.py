@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..core.denoiser import PREDICTION_TYPES
 from ..core.sample import check_options, check_order, get_solver, nfe as nfe_of, resolved_options, starts_at_noise
 from ..core.schedules import NoiseSchedule, make_schedule
 from ..core.solvers import check_table
@@ -299,6 +300,10 @@ def validate(data, where: str = "schedule") -> Schedule:
     for key in ("teacher", "provenance"):
         if not isinstance(data.get(key, {}), dict):
             raise ScheduleError(f"{where}: '{key}' must be a JSON object")
+    prediction = data.get("teacher", {}).get("prediction_type")
+    if prediction is not None and prediction not in PREDICTION_TYPES.values():
+        raise ScheduleError(f"{where}: teacher.prediction_type {prediction!r} is not one of "
+                            f"{sorted(PREDICTION_TYPES.values())}")
     return Schedule(solver=data["solver"], order=data["order"], nfe=data["nfe"], noise_schedule=data["noise_schedule"],
                     times=times, eval_times=eval_times, options=options, teacher=dict(data.get("teacher", {})),
                     provenance=dict(data.get("provenance", {})), coefficients=coefficients)
