@@ -355,3 +355,29 @@ def test_flux_dynamic_shift_from_the_scheduler_config():
     ours = ls.grids.make("shifted", 8, FlowMatching(shift=schedule.shift, t_max=1 - 1e-9, t_min=float(theirs[-2])),
                          to_zero=True)
     torch.testing.assert_close(ours[1:], theirs[1:], rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["FlowMatchEulerDiscrete", "DPMSolverMultistep", "UniPCMultistep"])
+@pytest.mark.parametrize("steps", [6, 20])
+def test_the_flow_schedulers_own_grids_in_our_core(velocity, name, steps):
+    """Each flow scheduler's own set_timesteps(N), read by pipeline_grid, in our core gives its own loop's samples:
+    FlowMatchEuler from sigma = 1 exactly (before, our core could only clip it), DPM-Solver++ with flow sigmas from
+    shift(1 - 1/n), UniPC from 1 - 1e-6 (diffusers moves it off 1 "to avoid inf"); their model times (DPM-Solver's
+    integer timesteps) as decoupled evaluation times. Their steps are float32 (FlowMatchEuler, DPM-Solver)."""
+    from learnsteps.interop.diffusers import pipeline_grid
+
+    s = velocity.noise_schedule
+    flow = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=s.shift)
+    make = {"FlowMatchEulerDiscrete": lambda: diffusers.FlowMatchEulerDiscreteScheduler(shift=s.shift),
+            "DPMSolverMultistep": lambda: diffusers.DPMSolverMultistepScheduler(**flow, solver_order=3),
+            "UniPCMultistep": lambda: diffusers.UniPCMultistepScheduler(**flow, solver_order=3)}[name]
+    pg = pipeline_grid(make(), steps)
+    start = {"FlowMatchEulerDiscrete": 1.0, "DPMSolverMultistep": np.float32(s.t_cap),
+             "UniPCMultistep": np.float32(1 - 1e-6)}[name]
+    assert pg.grid[0] == float(start) and pg.grid[-1] == 0 and pg.latents_scale == pg.output_scale == 1
+    scheduler = make()
+    scheduler.set_timesteps(steps)
+    x = x_T = noise((8, 6)) * s.init_noise_std()
+    for ts in scheduler.timesteps:
+        x = scheduler.step(velocity(x, (ts / 1000).to(F64).expand(len(x))), ts, x).prev_sample
+    assert relative(ls.sample(velocity, x_T, **pg.solve_kwargs), x.to(F64)) <= 1e-6
