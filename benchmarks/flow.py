@@ -1,4 +1,5 @@
-"""Flow matching in the core (issue #14): parity with diffusers' flow schedulers and convergence orders.
+"""Flow matching in the core (issues #14, #29): parity with diffusers' flow schedulers and convergence orders,
+from t = 1 (alpha = 0), where the flow pipelines start.
 
     python benchmarks/flow.py        # ~1 min on 2 CPU cores
 
@@ -6,10 +7,14 @@ The exact mixture teacher (tiny 6-d toy mixture) on the rectified-flow path x_t 
 shift 3, wrapped as a velocity network v = eps - x0 (what SD3 / FLUX transformers predict), float64, 8 samples.
 Parity: diffusers' FlowMatchEulerDiscreteScheduler, DPMSolverMultistepScheduler(use_flow_sigmas,
 prediction_type="flow_prediction") and UniPCMultistepScheduler(use_flow_sigmas) at 6, 10 and 20 steps on the
-shifted grid, ending at sigma = 0 and at t_min, in the denoising loop with our float64 grid as their sigmas (what
-learnsteps.interop does); DPM-Solver and UniPC also on their own set_timesteps(N) grid: float32 sigmas, and the
-model called at integer timesteps, int(t n) / n, which our core reproduces as decoupled evaluation times.
-Orders: RMSE to an adaptive reference (rtol 1e-12) on log-SNR grids of 32-256 steps, least-squares slope.
+shifted grid from t = 1 (UniPC-3 and UniPC bh1 from t_cap: diffusers' UniPC-3 returns NaN from sigma = 1, and
+bh1's first corrector has no finite limit there), ending at sigma = 0 and at t_min, in the denoising loop with our
+float64 grid as their sigmas (what learnsteps.interop does); each also on its own set_timesteps(N) grid, read by
+learnsteps.interop.diffusers.pipeline_grid: float32 sigmas (FlowMatchEuler's from t = 1 exactly, DPM-Solver's from
+shift(1 - 1/n), UniPC's from 1 - 1e-6), and the model called at its timesteps (integers int(t n) for DPM-Solver and
+UniPC), which our core reproduces as decoupled evaluation times.
+Orders: RMSE to an adaptive reference (rtol 1e-12) on log-SNR grids of 32-256 steps from t = 1 (the solvers that
+cannot start there from t_cap), least-squares slope.
 """
 from __future__ import annotations
 
@@ -23,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import learnsteps as ls  # noqa: E402
 from learnsteps.core.denoiser import NetworkDenoiser, VelocityNetwork  # noqa: E402
+from learnsteps.core.sample import start_time  # noqa: E402
 from learnsteps.core.schedules import FlowMatching  # noqa: E402
+from learnsteps.interop.diffusers import pipeline_grid  # noqa: E402
 from learnsteps.teachers.gmm import toy_mixture  # noqa: E402
 
 F64 = torch.float64
@@ -35,12 +42,12 @@ def run(scheduler, velocity, x_T, grid=None, steps=None):
     scheduler.set_timesteps(steps if grid is None else len(grid) - 1)
     if grid is not None:
         scheduler.sigmas, scheduler.timesteps = grid.clone(), grid[:-1] * n
-        scheduler.set_begin_index(0)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
     x = x_T.clone()
     for ts in scheduler.timesteps:
         x = scheduler.step(velocity(x, (ts / n).to(F64).expand(len(x))), ts, x).prev_sample
-    sigmas = scheduler.sigmas.to(F64)
-    return x.to(F64), sigmas, torch.cat([scheduler.timesteps.to(F64) / n, sigmas[-1:]])
+    return x.to(F64)
 
 
 def parity(velocity):
@@ -63,33 +70,41 @@ def parity(velocity):
                 if opts.get("variant") == "bh1" and to_zero:
                     continue  # diffusers' bh1 step to sigma = 0 is NaN (refused by learnsteps.interop)
                 fin = "zero" if to_zero else "sigma_min"
-                grid = ls.grids.make("shifted", steps, s, to_zero=to_zero)
-                theirs, _, _ = run(make(fin), velocity, x_T, grid=grid)
+                start = s.t_cap if (solver, order) == ("unipc", 3) else start_time(s, solver, opts)
+                grid = ls.grids.make("shifted", steps, s, to_zero=to_zero, t_max=start)
+                theirs = run(make(fin), velocity, x_T, grid=grid)
                 ours = ls.sample(velocity, x_T, grid, solver, order, **opts)
-                rows.setdefault((label, "our float64 grid"), []).append(float((ours - theirs).norm() / theirs.norm()))
-                if solver != "euler" and to_zero:  # their own grid and tables (FlowMatchEuler's starts at t = 1)
-                    # their tables: float32 sigmas, and integer timesteps (the model is called at int(t n) / n)
-                    theirs, own, model_times = run(make(fin), velocity, x_T, steps=steps)
-                    ours = ls.sample(velocity, x_T, own, solver, order, eval_grid=model_times, **opts)
-                    rows.setdefault((label, "their float32 grid"), []).append(float((ours - theirs).norm() / theirs.norm()))
+                key = (label, f"our float64 grid from {'t = 1' if start == 1 else 't_cap'}")
+                rows.setdefault(key, []).append(float((ours - theirs).norm() / theirs.norm()))
+                if to_zero:  # their own grid and tables, as pipeline_grid reads them
+                    pg = pipeline_grid(make(fin), steps)
+                    assert (pg.solver, pg.order) == (solver, order)
+                    theirs = run(make(fin), velocity, x_T, steps=steps)
+                    ours = ls.sample(velocity, x_T, **pg.solve_kwargs)
+                    key = (label, f"their float32 grid from {float(pg.grid[0]):.7g}")
+                    rows.setdefault(key, []).append(float((ours - theirs).norm() / theirs.norm()))
     return {k: max(v) for k, v in rows.items()}
 
 
 ORDERS = [("euler", 1, {}), ("heun", 2, {}), ("dpm_solver++", 2, {}), ("dpm_solver++", 3, {}),
+          ("dpm_solver++", 3, dict(method="singlestep", variant="taylor")),
           ("dpm_solver", 2, {}), ("unipc", 2, dict(lower_order_final=False)), ("unipc", 3, dict(lower_order_final=False)),
+          ("unipc", 3, dict(variant="bh1", corrector=False, lower_order_final=False)),
           ("deis", 3, dict(basis="tab")), ("ipndm", 4, {})]
 
 
 def orders(mixture):
     s = mixture.noise_schedule
     x_T = torch.randn(8, 6, dtype=F64, generator=torch.Generator().manual_seed(1)) * s.init_noise_std()
-    ref = ls.reference_solve(mixture, x_T, torch.tensor([s.t_max, s.t_min], dtype=F64), rtol=1e-12, atol=1e-12).x
     out = {}
     for solver, order, opts in ORDERS:
+        start = start_time(s, solver, opts)
+        ref = ls.reference_solve(mixture, x_T, torch.tensor([start, s.t_min], dtype=F64), rtol=1e-12, atol=1e-12).x
         steps = [32, 64, 128, 256]
-        err = [float((ls.sample(mixture, x_T, ls.grids.make("logsnr", n, s), solver, order, **opts) - ref)
+        err = [float((ls.sample(mixture, x_T, ls.grids.make("logsnr", n, s, t_max=start), solver, order, **opts) - ref)
                      .pow(2).mean().sqrt()) for n in steps]
-        out[f"{solver} {order}{' ' + str(opts) if opts else ''}"] = (-np.polyfit(np.log(steps), np.log(err), 1)[0], err[-1])
+        name = f"{solver} {order}{' ' + str(opts) if opts else ''} from {'t = 1' if start == 1 else 't_cap'}"
+        out[name] = (-np.polyfit(np.log(steps), np.log(err), 1)[0], err[-1])
     return out
 
 

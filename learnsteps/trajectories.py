@@ -35,7 +35,7 @@ from .config import at_least, between, each, one_of, positive
 from .core.grids import make as make_grid
 from .core.denoiser import dtype_of
 from .core.reference import reference_solve
-from .core.sample import check_options, check_order, get_solver, solve
+from .core.sample import check_options, check_order, get_solver, solve, starts_at_noise
 from .files import read_json, read_safetensors, sha256_file, write_json, write_safetensors
 from .loaders import train_loader
 
@@ -141,6 +141,9 @@ def check_spec(spec: TrajectorySpec, schedule) -> Tensor:
         to_zero = int(times[-1] == schedule.t_zero)  # that interval is one step: x0
         check_order(spec.solver, spec.order, (len(times) - 1 - to_zero) * spec.steps_per_interval + to_zero)
         check_options(spec.solver, spec.options)
+        if schedule.lambda_(times[:1]) == -math.inf and not starts_at_noise(spec.solver, spec.options):
+            raise ValueError(f"the output times start at t = {float(times[0])} (alpha = 0), where {spec.solver} "
+                             f"cannot start: use the reference solver or a data-form one (dpm_solver++, unipc)")
     elif spec.options:
         raise ValueError(f"the reference solver takes no options, got {spec.options}")
     return times

@@ -249,7 +249,7 @@ def test_the_export_prints_fixed_point_that_manualsigmas_reads_back_as_float32()
 
 def test_the_export_gives_flow_files_in_t_with_the_sampler_that_runs_them():
     flow = FlowMatching(shift=3.0)
-    grid = ls.grids.make("shifted", 6, flow, to_zero=True)
+    grid = ls.grids.make("shifted", 6, flow, to_zero=True, t_max=flow.t_cap)  # (from t = 1: the test below)
     dpm = Schedule.from_grid(grid, flow, "dpm_solver++", 2)
     payload, notes = export(dpm, "comfyui")
     assert torch.tensor([float(v) for v in payload.split(",")], dtype=F32).tolist() == \
@@ -262,6 +262,24 @@ def test_the_export_gives_flow_files_in_t_with_the_sampler_that_runs_them():
         assert notes[1].startswith("no ComfyUI sampler reproduces it exactly") and "'learnsteps sampler' node" in notes[1]
     a1111, notes = export(dpm, "a1111")
     assert a1111 == payload.rsplit(", ", 1)[0] and "not in the flow's log-SNR" in notes[-2]
+
+
+def test_a_flow_file_from_t_1_exports_its_t_and_only_euler_is_called_exact():
+    """ComfyUI takes t = 1 as a flow model's sigma; its Euler step from there is the flow Euler step, but its
+    multistep samplers first move a sigma of 1 to percent_to_sigma(1e-4) (offset_first_sigma_for_snr)."""
+    flow = FlowMatching(shift=3.0)
+    grid = ls.grids.make("shifted", 6, flow, to_zero=True)
+    assert grid[0] == 1
+    euler = Schedule.from_grid(grid, flow, "euler", 1)
+    payload, notes = export(euler, "comfyui")
+    assert [float(v) for v in payload.split(",")][0] == 1.0 and "exact with ComfyUI's euler" in notes[1]
+    payload, notes = export(Schedule.from_grid(grid, flow, "dpm_solver++", 2), "comfyui")
+    assert payload.startswith("1, ") and "offset_first_sigma_for_snr" in notes[1] and "'learnsteps sampler'" in notes[1]
+    for target in ("k-diffusion", "diffusers"):
+        with pytest.raises(ScheduleError, match="infinite"):
+            export(euler, target)
+    with pytest.raises(ScheduleError, match="--steps"):
+        export(euler, "comfyui", steps=4)
 
 
 def test_the_export_says_which_files_only_the_node_runs():

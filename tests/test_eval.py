@@ -115,3 +115,21 @@ def test_schedules_in_same_named_folders_get_distinct_labels():
     assert short_labels(paths) == {p: "/".join(p.split("/")[-3:]) for p in paths}
     assert short_labels(["x/nfe4/schedule.json"]) == {"x/nfe4/schedule.json": "nfe4/schedule.json"}
     assert short_labels(["s.json", "./s.json"]) == {"s.json": "s.json", "./s.json": "./s.json"}
+
+
+def test_a_flow_teachers_hand_grids_start_where_each_solver_can():
+    """On a flow teacher (t_max = 1, alpha = 0) the default solvers' hand grids start at 1 where the solver can start
+    there (DPM-Solver++) and at t_cap where it cannot (iPNDM; UniPC bh1 with its corrector), and they all sample."""
+    from learnsteps.core.schedules import FlowMatching
+    from learnsteps.eval.evaluate import entries
+    from learnsteps.teachers.gmm import toy_mixture
+
+    teacher = toy_mixture(noise_schedule=FlowMatching(shift=3.0))
+    s = teacher.noise_schedule
+    cfg = EvalConfig(nfe=[4], grids=["logsnr", "shifted"])
+    starts = {}
+    for kind, case, nfe, grid, eval_grid in entries(cfg, teacher):
+        starts[case.solver] = float(grid[0])
+        assert torch.isfinite(ls.sample(teacher, torch.randn(2, 6, dtype=torch.float64), grid, case.solver,
+                                        case.order, **case.options)).all()
+    assert starts == {"dpm_solver++": 1.0, "unipc": s.t_cap, "ipndm": s.t_cap}

@@ -26,15 +26,16 @@ def ddpm_teacher(betas="linear"):
     return NetworkDenoiser(EpsilonNetwork(exact), exact.noise_schedule, "epsilon")
 
 
-def learned_looking(schedule, steps, to_zero, decoupled, seed=0):
+def learned_looking(schedule, steps, to_zero, decoupled, seed=0, t_max=None):
     """An irregular grid (log-SNR spacing, each interior point moved by up to 15 % of its interval) and, if
     `decoupled`, interior evaluation times off the grid by up to 20 % of the shorter neighbouring interval."""
     gen = torch.Generator().manual_seed(seed)
-    grid = ls.grids.make("logsnr", steps, schedule, to_zero=to_zero)
+    grid = ls.grids.make("logsnr", steps, schedule, to_zero=to_zero, t_max=t_max)
     lam = schedule.lambda_(grid[: len(grid) - to_zero])
+    lam[0] = schedule.lambda_(torch.tensor(schedule.t_cap, dtype=F64))  # (a flow grid from t = 1 is spaced from there)
     lam[1:-1] += 0.3 * (torch.rand(len(lam) - 2, generator=gen, dtype=F64) - 0.5) * (lam[2:] - lam[:-2]) / 2
     grid[: len(lam)] = schedule.t_of_lambda(lam)
-    grid[0], grid[len(lam) - 1] = schedule.t_max, schedule.t_min
+    grid[0], grid[len(lam) - 1] = schedule.t_max if t_max is None else t_max, schedule.t_min
     eval_grid = None
     if decoupled:
         eval_grid = grid.clone()
@@ -102,7 +103,8 @@ def test_diffusers_flow_schedulers_run_a_flow_schedule_file_like_our_core(tmp_pa
     from learnsteps.schedule import load_schedule, save_schedule
 
     teacher = reexpressed(toy_mixture(noise_schedule=FlowMatching(shift=3.0)), "flow")
-    grid, eval_grid = learned_looking(teacher.noise_schedule, 7, to_zero, decoupled)
+    s = teacher.noise_schedule  # from t = 1, but diffusers' UniPC-3 from t_cap (below)
+    grid, eval_grid = learned_looking(s, 7, to_zero, decoupled, t_max=s.t_cap if (solver, order) == ("unipc", 3) else None)
     path = save_schedule(tmp_path / "s.json", Schedule.from_grid(grid, teacher.noise_schedule, solver, order,
                                                                   eval_grid=eval_grid, options=options))
     schedule = load_schedule(path)
@@ -115,6 +117,28 @@ def test_diffusers_flow_schedulers_run_a_flow_schedule_file_like_our_core(tmp_pa
     # FlowMatchEuler and DPMSolverMultistep compute their step in float32 (tests/test_flow.py)
     assert relative_error(ours, theirs) <= (1e-12 if solver == "unipc" else 1e-6)
     assert schedule.to_dict()["diffusers_timesteps"] == [t * 1000 for t in schedule.eval_times[:-1]]
+
+
+def test_diffusers_unipc_3_from_sigma_1_is_nan_and_refused():
+    """diffusers' UniPC-3 from sigma = 1 (alpha = 0) solves a Vandermonde system with an infinite entry: NaN samples.
+    Our core takes the limit there (tests/test_flow.py); the interop refuses to hand such a schedule to diffusers."""
+    from learnsteps.interop.diffusers import apply_schedule, recipe, scheduler_for
+
+    teacher = reexpressed(toy_mixture(noise_schedule=FlowMatching(shift=3.0)), "flow")
+    s = teacher.noise_schedule
+    grid, _ = learned_looking(s, 7, True, False)
+    schedule = Schedule.from_grid(grid, s, "unipc", 3)
+    with pytest.raises(ScheduleError, match="UniPC of order 3 .* returns NaN"):
+        recipe(schedule)
+    assert "returns NaN" in schedule.consumers()["diffusers"]["unsupported"]
+    two = Schedule.from_grid(grid, s, "unipc", 2)
+    net = lambda x, t: teacher(x, (torch.as_tensor(t, dtype=F64) / 1000).expand(len(x)))  # noqa: E731
+    x_T = noise((4, 6))
+    sched = diffusers.UniPCMultistepScheduler(**{**recipe(two)["config"], "solver_order": 3})  # what it would run
+    theirs = run_documented_loop(apply_schedule(sched, two), schedule, net, x_T)
+    assert torch.isnan(theirs).all() and torch.isfinite(ls.sample(teacher, x_T, grid, "unipc", 3)).all()
+    torch.testing.assert_close(run_documented_loop(scheduler_for(two), two, net, x_T),
+                               ls.sample(teacher, x_T, grid, "unipc", 2), rtol=1e-12, atol=1e-12)
 
 
 def test_a_flow_schedule_is_refused_by_a_vp_scheduler_and_the_reverse():

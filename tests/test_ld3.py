@@ -196,6 +196,8 @@ def test_feature_loss_is_the_squared_distance_of_the_digits_features_and_has_gra
     (["learn=solver", "solver=heun", "order=2", "nfe=5"], "learn=solver needs a multistep solver"),
     (["learn=solver", "init_schedule=/no/such.json"], "init_schedule='/no/such.json': does not exist"),
     (["learn=everything"], "learn='everything': must be one of 'grid', 'solver'"),
+    (["teacher=digits_latent_flow", "guidance=1.15", "solver=ipndm", "order=2"],
+     "ipndm cannot start at t = 1.0, where this teacher's sampling starts"),
 ])
 def test_bad_ld3_arguments_exit_2(args, match, tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "train.py"), "mode=ld3", f"run_dir={tmp_path / 'r'}", *args],
@@ -333,3 +335,33 @@ def test_an_init_schedule_for_another_solver_or_nfe_is_refused(tmp_path):
                          capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "WANDB_MODE": "disabled"})
     assert res.returncode == 2 and "made for NFE 6, not 4" in res.stderr, res.stderr[-1500:]
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("time_mode", ["lambda", "time"])
+def test_a_flow_grid_keeps_its_start_at_t_1_and_gradchecks_through_it(time_mode):
+    """A flow teacher's LD3 grid starts at t = 1 (alpha = 0): the first point stays there, the learned ones live in
+    (lambda(t_cap), lambda_min] (lambda mode), and the gradients with respect to theta and xi through the solver's
+    step from alpha = 0 are finite and exact (gradcheck); a start from a baseline grid round-trips."""
+    from learnsteps.core.schedules import FlowMatching
+
+    from helpers import reexpressed
+
+    s = FlowMatching(shift=3.0)
+    teacher = reexpressed(toy_mixture(dim=3, components=2, noise_schedule=s), "flow")
+    g = LD3Grid(s, 4, time_mode, to_zero=True)
+    with torch.no_grad():
+        g.theta.copy_(torch.tensor([0.3, -0.2, 0.5, 0.1], dtype=F64))
+        g.xi.copy_(torch.tensor([0.0, 0.05, -0.04, 0.0], dtype=F64))
+    t, t_eval = g()
+    assert t[0] == t_eval[0] == 1 and t[-2] == s.t_min and (t[1:] < t[:-1]).all() and t[1] < s.t_cap
+    x_T = noise((2, 3))
+
+    def run(theta, xi):
+        t, t_eval = torch.func.functional_call(g, dict(theta=theta, xi=xi), ())
+        return ls.sample(teacher, x_T, t, "dpm_solver++", 3, eval_grid=t_eval)
+
+    theta, xi = g.theta.detach().clone().requires_grad_(), g.xi.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(run, (theta, xi), eps=1e-7, atol=1e-6, rtol=1e-4)
+    baseline = ls.grids.make("logsnr", 4, s, to_zero=True)
+    g.init_from(baseline)
+    torch.testing.assert_close(g()[0], baseline, rtol=1e-9, atol=1e-12)

@@ -66,15 +66,14 @@ def test_pipelines_load_as_latent_conditional_teachers(pipelines, name, schedule
 def test_a_schedule_applied_to_the_pipeline_gives_our_latents(pipelines, name, solver, order, to_zero):
     import diffusers
 
-    from learnsteps.interop.diffusers import apply_schedule, initial_sample
+    from learnsteps.interop.diffusers import apply_schedule
 
     teacher = load_teacher(str(pipelines[name]), conditions=PROMPTS, guidance=4.0)
     s = teacher.noise_schedule
     grid = ls.grids.make("shifted" if s.kind == "flow" else "logsnr", 5, s, to_zero=to_zero)
     eval_grid = grid.clone()
     eval_grid[1:-1] += 0.2 * (grid[2:] - grid[1:-1])  # decoupled model times, as LD3 learns them
-    schedule = Schedule.from_grid(grid, s, solver, order, eval_grid=eval_grid,
-                                  teacher=dict(pipeline=teacher.config["pipeline"]))
+    schedule = Schedule.from_grid(grid, s, solver, order, eval_grid=eval_grid, teacher=teacher.record())
     noise = torch.randn(2, *teacher.shape, generator=torch.Generator().manual_seed(0))
     ours = ls.sample(teacher, noise * s.init_noise_std(), grid, solver, order, eval_grid=eval_grid,
                      cond=torch.tensor([0, 1]), **schedule.options)
@@ -82,8 +81,9 @@ def test_a_schedule_applied_to_the_pipeline_gives_our_latents(pipelines, name, s
                                                                          if name == "sd3" else {}))
     pipe.set_progress_bar_config(disable=True)
     kwargs = apply_schedule(pipe, schedule)
-    latents = initial_sample(pipe.scheduler, schedule, noise)
-    theirs = pipe(PROMPTS, latents=latents, guidance_scale=4.0, output_type="latent", height=8, width=8,
+    # latents=noise: StableDiffusionPipeline scales them by init_noise_sigma (our start's scale, e.g. Euler's
+    # x~ = x / alpha), StableDiffusion3Pipeline takes them as they are (our start from t = 1 is noise itself)
+    theirs = pipe(PROMPTS, latents=noise, guidance_scale=4.0, output_type="latent", height=8, width=8,
                   **kwargs).images
     if type(pipe.scheduler).__name__ == "EulerDiscreteScheduler":
         theirs = schedule.from_x_tilde(theirs)
@@ -123,6 +123,14 @@ def test_a_schedule_for_another_pipeline_class_is_refused(pipelines):
     pipe = diffusers.DiffusionPipeline.from_pretrained(pipelines["sd"])
     with pytest.raises(ScheduleError, match="learned for a StableDiffusion3Pipeline, not a StableDiffusionPipeline"):
         apply_schedule(pipe, schedule)
+    # a v-prediction teacher's schedule on an epsilon pipeline (or scheduler) is refused, not sampled as epsilon
+    v = Schedule.from_grid(schedule.grid, s, "dpm_solver++", 2, teacher=dict(prediction_type="v_prediction"))
+    with pytest.raises(ScheduleError, match="made for a v_prediction teacher, and this DDIMScheduler reads the model "
+                                            "output as epsilon"):
+        apply_schedule(pipe, v)
+    with pytest.raises(ScheduleError, match="reads the model output as epsilon"):
+        apply_schedule(diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                             beta_end=0.012), v)
 
 
 def test_conditions_from_a_prompt_file_and_bad_conditions(pipelines, tmp_path):
@@ -154,12 +162,12 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 def run_pipeline(pipe, name, schedule, teacher, seed):
     """The pipeline on `schedule` from the noise of `seed`: (our core's result, the pipeline's), as latents, or as
     images for DiT (whose pipeline takes no latents and always decodes)."""
-    from learnsteps.interop.diffusers import apply_schedule, initial_sample
+    from learnsteps.interop.diffusers import apply_schedule
 
     noise = torch.randn(2, *teacher.shape, generator=torch.Generator().manual_seed(seed))
-    # DiTPipeline starts from its noise as it is (no latents argument, no init_noise_sigma): so does our core here
-    start = noise if name.startswith("dit") else noise * teacher.noise_schedule.init_noise_std()
-    ours = ls.sample(teacher, start, schedule.grid, schedule.solver,
+    # DiTPipeline starts from its noise as it is (no latents argument, no init_noise_sigma), as our core does
+    assert teacher.noise_schedule.init_noise_std() == 1  # DDPM, and flow from t = 1
+    ours = ls.sample(teacher, noise, schedule.grid, schedule.solver,
                      schedule.order, eval_grid=schedule.eval_grid, cond=torch.tensor([0, 1]), **schedule.options)
     kwargs = apply_schedule(pipe, schedule)
     if name.startswith("dit"):
@@ -167,8 +175,8 @@ def run_pipeline(pipe, name, schedule, teacher, seed):
         theirs = pipe(labels, guidance_scale=teacher.guidance, output_type="np",
                       generator=torch.Generator().manual_seed(seed), **kwargs).images
         return (teacher.decode(ours) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1), torch.from_numpy(theirs)
-    theirs = pipe(teacher.conditions, latents=initial_sample(pipe.scheduler, schedule, noise),
-                  guidance_scale=teacher.guidance, output_type="latent", height=8, width=8, **kwargs).images
+    theirs = pipe(teacher.conditions, latents=noise, guidance_scale=teacher.guidance, output_type="latent", height=8,
+                  width=8, **kwargs).images
     return ours, theirs
 
 
@@ -199,6 +207,8 @@ def test_ld3_with_guidance_on_a_pipeline_and_back_into_it(pipelines, tmp_path, n
     assert schedule.teacher["pipeline"] == {"sd3": "StableDiffusion3Pipeline", "dit": "DiTPipeline",
                                             "dit_flow": "DiTPipeline"}.get(name, "StableDiffusionPipeline")
     assert schedule.teacher["conditions"] == conditions and schedule.teacher["guidance"] == 4.0
+    assert schedule.teacher["prediction_type"] == ("v_prediction" if name == "sd_v" else "flow_prediction"
+                                                   if name in ("sd3", "dit_flow") else "epsilon")
     teacher = load_teacher(str(pipelines[name]), conditions=conditions, guidance=4.0)
     pipe = diffusers.DiffusionPipeline.from_pretrained(pipelines[name], **({"text_encoder_3": None, "tokenizer_3": None}
                                                                          if name == "sd3" else {}))
@@ -272,3 +282,100 @@ def test_an_uncached_hub_pipeline_fails_offline_with_one_line(monkeypatch):
     with pytest.raises(TeacherLoadError, match="not in the Hugging Face cache") as err:
         load_teacher("learnsteps-test/no-such-pipeline", conditions=["a"])
     assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------- the pipeline's own grid and solver
+def with_scale_model_input(scheduler):
+    """The same scheduler with the identity scale_model_input that DiTPipeline calls and flow schedulers lack
+    (stock DiTPipeline cannot run FlowMatchEulerDiscreteScheduler: AttributeError)."""
+    cls = type(scheduler)
+    sub = type(cls.__name__, (cls,), dict(scale_model_input=lambda self, sample, *args, **kwargs: sample))
+    return sub.from_config(scheduler.config)
+
+
+OWN = [("sd", None, "euler", 1), ("sd_v", None, "euler", 1), ("dit", None, "dpm_solver++", 2),
+       ("dit_flow", None, "euler", 1), ("sd3", None, "euler", 1),
+       ("sd", ("EulerDiscreteScheduler", {}), "euler", 1),
+       ("sd_v", ("DPMSolverMultistepScheduler", dict(solver_order=3)), "dpm_solver++", 3),
+       ("sd", ("UniPCMultistepScheduler", {}), "unipc", 2),
+       ("sd3", ("DPMSolverMultistepScheduler", dict(use_flow_sigmas=True, prediction_type="flow_prediction",
+                                                    flow_shift=3.0, solver_order=2)), "dpm_solver++", 2),
+       ("sd3", ("UniPCMultistepScheduler", dict(use_flow_sigmas=True, prediction_type="flow_prediction",
+                                                flow_shift=3.0, solver_order=3)), "unipc", 3)]
+
+
+@pytest.mark.parametrize("name, scheduler, solver, order", OWN, ids=lambda v: v[0] if isinstance(v, tuple) else str(v))
+def test_the_pipelines_own_grid_and_solver_reproduce_its_own_sampling(pipelines, name, scheduler, solver, order):
+    """pipeline_grid(pipe, N): the pipeline's own call from the same latents is our core's solve on that grid
+    (float32, <= 1e-5 relative): its own scheduler, or another one configured on top of its config."""
+    import diffusers
+
+    from learnsteps.interop.diffusers import pipeline_grid
+
+    teacher = load_teacher(str(pipelines[name]), conditions=conditions_of(name), guidance=4.0)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(pipelines[name], **({"text_encoder_3": None, "tokenizer_3": None}
+                                                                         if name == "sd3" else {}))
+    pipe.set_progress_bar_config(disable=True)
+    if scheduler:
+        pipe.scheduler = getattr(diffusers, scheduler[0]).from_config({**pipe.scheduler.config, **scheduler[1]})
+    if name == "dit_flow":
+        pipe.scheduler = with_scale_model_input(pipe.scheduler)
+    pg = pipeline_grid(pipe, 6)
+    assert (pg.solver, pg.order) == (solver, order) and len(pg.grid) == 7
+    flow = teacher.noise_schedule.kind == "flow"
+    if flow:  # FlowMatchEuler starts at t = 1 (alpha = 0), DPM-Solver with flow sigmas at shift(1 - 1/n), UniPC
+        # at 1 - 1e-6 ("to avoid inf torch.log(alpha)", diffusers 0.42)
+        start = {None: 1.0, "DPMSolverMultistepScheduler": teacher.noise_schedule.t_cap,
+                 "UniPCMultistepScheduler": np.float32(1 - 1e-6)}[scheduler and scheduler[0]]
+        assert pg.grid[0] == pytest.approx(float(start), rel=1e-7, abs=0)
+    noise = torch.randn(2, *teacher.shape, generator=torch.Generator().manual_seed(5))
+    ours = ls.sample(teacher, noise * pg.latents_scale, cond=torch.tensor([0, 1]), **pg.solve_kwargs)
+    if name.startswith("dit"):  # DiTPipeline draws its own noise (the same generator) and decodes
+        labels = teacher.net.labels[:-1].tolist()
+        theirs = torch.from_numpy(pipe(labels, guidance_scale=4.0, num_inference_steps=6, output_type="np",
+                                       generator=torch.Generator().manual_seed(5)).images)
+        ours = (teacher.decode(ours) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    else:
+        theirs = pipe(PROMPTS, latents=noise, guidance_scale=4.0, num_inference_steps=6, output_type="latent",
+                      height=8, width=8).images / pg.output_scale
+    assert relative(ours, theirs) <= 1e-5
+
+
+def test_user_sigmas_are_shifted_by_the_flow_scheduler_and_pipeline_grid_says_so(pipelines):
+    """StableDiffusion3Pipeline(sigmas=s) samples on shift(s) (diffusers #13243, #14013, #14461: the static shift is
+    applied to given sigmas), then 0: pipeline_grid reports that grid, and our core on it gives the pipeline's latents."""
+    import diffusers
+
+    from learnsteps.core.schedules import shift_sigma
+    from learnsteps.interop.diffusers import pipeline_grid
+
+    teacher = load_teacher(str(pipelines["sd3"]), conditions=PROMPTS, guidance=4.0)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(pipelines["sd3"], text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    sigmas = [1.0, 0.75, 0.5, 0.25]
+    pg = pipeline_grid(pipe, sigmas=sigmas)
+    shifted = shift_sigma(torch.tensor(sigmas + [0.0], dtype=torch.float64), 3.0)
+    torch.testing.assert_close(pg.grid, shifted.float().double())  # not the sigmas given
+    assert pg.grid[1] == pytest.approx(0.9)  # 0.75 became 0.9
+    noise = torch.randn(2, *teacher.shape, generator=torch.Generator().manual_seed(2))
+    ours = ls.sample(teacher, noise, cond=torch.tensor([0, 1]), **pg.solve_kwargs)
+    theirs = pipe(PROMPTS, latents=noise, guidance_scale=4.0, sigmas=sigmas, output_type="latent", height=8,
+                  width=8).images
+    assert relative(ours, theirs) <= 1e-5
+    unshifted = ls.sample(teacher, noise, torch.tensor(sigmas + [0.0], dtype=torch.float64), "euler", 1,
+                          cond=torch.tensor([0, 1]))
+    assert relative(unshifted, theirs) > 1e-2
+
+
+def test_pipeline_grid_refuses_what_the_core_does_not_compute():
+    import diffusers
+
+    from learnsteps.interop.diffusers import pipeline_grid
+
+    for scheduler, match in [(diffusers.DDIMScheduler(), "clip_sample=True"),
+                             (diffusers.DDIMScheduler(clip_sample=False, timestep_spacing="linspace"), "t - 100"),
+                             (diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"), "algorithm_type"),
+                             (diffusers.PNDMScheduler(), "not a PNDMScheduler"),
+                             (diffusers.FlowMatchEulerDiscreteScheduler(stochastic_sampling=True), "stochastic")]:
+        with pytest.raises(ScheduleError, match=match):
+            pipeline_grid(scheduler, 10)

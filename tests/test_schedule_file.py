@@ -48,6 +48,7 @@ def write(tmp_path, **changes):
 
 @pytest.mark.parametrize("changes, match", [
     (dict(format="ld3"), "unknown format"),
+    (dict(teacher=dict(prediction_type="velocity")), "teacher.prediction_type 'velocity' is not one of"),
     (dict(version=3), "unsupported version 3"),
     (dict(version=2), "version 2 holds the solver .tabulated."),
     (dict(times=[1.0, 0.5, 0.6, 0.1, 0.05, 0.01, 0.001]), "decrease strictly"),
@@ -214,15 +215,17 @@ NASTY = (st.integers(-10**60, 10**60) | st.floats(allow_nan=False, allow_infinit
                             "sigma_min", "sigma_max", "variant", "method", "corrector", "data", "lower_order_final",
                             "plan", "basis", "eta", 0, 1, -1, 3]),
        value=NASTY, solver=st.sampled_from(["unipc", "dpm_solver++", "euler", "deis", "heun", "er_sde"]),
-       kind=st.sampled_from(["vp_linear", "ddpm", "edm", "vp_cosine"]))
+       kind=st.sampled_from(["vp_linear", "ddpm", "edm", "vp_cosine", "flow"]))
 def test_structured_mutations_load_as_usable_schedules_or_fail_with_schedule_error(tmp_path, where, key, value,
                                                                                   solver, kind):
     """One field deep inside a valid file set to something nasty: any solver, any noise schedule."""
+    from learnsteps.core.sample import start_time
     from learnsteps.core.schedules import make_schedule
 
     ns = make_schedule(kind)
     order = {"unipc": 2, "dpm_solver++": 2, "euler": 1, "deis": 2, "heun": 2, "er_sde": 2}[solver]
-    data = Schedule.from_grid(ls.grids.make("logsnr", 4, ns, to_zero=True), ns, solver, order).to_dict()
+    grid = ls.grids.make("logsnr", 4, ns, to_zero=True, t_max=start_time(ns, solver))  # flow: t = 1 where it can
+    data = Schedule.from_grid(grid, ns, solver, order).to_dict()
     target = data[where]
     if isinstance(target, dict) and isinstance(key, str):
         target[key] = value
@@ -314,3 +317,70 @@ def test_a_table_at_the_bound_loads_and_one_beyond_is_refused(tmp_path):
         (tmp_path / "beyond.json").write_text(json.dumps(data))
         with pytest.raises(ScheduleError, match=r"coefficient c\[4\]\[0\] = .* is beyond the bound of 1e\+06"):
             load_schedule(tmp_path / "beyond.json")
+
+
+# ------------------------------------------------------------------------------ flow schedules from t = 1, old files
+DATA = __import__("pathlib").Path(__file__).parent / "data"
+
+
+def test_a_flow_schedule_from_t_1_round_trips_with_its_infinite_sigma_as_null(tmp_path):
+    """A flow teacher's grid starts at t = 1 (alpha = 0), where sigma~ = sigma / alpha is infinite: JSON's null."""
+    from learnsteps.core.schedules import FlowMatching
+    from learnsteps.teachers.gmm import toy_mixture
+
+    s = FlowMatching(shift=3.0)
+    grid = ls.grids.make("shifted", 6, s, to_zero=True)
+    eval_grid = grid.clone()
+    eval_grid[1:-1] += 0.1 * (grid[2:] - grid[1:-1])
+    sched = Schedule.from_grid(grid, s, "dpm_solver++", 3, eval_grid=eval_grid)
+    path = save_schedule(tmp_path / "s.json", sched)
+    data = json.loads(path.read_text())
+    del data["sha256"]  # (edited below)
+    assert data["times"][0] == data["eval_times"][0] == 1 and data["noise_schedule"]["t_max"] == 1
+    assert data["sigmas"][0] is None and data["eval_sigmas"][0] is None and None not in data["sigmas"][1:]
+    assert data["diffusers_timesteps"][0] == 1000 and "unsupported" in data["consumers"]["k_diffusion"]
+    again = load_schedule(path, solver="dpm_solver++", nfe=6)
+    assert again.times == sched.times and again.eval_times == sched.eval_times and again.sigmas[0] == float("inf")
+    teacher = toy_mixture(noise_schedule=s)
+    x_T = torch.randn(3, 6, dtype=F64)
+    torch.testing.assert_close(ls.sample(teacher, x_T, **again.solve_kwargs),
+                               ls.sample(teacher, x_T, grid, "dpm_solver++", 3, eval_grid=eval_grid), rtol=0, atol=0)
+    for edit, match in [(dict(sigmas=[None] * 7), "'sigmas' disagree"),
+                        (dict(solver="deis", order=2, options={}), "deis {} cannot start at t = 1.0"),
+                        (dict(solver="heun", order=2, nfe=11, options={}), "heun {} cannot start at t = 1.0"),
+                        (dict(options=dict(variant="bh1"), solver="unipc"), "cannot start at t = 1.0")]:
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(dict(data, **edit)))
+        with pytest.raises(ScheduleError, match=match):
+            load_schedule(bad)
+
+
+@pytest.mark.parametrize("name", ["flow_v1_previous_release.json", "flow_v2_previous_release.json"])
+def test_flow_files_of_the_previous_release_load_and_run(name):
+    """Files written by the previous release (tests/data: DPM-Solver++(3M) and a UniPC-2 table, decoupled, from a
+    tiny SD3 pipeline teacher), whose flow schedule ended at t_max = shift(1 - 1/n) < 1: they keep that schedule
+    and run in the core on today's flow teacher (same time units) as they did, and in TabulatedScheduler."""
+    from learnsteps.core.schedules import FlowMatching, shift_sigma
+    from learnsteps.teachers.gmm import toy_mixture
+
+    sched = load_schedule(DATA / name)
+    old = sched.make_noise_schedule()
+    assert old.config() == FlowMatching(shift=3.0, t_max=shift_sigma(0.999, 3.0)).config() and old.t_max < 1
+    assert sched.times[0] == old.t_max and sched.decoupled and "prediction_type" not in sched.teacher
+    from helpers import reexpressed
+
+    # a velocity network, as the pipeline's (decoupled times read its output at the integration time)
+    teacher = reexpressed(toy_mixture(noise_schedule=FlowMatching(shift=3.0)), "flow")  # t_max = 1 today
+    x_T = torch.randn(3, 6, dtype=F64) * old.init_noise_std()
+    then = ls.sample(reexpressed(toy_mixture(noise_schedule=old), "flow"), x_T, **sched.solve_kwargs)
+    torch.testing.assert_close(ls.sample(teacher, x_T, **sched.solve_kwargs), then, rtol=0, atol=0)
+    pytest.importorskip("diffusers")
+    from learnsteps.interop.scheduler import TabulatedScheduler
+
+    scheduler = TabulatedScheduler.from_schedule(DATA / name)  # a flow file: flow_prediction
+    assert scheduler.init_noise_sigma == pytest.approx(old.t_max)
+    x = x_T / old.init_noise_std() * scheduler.init_noise_sigma
+    scheduler.set_timesteps(scheduler.num_inference_steps)
+    for t in scheduler.timesteps:
+        x = scheduler.step(teacher(x, (t / 1000).expand(len(x))), t, x).prev_sample
+    torch.testing.assert_close(x, then, rtol=1e-12, atol=1e-12)

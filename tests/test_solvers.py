@@ -8,23 +8,7 @@ from learnsteps.core.denoiser import NetworkDenoiser
 from learnsteps.core.schedules import EDM, DiscreteDDPM, VPLinear
 from learnsteps.teachers.gmm import gaussian, toy_mixture
 
-from helpers import F64, CountingDenoiser, noise, reexpressed
-
-DETERMINISTIC = [  # (solver, order, options)
-    ("euler", 1, {}), ("heun", 2, {}),
-    *[(s, p, dict(method=m, variant=v)) for s in ("dpm_solver", "dpm_solver++") for p in (1, 2, 3)
-      for m in ("multistep", "singlestep") for v in ("midpoint", "taylor")],
-    *[("unipc", p, dict(variant=v, corrector=c)) for p in (1, 2, 3) for v in ("bh1", "bh2") for c in (True, False)],
-    ("unipc", 2, dict(data=False)),
-    *[("deis", p, dict(basis=b)) for p in (1, 2, 3, 4) for b in ("tab", "logrho", "rhoab")],
-    *[("ipndm", p, {}) for p in (1, 2, 3, 4)],
-    *[("er_sde", p, dict(noise_scale="ode")) for p in (1, 2, 3)],
-]
-
-
-def ident(case):
-    solver, order, opts = case
-    return f"{solver}-{order}-" + "-".join(f"{v}" for v in opts.values())
+from helpers import DETERMINISTIC, F64, CountingDenoiser, ident, noise, reexpressed
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import learnsteps as ls
+from learnsteps.core.sample import start_time
 from learnsteps.core.schedules import EDM, DiscreteDDPM, FlowMatching, VPLinear
 from learnsteps.core.steps import Grid
 from learnsteps.core.tables import solver_table
@@ -24,13 +25,15 @@ BASE = [("dpm_solver++", 2, {}, "data"), ("dpm_solver++", 3, {}, "data"), ("dpm_
 SCHEDULES = [VPLinear(), EDM(), FlowMatching(shift=3.0)]
 
 
-def irregular(schedule, steps, to_zero):
+def irregular(schedule, steps, to_zero, t_max=None):
     """A learned-looking grid (log-SNR spacing jittered) with decoupled model times."""
-    g = ls.grids.make("logsnr", steps, schedule, to_zero=to_zero)
+    g = ls.grids.make("logsnr", steps, schedule, to_zero=to_zero, t_max=t_max)
     lam = schedule.lambda_(g[:steps + 1 - to_zero])
+    lam[0] = schedule.lambda_(torch.tensor(schedule.t_cap, dtype=torch.float64))  # (a flow grid from t = 1)
     jitter = torch.linspace(0, 1, len(lam), dtype=torch.float64).sin() * 0.3 * (lam[1] - lam[0])
     jitter[0] = jitter[-1] = 0
     t = torch.cat([schedule.t_of_lambda(lam + jitter), g[steps + 1 - to_zero:]])
+    t[0] = g[0]
     e = t.clone()
     e[1:steps - to_zero] = schedule.t_of_lambda(schedule.lambda_(t[1:steps - to_zero]) + 0.1)
     return t, e
@@ -44,7 +47,7 @@ def test_each_multistep_solver_is_a_table(schedule, to_zero, case):
     state; a noise-form step on a flow grid works in x / alpha with alpha down to 1e-3, which that rounding scales)."""
     solver, order, opts, form = case
     teacher = toy_mixture(noise_schedule=schedule)
-    t, e = irregular(schedule, 6, to_zero)
+    t, e = irregular(schedule, 6, to_zero, t_max=start_time(schedule, solver, opts))  # flow: from t = 1 where it can
     x_T = noise((5, 6)) * schedule.init_noise_std()
     table = solver_table(solver, order, Grid(schedule, t, e), form, **opts)
     want = ls.solve(teacher, x_T, t, solver, order, eval_grid=e, return_trajectory=True, **opts).trajectory
@@ -127,7 +130,8 @@ def largest_coefficients() -> dict[str, float]:
         s = make_schedule(kind)
         for spacing in applicable(["time_uniform", "time_quadratic", "logsnr", "edm", "shifted"], s):
             for nfe in (3, 4, 6, 10, 20, 50):
-                g = Grid(s, ls.grids.make(spacing, nfe, s, to_zero=True))
+                # (a flow grid from t_cap: not every core solver can start at t = 1)
+                g = Grid(s, ls.grids.make(spacing, nfe, s, to_zero=True, t_max=s.t_cap))
                 for (solver, order, options), form in itertools.product(CORE_TABLES, worst):
                     if nfe >= order:
                         unit = 1.0 if form == "data" else float(g.sigma[0] / g.alpha[0])
@@ -163,13 +167,14 @@ def test_gradients_match_finite_differences():
     assert torch.autograd.gradcheck(lambda a, b: run(a, b.tril()), (inner, delta), eps=1e-6, atol=1e-6)
 
 
-def learned_schedule(schedule, to_zero=True, steps=5):
-    """A version-2 file's Schedule: UniPC-3's table on an irregular decoupled grid, perturbed as a learned one."""
+def learned_schedule(schedule, to_zero=True, steps=5, teacher=None):
+    """A version-2 file's Schedule: UniPC-3's table on an irregular decoupled grid, perturbed as a learned one
+    (teacher: the record of the teacher it was learned for)."""
     t, e = irregular(schedule, steps, to_zero)
     table = solver_table("unipc", 3, Grid(schedule, t, e), "data")
     table = table * (1 + 0.05 * noise(table.shape, seed=2)).tril()
-    return Schedule.from_grid(t, schedule, "tabulated", 4, eval_grid=e, options=dict(form="data"),
-                              coefficients=table, provenance=dict(method="ld3", base="unipc-3"))
+    return Schedule.from_grid(t, schedule, "tabulated", table.shape[1], eval_grid=e, options=dict(form="data"),
+                              coefficients=table, provenance=dict(method="ld3", base="unipc-3"), teacher=teacher)
 
 
 def test_version_2_round_trip_and_version_1_stays(tmp_path):
@@ -229,7 +234,7 @@ def test_the_documented_reference_sampler_is_our_core(tmp_path, schedule, predic
     sched = learned_schedule(schedule, to_zero=schedule.kind != "edm")
     path = save_schedule(tmp_path / "s.json", sched)
     x_T = noise((4, 6)) * schedule.init_noise_std()
-    ours = ls.sample(teacher, x_T, sched.grid, "tabulated", 4, eval_grid=sched.eval_grid, **sched.solver_options)
+    ours = ls.sample(teacher, x_T, sched.grid, "tabulated", sched.order, eval_grid=sched.eval_grid, **sched.solver_options)
     net = {"v": "v", "flow": "flow", "x0": "x0"}.get(prediction, "epsilon")
     theirs = reference_sampler()(str(path), lambda x, t: teacher(x, torch.tensor(t, dtype=torch.float64)), x_T, net)
     assert float((theirs - ours).abs().max()) <= 1e-12 * float(ours.abs().max())
@@ -254,11 +259,11 @@ def test_the_scheduler_runs_a_schedule_as_our_core_does(tmp_path, source):
     s = DiscreteDDPM()
     teacher = reexpressed(toy_mixture(noise_schedule=s), "epsilon")  # natively epsilon, as the loop's network is
     if source == "learned":
-        sched = learned_schedule(s)
+        sched = learned_schedule(s, teacher=teacher.record())
     else:
         solver, order = source.rsplit("-", 1)
         t, e = irregular(s, 6, True)
-        sched = Schedule.from_grid(t, s, solver, int(order), eval_grid=e)
+        sched = Schedule.from_grid(t, s, solver, int(order), eval_grid=e, teacher=teacher.record())
     path = save_schedule(tmp_path / "s.json", sched)
     scheduler = TabulatedScheduler.from_schedule(path)
     x = noise((4, 6))
@@ -284,9 +289,11 @@ def test_the_scheduler_refuses_what_it_cannot_run(tmp_path):
         TabulatedScheduler.from_schedule(learned_schedule(VPLinear()))
 
 
-@pytest.mark.parametrize("name", ["sd", "sd3"])
+@pytest.mark.parametrize("name", ["sd", "sd_v", "sd3"])
 def test_a_learned_solver_in_a_pipeline_gives_our_latents(tmp_path, name):
-    """pipe.scheduler = TabulatedScheduler.from_schedule(path): the pipeline's latents are our core's (float32)."""
+    """pipe.scheduler = TabulatedScheduler.from_schedule(path); pipe(latents=noise): the pipeline's latents are our
+    core's from x_T = noise * std (float32), with the prediction type the file records (v for sd_v), whether the
+    pipeline scales given latents by init_noise_sigma (StableDiffusionPipeline) or not (StableDiffusion3Pipeline)."""
     pytest.importorskip("transformers")
     import diffusers
     import tiny_pipelines
@@ -294,19 +301,37 @@ def test_a_learned_solver_in_a_pipeline_gives_our_latents(tmp_path, name):
     from learnsteps.interop.scheduler import TabulatedScheduler
     from learnsteps.teachers import load_teacher
 
-    directory = getattr(tiny_pipelines, {"sd": "stable_diffusion", "sd3": "sd3"}[name])(tmp_path / name)
+    build = {"sd": tiny_pipelines.stable_diffusion, "sd_v": tiny_pipelines.stable_diffusion, "sd3": tiny_pipelines.sd3}
+    directory = build[name](tmp_path / name, **(dict(prediction_type="v_prediction") if name == "sd_v" else {}))
     prompts = ["a red dot", "two cats"]
     teacher = load_teacher(str(directory), conditions=prompts, guidance=4.0)
     s = teacher.noise_schedule
-    sched = learned_schedule(s, steps=5)
+    sched = learned_schedule(s, steps=5, teacher=teacher.record())
+    assert sched.teacher["prediction_type"] == {"sd": "epsilon", "sd_v": "v_prediction", "sd3": "flow_prediction"}[name]
     path = save_schedule(tmp_path / "s.json", sched)
     x = torch.randn(2, *teacher.shape, generator=torch.Generator().manual_seed(0))
-    ours = ls.sample(teacher, x * s.init_noise_std(), sched.grid, "tabulated", 4, eval_grid=sched.eval_grid,
+    ours = ls.sample(teacher, x * s.init_noise_std(), sched.grid, "tabulated", sched.order, eval_grid=sched.eval_grid,
                      cond=torch.tensor([0, 1]), **sched.solver_options)
     pipe = diffusers.DiffusionPipeline.from_pretrained(directory, **({"text_encoder_3": None, "tokenizer_3": None}
                                                                      if name == "sd3" else {}))
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = TabulatedScheduler.from_schedule(path)
-    theirs = pipe(prompts, latents=x * s.init_noise_std(), guidance_scale=4.0, output_type="latent", height=8, width=8,
+    theirs = pipe(prompts, latents=x, guidance_scale=4.0, output_type="latent", height=8, width=8,
                   num_inference_steps=5).images
     assert float((theirs - ours).norm() / ours.norm()) <= 1e-5
+    if name == "sd_v":  # the same file read as epsilon, as it was before the file recorded the type: far off
+        with pytest.raises(ScheduleError, match="made for a v_prediction teacher, not epsilon"):
+            TabulatedScheduler.from_schedule(path, prediction_type="epsilon")
+        data = json.loads(path.read_text())
+        del data["teacher"]["prediction_type"], data["sha256"]
+        old = tmp_path / "old.json"
+        old.write_text(json.dumps(data))
+        with pytest.raises(ScheduleError, match="does not record its prediction type"):
+            TabulatedScheduler.from_schedule(old)
+        data["teacher"] = {}
+        old.write_text(json.dumps(data))
+        with pytest.warns(UserWarning, match="read as epsilon"):
+            pipe.scheduler = TabulatedScheduler.from_schedule(old)
+        wrong = pipe(prompts, latents=x, guidance_scale=4.0, output_type="latent", height=8, width=8,
+                     num_inference_steps=5).images
+        assert float((wrong - ours).norm() / ours.norm()) > 0.1

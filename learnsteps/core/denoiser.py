@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from .schedules import NoiseSchedule
 
 PREDICTIONS = ("epsilon", "x0", "v", "edm", "flow")
+# what a schedule file records of its teacher's prediction: diffusers' prediction_type where it has one
+PREDICTION_TYPES = {"epsilon": "epsilon", "x0": "sample", "v": "v_prediction", "flow": "flow_prediction", "edm": "edm"}
 
 
 def per_sample(v: Tensor, x: Tensor) -> Tensor:
@@ -48,6 +50,11 @@ class Denoiser(nn.Module):
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         s = self.noise_schedule
         return per_sample(s.alpha(t), x), per_sample(s.sigma(t), x)
+
+    def record(self) -> dict:
+        """What a schedule file records of the teacher it was made for, besides its fingerprint and name: the
+        prediction type, in diffusers' words (a pipeline must run the file with it)."""
+        return dict(prediction_type=PREDICTION_TYPES[self.prediction])
 
     def x0(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
         return convert(self(x, t, cond), self.prediction, "x0", x, *self._alpha_sigma(x, t))

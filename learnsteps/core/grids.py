@@ -3,6 +3,12 @@
 `make(kind, steps, schedule)` returns steps + 1 decreasing times (float64). With to_zero=True the grid spaces
 `steps` points from t_max to t_min and appends the schedule's t_zero (sigma = 0), as k-diffusion's
 append_zero and diffusers' final_sigmas_type="zero" do; the last step is then x0(x).
+
+A grid from a start where alpha = 0 (a flow schedule's t_max = 1, lambda = -inf) starts at that time, whatever
+its kind. Kinds spaced in t (time_uniform, time_quadratic, shifted) space from it; kinds spaced in lambda or
+sigma~ (logsnr, edm, and gits' fine edm grid), which cannot space from an infinite value, space from the
+schedule's t_cap (the noisiest time of finite lambda, shift(1 - 1/n) for flow) and then put their first point
+at the start.
 """
 from __future__ import annotations
 
@@ -72,6 +78,11 @@ def make(kind: str, steps: int, schedule: NoiseSchedule, *, t_max: float | None 
     n = steps if to_zero else steps + 1
     u = _ramp(n)
     t_hi_, t_lo_ = torch.tensor(t_hi, dtype=torch.float64), torch.tensor(t_lo, dtype=torch.float64)
+    if kind in ("logsnr", "edm") and schedule.lambda_(t_hi_) == -math.inf:  # alpha = 0: space from t_cap
+        if not schedule.t_cap > t_lo:
+            raise ValueError(f"a {kind} grid from alpha = 0 spaces from t_cap = {schedule.t_cap}, which must exceed "
+                             f"t_min ({t_lo})")
+        t_hi_ = torch.tensor(schedule.t_cap, dtype=torch.float64)
     if kind == "time_uniform":
         t = t_hi_ + u * (t_lo_ - t_hi_)
     elif kind == "time_quadratic":
@@ -111,9 +122,10 @@ def gits(steps: int, schedule: NoiseSchedule, teacher, x_T: Tensor, *, t_max: fl
          to_zero: bool = False, fine_steps: int = 60, coeff: float = 1.15, rho: float = 7.0) -> Tensor:
     """GITS (Chen et al. 2024, "On the trajectory regularity of ODE-based diffusion sampling").
 
-    Integrate the teacher from x_T on a fine edm grid (iPNDM-4), price every jump i -> j by the mean squared
-    distance between one DDIM step from the teacher's x_i and the teacher's x_j, and choose the `steps` jumps
-    from the first to the last fine point that minimise V_k(j) = min_i coeff V_{k-1}(i) + C(i, j)."""
+    Integrate the teacher from x_T on a fine edm grid (iPNDM-4; DPM-Solver++(3M) from alpha = 0), price every
+    jump i -> j by the mean squared distance between one DDIM step from the teacher's x_i and the teacher's x_j,
+    and choose the `steps` jumps from the first to the last fine point that minimise
+    V_k(j) = min_i coeff V_{k-1}(i) + C(i, j)."""
     from .sample import solve
 
     if teacher is None or x_T is None:
@@ -122,8 +134,10 @@ def gits(steps: int, schedule: NoiseSchedule, teacher, x_T: Tensor, *, t_max: fl
     if jumps < 1 or fine_steps < jumps:
         raise ValueError(f"GITS needs 1 <= {jumps} jumps <= fine_steps ({fine_steps}); use more steps or fine_steps")
     fine = make("edm", fine_steps, schedule, t_max=t_max, t_min=t_min, rho=rho)
+    # GITS integrates with iPNDM-4, a noise-form solver; from alpha = 0 (a flow model's t = 1) DPM-Solver++(3M)
+    solver = ("dpm_solver++", 3) if schedule.lambda_(fine[:1]) == -math.inf else ("ipndm", 4)
     with torch.no_grad():
-        traj = solve(teacher, x_T, fine, "ipndm", order=4, return_trajectory=True).trajectory
+        traj = solve(teacher, x_T, fine, solver[0], order=solver[1], return_trajectory=True).trajectory
         lam = schedule.lambda_(fine)
         alpha, sigma = schedule.alpha(fine), schedule.sigma(fine)
         x0 = torch.stack([teacher.x0(traj[i], fine[i].expand(len(x_T)).to(x_T)) for i in range(fine_steps)])

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from . import solvers as S
 from .denoiser import Denoiser
+from .schedules import NoiseSchedule
 from .steps import Grid, Model
 
 
@@ -150,6 +151,29 @@ def resolved_options(solver: str, options: dict | None = None) -> dict:
     defaults = {name: p.default for fn in fns for name, p in inspect.signature(fn).parameters.items()
                 if p.default is not p.empty and name not in {"order", "generator", *spec.fixed}}
     return {**defaults, **options}
+
+
+def starts_at_noise(solver: str, options: dict | None = None) -> bool:
+    """Whether `solver` with `options` runs from a start where alpha = 0 (lambda = -inf: a flow model's t = 1):
+    the data-form solvers do, in the limit of their formulas; the noise-form ones (dpm_solver, unipc data=False,
+    deis, ipndm, the tabulated noise form), Heun, ER-SDE and UniPC bh1 with its corrector refuse such a grid."""
+    spec = get_solver(solver)
+    o = {**resolved_options(solver, options), **spec.fixed}
+    if spec.fn in (S.heun, S.deis, S.ipndm, S.er_sde):
+        return False
+    if spec.fn is S.unipc:
+        return o["data"] and not (o["variant"] == "bh1" and o["corrector"])
+    if spec.fn is S.tabulated:
+        return o["form"] == "data"
+    return o.get("data", True)  # euler; dpm_solver(++)
+
+
+def start_time(schedule: NoiseSchedule, solver: str, options: dict | None = None) -> float:
+    """The noisiest time `solver` can start from on `schedule`: t_max, or t_cap where t_max is a start at alpha = 0
+    that the solver refuses (`starts_at_noise`)."""
+    if schedule.t_cap < schedule.t_max and not starts_at_noise(solver, options):
+        return schedule.t_cap
+    return schedule.t_max
 
 
 @dataclass

@@ -7,7 +7,8 @@ stay finite in float32 at both ends. All maps are torch functions, differentiabl
 learned time grid can be pushed through them.
 
 Every schedule names three times in its native units:
-- t_max: the noisiest time a sampler starts from;
+- t_max: the noisiest time a sampler starts from (for flow matching t = 1 itself, where alpha = 0 and
+  lambda = -inf: pure noise, where the pipelines start; `t_cap` is then the noisiest time of finite lambda);
 - t_min: the usual last time of a sampler that stops just short of the data (sigma > 0);
 - t_zero: the time of the clean data, sigma = 0 and lambda = +inf, the target of a final step "to zero".
 """
@@ -55,6 +56,12 @@ class NoiseSchedule:
     t_max: float
     t_min: float
     t_zero: float
+
+    @property
+    def t_cap(self) -> float:
+        """The noisiest time of finite log-SNR: t_max itself, unless lambda(t_max) = -inf (alpha = 0, a flow
+        schedule's t = 1), where grids spaced in lambda or sigma~ start their spacing instead (docs/solvers.md)."""
+        return self.t_max
 
     # --- what a schedule defines -----------------------------------------------------------------------
     def lambda_(self, t: Tensor) -> Tensor:
@@ -295,9 +302,13 @@ class FlowMatching(NoiseSchedule):
 
     t is diffusers' flow "sigma"; the network sees t * n (FlowMatchEulerDiscreteScheduler's timesteps). `shift` is
     the sampler's timestep shift (SD3: 3.0; FLUX: e^mu): it does not change the forward process, only where the
-    model's own default grid ("shifted") puts its points and the default ends, t_max = shift(1 - 1/n) and
-    t_min = shift(1/n). t_max stays below 1: at t = 1, alpha = 0 and lambda = -inf, where the noise-form solvers and
-    every log-SNR step size are undefined (diffusers' DPM-Solver and UniPC with flow sigmas start there too)."""
+    model's own default grid ("shifted") puts its points and the default t_min = shift(1/n).
+
+    t_max defaults to 1, where the pipelines start (FlowMatchEulerDiscreteScheduler's first sigma): alpha = 0 and
+    lambda = -inf there, a valid start for every data-form solver (x0 = x - t v is finite) and refused by the
+    noise-form ones. Grids spaced in lambda or sigma~ space from t_cap = shift(1 - 1/n) (the last time of finite
+    lambda on the training table, where diffusers' DPM-Solver and UniPC with flow sigmas start) and put their
+    first point at 1. An explicit t_max < 1 (the previous default was shift(1 - 1/n)) is kept as it is."""
 
     kind = "flow"
     path = "flow"
@@ -306,14 +317,21 @@ class FlowMatching(NoiseSchedule):
         check_params(self.kind, shift=(shift, 1e-3, 1e3))
         check_params(self.kind, integer=True, n=(n, 2, 100_000))
         t_min = shift_sigma(1 / n, shift) if t_min is None else t_min
-        t_max = shift_sigma(1 - 1 / n, shift) if t_max is None else t_max
-        check_params(self.kind, t_min=(t_min, 1e-9, 1 - 1e-9), t_max=(t_max, 1e-9, 1 - 1e-9))
+        t_max = 1.0 if t_max is None else t_max
+        check_params(self.kind, t_min=(t_min, 1e-9, 1 - 1e-9), t_max=(t_max, 1e-9, 1.0))
         if not t_min < t_max:
             raise ValueError(f"{self.kind} schedule: needs t_min < t_max")
         self.shift, self.n, self.t_min, self.t_max, self.t_zero = float(shift), n, float(t_min), float(t_max), 0.0
+        if not self.t_min < self.t_cap:
+            raise ValueError(f"{self.kind} schedule: needs t_min = {self.t_min} below t_cap = shift(1 - 1/n) = "
+                             f"{self.t_cap}, the noisiest time of finite log-SNR")
+
+    @property
+    def t_cap(self) -> float:
+        return self.t_max if self.t_max < 1 else float(shift_sigma(1 - 1 / self.n, self.shift))
 
     def lambda_(self, t):
-        t = t.clamp(0, 1)  # sigma = 0 (lambda = +inf) at and below t_zero, never NaN
+        t = t.clamp(0, 1)  # sigma = 0 (lambda = +inf) at and below t_zero, alpha = 0 (lambda = -inf) at 1: never NaN
         return torch.log1p(-t) - torch.log(t)
 
     def t_of_lambda(self, lam):

@@ -4,7 +4,13 @@ Every solver has the same signature, `solver(model, x, grid, order, **options)`,
 points (through `model`, which counts calls), and is differentiable with respect to the grid: coefficients
 are torch expressions of lambda, never Python floats of the grid. A step whose target is the clean data
 (sigma = 0) is always the first-order data step x = x0(x), which is where every published solver's higher-order
-formula breaks down (0 * inf). docs/solvers.md gives the derivations and the choices made for each solver.
+formula breaks down (0 * inf). A grid may also start where alpha = 0 (lambda = -inf, a flow model's t = 1):
+each data-form formula is the exact integral of a polynomial interpolant of x0 in lambda against e^lambda, and a
+node at lambda = -inf drops out of it, lowering its degree by one (its Lagrange basis polynomial vanishes like
+1/|lambda_0| where e^lambda gives the interval finite weight); the solvers take those limits explicitly, so that no
+inf * 0 reaches a value or a gradient. The noise-form solvers, and Heun's trapezoidal step in sigma~, have no
+finite limit there and refuse such a grid. docs/solvers.md gives the derivations and the choices made for each
+solver.
 """
 from __future__ import annotations
 
@@ -24,9 +30,10 @@ def euler(model: Model, x: Tensor, g: Grid, order: int = 1, eta: float = 0.0,
     """DDIM (= Euler in x/alpha over sigma/alpha = DPM-Solver-1), stochastic with eta > 0 (eta = 1: DDPM).
 
     The deterministic step is taken in the model's native form (noise or data), which saves a conversion; a flow
-    (velocity) model steps in the data form, where it is exactly FlowMatchEulerDiscreteScheduler's x + (t' - t) v.
+    (velocity) model steps in the data form, where it is exactly FlowMatchEulerDiscreteScheduler's x + (t' - t) v,
+    and so does every model on a grid from alpha = 0 (the first step is then x = sigma_1 x_T + alpha_1 x0).
     DDIM's sigma_eta = eta sqrt((1-abar_t)/(1-abar_s)) sqrt(1-abar_s/abar_t) equals eta sigma_t sqrt(1-e^{-2h})."""
-    form = ExpForm(g, data=eta != 0 or model.denoiser.prediction in ("x0", "edm", "flow"))
+    form = ExpForm(g, data=eta != 0 or g.from_noise or model.denoiser.prediction in ("x0", "edm", "flow"))
     for i in range(g.n):
         m = form.predict(model, x, i)
         if g.is_zero(i + 1):
@@ -47,7 +54,11 @@ def euler(model: Model, x: Tensor, g: Grid, order: int = 1, eta: float = 0.0,
 
 def heun(model: Model, x: Tensor, g: Grid, order: int = 2) -> Iterator[Tensor]:
     """EDM's Algorithm 1 (Karras et al. 2022) on x~ = x/alpha over sigma~: an Euler step, then the trapezoidal
-    correction with the slope at its end, d = dx~/dsigma~ = eps. The step to sigma = 0 stays Euler: 2N-1 calls."""
+    correction with the slope at its end, d = dx~/dsigma~ = eps. The step to sigma = 0 stays Euler: 2N-1 calls.
+    From alpha = 0 the first interval in sigma~ is infinite and the correction ds (d_next - d) / 2 has no finite
+    limit: such a grid is refused."""
+    g.refuse_noise_start("heun", "takes EDM's trapezoidal step in sigma~ = sigma/alpha, infinite where alpha = 0 "
+                         "(its correction has no finite limit)")
     for i in range(g.n):
         d = model.eps(x, i)
         x_tilde = x / g.alpha[i]
@@ -68,7 +79,13 @@ def dpm_multistep(model: Model, x: Tensor, g: Grid, order: int = 2, data: bool =
     DPM-Solver's "dpmsolver" type) or -scale g2 D1 ("taylor", diffusers' "heun"). Order 3 adds
     -scale (g2 D1 + g3 D2) with D2 = (D1_0 - D1_1)/(r0 + r1): half the exact second-derivative term, as
     published and as diffusers and k-diffusion compute it, which leaves 3M a second-order method (measured on a
-    log-SNR grid: local slopes 2.4, 2.15, 2.05, 2.02 from 20 to 320 steps; docs/solvers.md)."""
+    log-SNR grid: local slopes 2.4, 2.15, 2.05, 2.02 from 20 to 320 steps; docs/solvers.md).
+
+    From alpha = 0 (lambda_0 = -inf) the history ratio r of that point is infinite: its divided difference
+    (m_1 - m_0) / r tends to 0, so step 1 of 2M is DDIM's, and step 2 of 3M (D1 -> D1_0, D2 -> 0) adds -scale g2 D1_0,
+    the taylor second-order step on the two finite points."""
+    if not data:
+        g.refuse_noise_start("dpm_solver", instead="dpm_solver++ (data prediction)")
     form = ExpForm(g, data)
     ms = [form.predict(model, x, 0)]
     for i in range(g.n):
@@ -79,7 +96,10 @@ def dpm_multistep(model: Model, x: Tensor, g: Grid, order: int = 2, data: bool =
         p = step_order(i, g.n, order, lower_order_final)
         _, _, scale, g1, g2, g3 = form.step(i)
         x_next = form.first_order(x, i, i + 1, ms[-1])
-        if p >= 2:
+        if p == 3 and g.is_noise(i - 2):  # the oldest output is at lambda = -inf and drops out (see above)
+            r0 = (g.lam[i] - g.lam[i - 1]) / (g.lam[i + 1] - g.lam[i])
+            x_next = x_next - (scale * g2) * ((ms[-1] - ms[-2]) / r0)
+        elif p >= 2 and not g.is_noise(i - 1):  # (p = 2 from lambda = -inf: D1 -> 0, DDIM's step)
             h = g.lam[i + 1] - g.lam[i]
             r0 = (g.lam[i] - g.lam[i - 1]) / h
             d1_0 = (ms[-1] - ms[-2]) / r0
@@ -120,7 +140,12 @@ def dpm_singlestep(model: Model, x: Tensor, g: Grid, order: int = 2, data: bool 
     Steps are grouped (`plan`, default DPM-Solver-fast's): a group of order k from grid point s takes its
     intermediate stages at the next k-1 grid points, each stage from x_s with the outputs known so far, so that
     r1, r2 are the actual lambda fractions of those points and NFE = N. Order-3 groups build their second stage
-    with the "taylor" formula, as the original does (diffusers' "midpoint" does not)."""
+    with the "taylor" formula, as the original does (diffusers' "midpoint" does not).
+
+    A group from alpha = 0 (lambda_s = -inf) has stage fractions r -> 1; its limits (`_stage_from_noise`) are the
+    integral of the interpolant through the finite stages (taylor) or the formula's own limit (midpoint)."""
+    if not data:
+        g.refuse_noise_start("dpm_solver (singlestep)", instead="dpm_solver++ (data prediction)")
     plan = plan or singlestep_plan(g.n, order, g.to_zero)
     if sum(plan) != g.n or not all(1 <= k <= 3 for k in plan):
         raise ValueError(f"singlestep plan {plan} must split the grid's {g.n} steps into orders 1..3")
@@ -137,6 +162,12 @@ def dpm_singlestep(model: Model, x: Tensor, g: Grid, order: int = 2, data: bool 
                 x = form.to_x0(x_s, s, ms[0])
                 yield x
                 return
+            if j > 1 and g.is_noise(s):
+                x = _stage_from_noise(form, x_s, s, t, ms, variant == "taylor" or (k == 3 and j == 2))
+                if j < k:
+                    ms.append(form.predict(model, x, t))
+                yield x
+                continue
             g1, g2, g3 = phis(form.hh(s, t), 3)
             x = form.first_order(x_s, s, t, ms[0])
             h = g.lam[t] - g.lam[s]
@@ -159,6 +190,24 @@ def dpm_singlestep(model: Model, x: Tensor, g: Grid, order: int = 2, data: bool 
         s += k
 
 
+def _stage_from_noise(form: ExpForm, x_s: Tensor, s: int, t: int, ms: list[Tensor], taylor: bool) -> Tensor:
+    """Stage t = s + 2 or s + 3 of a singlestep group from lambda_s = -inf (data form), in the limit of its formula.
+
+    The stage fractions r_q = (lambda_{s+q} - lambda_s) / h tend to 1 and g1 -> -1, g2 -> -1, g3 -> -1/2, so
+    order 2 gives x_t = r x_s + alpha_t m_1 (taylor) or r x_s + alpha_t (m_0 + m_1) / 2 (midpoint), and order 3
+    midpoint r x_s + alpha_t m_2. Order 3 taylor's D1 and D2 diverge like h with cancelling leading terms; with
+    a = lambda_t - lambda_1, b = lambda_t - lambda_2 its limit is the integral of the line through (lambda_1, m_1),
+    (lambda_2, m_2) against e^lambda from -inf: x_t = r x_s + alpha_t ((1 - b) m_1 + (a - 1) m_2) / (a - b)."""
+    g = form.g
+    x = (g.sigma[t] / g.sigma[s]) * x_s
+    if t == s + 2:
+        return x + g.alpha[t] * (ms[1] if taylor else (ms[0] + ms[1]) / 2)
+    if not taylor:
+        return x + g.alpha[t] * ms[2]
+    a, b = g.lam[t] - g.lam[s + 1], g.lam[t] - g.lam[s + 2]
+    return x + g.alpha[t] * ((1 - b) * ms[1] + (a - 1) * ms[2]) / (a - b)
+
+
 def unipc(model: Model, x: Tensor, g: Grid, order: int = 2, variant: str = "bh2", corrector: bool = True,
           data: bool = True, lower_order_final: bool = True) -> Iterator[Tensor]:
     """UniPC (Zhao et al. 2023): the UniP-p predictor and the UniC corrector, B(h) = hh ("bh1") or expm1(hh).
@@ -166,7 +215,18 @@ def unipc(model: Model, x: Tensor, g: Grid, order: int = 2, variant: str = "bh2"
     Weights rho solve R rho = b with R[k, j] = r_j^k over the previous points' lambda fractions r_j (and r = 1 for
     the new point) and b_k = g_{k+1} k! / B(h), k = 1..p; as published, p = 2 uses rho_p = 1/2 and the order-1 corrector
     rho_c = 1/2. The model is called on the predicted point, the corrector reuses that output (NFE = N), the last
-    step has no corrector, and the order ends as min(order, steps left)."""
+    step has no corrector, and the order ends as min(order, steps left).
+
+    From alpha = 0 a history point at lambda = -inf has r = -inf: by Cramer's rule its weight vanishes like
+    r^-(p-1) and the other weights tend to the solution of the system without that point and without its last
+    row, so the point is dropped and the system shrinks by one (the p = 2 predictor's fixed 1/2 then multiplies a
+    difference that tends to 0). bh1's first corrector, B(h) = hh = -inf times 1/2 (m_1 - m_0), has no finite
+    limit: bh1 with the corrector refuses such a grid."""
+    if not data:
+        g.refuse_noise_start("unipc with data=False", instead="unipc with data=True")
+    if variant == "bh1" and corrector and g.n > 1 and not g.is_zero(1):
+        g.refuse_noise_start("unipc variant bh1 with the corrector", "multiplies its first corrector by B(h) = h, "
+                             "infinite from alpha = 0", "variant bh2, corrector=False, euler or dpm_solver++")
     form = ExpForm(g, data)
     ms, idx = [form.predict(model, x, 0)], [0]
     for i in range(g.n):
@@ -179,19 +239,22 @@ def unipc(model: Model, x: Tensor, g: Grid, order: int = 2, variant: str = "bh2"
         h = g.lam[i + 1] - g.lam[i]
         gs = phis(hh, p + 1)
         b_h = hh if variant == "bh1" else gs[0]
-        rks = [(g.lam[idx[-1 - k]] - g.lam[i]) / h for k in range(1, p)]
-        d1s = [(ms[-1 - k] - ms[-1]) / r for k, r in enumerate(rks, 1)]
+        back = [k for k in range(1, p) if not g.is_noise(idx[-1 - k])]  # a point at lambda = -inf drops out
+        dropped = len(back) < p - 1
+        rks = [(g.lam[idx[-1 - k]] - g.lam[i]) / h for k in back]
+        d1s = [(ms[-1 - k] - ms[-1]) / r for k, r in zip(back, rks)]
+        q = len(rks) + 1  # size of the corrector's system (p, or p - 1 with a point dropped)
         rk = torch.stack(rks + [torch.ones_like(h)])
-        big_r = torch.stack([rk**k for k in range(p)])
-        b = torch.stack([gs[k] * math.factorial(k) / b_h for k in range(1, p + 1)])
+        big_r = torch.stack([rk**k for k in range(q)])
+        b = torch.stack([gs[k] * math.factorial(k) / b_h for k in range(1, q + 1)])
         x_lin = form.first_order(x, i, i + 1, ms[-1])
 
         def combine(rho, diffs):
             return sum(w * d for w, d in zip(rho, diffs))
 
         x_pred = x_lin
-        if p >= 2:
-            rho_p = [torch.full_like(h, 0.5)] if p == 2 else torch.linalg.solve(big_r[:-1, :-1], b[:-1])
+        if q >= 2:
+            rho_p = [torch.full_like(h, 0.5)] if p == 2 and not dropped else torch.linalg.solve(big_r[:-1, :-1], b[:-1])
             x_pred = x_lin - (scale * b_h) * combine(rho_p, d1s)
         if i == g.n - 1:
             yield x_pred
@@ -217,6 +280,7 @@ def deis(model: Model, x: Tensor, g: Grid, order: int = 3, basis: str = "tab",
     and "rhoab" rho = sigma/alpha (rhoAB-DEIS, iPNDM with variable-step weights)."""
     if basis not in DEIS_BASES:
         raise ValueError(f"unknown DEIS basis {basis!r}: expected one of {DEIS_BASES}")
+    g.refuse_noise_start("deis")
     variable = {"tab": lambda lam: g.schedule.t_of_lambda(lam), "logrho": lambda lam: lam,
                 "rhoab": lambda lam: torch.exp(-lam)}[basis]
     form = ExpForm(g, data=False)
@@ -250,6 +314,7 @@ def ipndm(model: Model, x: Tensor, g: Grid, order: int = 4) -> Iterator[Tensor]:
     """iPNDM: DDIM's step with eps replaced by the fixed-weight Adams-Bashforth combination of the last `order`
     outputs, warming up from order 1. DDIM's noise-form step is Euler in x~ over sigma~, so this is AB in sigma~:
     its order holds on grids uniform in sigma~ and drops towards 2 on others (deis(basis="rhoab") does not)."""
+    g.refuse_noise_start("ipndm")
     form = ExpForm(g, data=False)
     eps = [model.eps(x, 0)]
     for i in range(g.n):
@@ -288,6 +353,7 @@ def er_sde(model: Model, x: Tensor, g: Grid, order: int = 3, noise_scale: str = 
     Gauss-Legendre in lambda rather than the reference's 100-point Riemann sum."""
     if noise_scale not in NOISE_SCALES:
         raise ValueError(f"unknown ER-SDE noise scale {noise_scale!r}: expected one of {sorted(NOISE_SCALES)}")
+    g.refuse_noise_start("er_sde", "steps in x~ = x/alpha over sigma~ = sigma/alpha, infinite where alpha = 0")
     phi = NOISE_SCALES[noise_scale]
     s = g.sigma_tilde
     x0s, d1_prev = [], None
@@ -334,6 +400,9 @@ def tabulated(model: Model, x: Tensor, g: Grid, order: int = 3, coefficients=Non
     Entries c[i, j] with j > i (outputs not computed yet) must be zero."""
     c = check_table(coefficients, g.n, order, table_scale(form, g.alpha[0], g.sigma[0]))
     data = form == "data"
+    if not data:
+        g.refuse_noise_start("the tabulated solver in the noise form", "scales by r = alpha_1/alpha_0, infinite where "
+                             "alpha = 0", "its data form (form=data)")
     ms: list[Tensor] = []
     for i in range(g.n):
         ms = [model.x0(x, i) if data else model.eps(x, i)] + ms[: order - 1]

@@ -35,7 +35,10 @@ class Grid:
     exactly what a diffusers scheduler does with separate `timesteps` (model input) and `sigmas`, so that a
     decoupled schedule runs the same in diffusers as here. A grid may end
     exactly at the schedule's `t_zero` (sigma = 0): the last step is then the first-order data step x = x0(x).
-    Coefficients are computed in float64 whatever the grid's dtype, and stay differentiable in `t`."""
+    It may start where alpha = 0 (lambda = -inf: a flow model's t = 1, pure noise, where its pipelines start;
+    `from_noise`): the data-form solvers take their exact limits there and the noise-form ones refuse.
+    Coefficients are computed in float64 whatever the grid's dtype, and stay differentiable in `t` (but for an
+    infinite end's own lambda, a constant kept out of the graph so that no inf * 0 reaches a gradient)."""
 
     def __init__(self, schedule: NoiseSchedule, t: Tensor, t_eval: Tensor | None = None):
         t = check_times(t, "grid")
@@ -46,10 +49,12 @@ class Grid:
         self.n = len(t) - 1
         self.to_zero = bool(t[-1].detach() == schedule.t_zero)
         t64 = t.to(torch.float64)
-        lam = schedule.lambda_(t64[:-1] if self.to_zero else t64)
-        if self.to_zero:  # lambda = +inf there; kept out of the graph so no inf * 0 reaches a gradient
-            lam = torch.cat([lam, lam.new_full((1,), math.inf)])
-        finite = lam[:-1] if self.to_zero else lam
+        self.from_noise = bool(schedule.lambda_(t64[:1].detach()) == -math.inf)
+        lam = schedule.lambda_(t64[int(self.from_noise): self.n + 1 - self.to_zero])
+        # the infinite ends (alpha = 0 first, sigma = 0 last) are constants
+        lam = torch.cat([lam.new_full((int(self.from_noise),), -math.inf), lam,
+                         lam.new_full((int(self.to_zero),), math.inf)])
+        finite = lam[int(self.from_noise): self.n + 1 - self.to_zero]
         if not torch.isfinite(finite).all():
             raise ValueError(f"grid times {t.tolist()} leave the domain of {schedule!r} (non-finite log-SNR)")
         if not (lam[1:] > lam[:-1]).all():
@@ -59,9 +64,10 @@ class Grid:
         # Per-point values as tuples of 0-d tensors: solvers index them once per step, and indexing a tuple is
         # ~30x cheaper than indexing a tensor (the per-step overhead is what a sampler loop costs besides the model).
         self.lam, self.alpha, self.sigma = lam.unbind(), log_alpha.exp().unbind(), log_sigma.exp().unbind()
-        if t_eval is not t:  # the model is called there: those times must lie in the schedule's domain
-            te = t_eval[:-1] if self.to_zero else t_eval
-            if not torch.isfinite(schedule.lambda_(te.detach().to(torch.float64))).all():
+        if t_eval is not t:  # the model is called there: those times must lie in the schedule's domain (alpha = 0,
+            te = t_eval[:-1] if self.to_zero else t_eval  # pure noise, included)
+            lam_eval = schedule.lambda_(te.detach().to(torch.float64))
+            if lam_eval.isnan().any() or (lam_eval == math.inf).any():
                 raise ValueError(f"evaluation times {t_eval.tolist()} leave the domain of {schedule!r}")
 
     @cached_property
@@ -71,6 +77,18 @@ class Grid:
 
     def is_zero(self, i: int) -> bool:
         return self.to_zero and i == self.n
+
+    def is_noise(self, i: int) -> bool:
+        """Whether grid point i is a start at alpha = 0 (lambda = -inf)."""
+        return self.from_noise and i == 0
+
+    def refuse_noise_start(self, solver: str, why: str = "works in the noise form, undefined where alpha = 0",
+                           instead: str = "euler, dpm_solver++ or unipc (data form)") -> None:
+        """ValueError (one line) for a solver that cannot start where alpha = 0, if this grid does."""
+        if self.from_noise:
+            raise ValueError(f"{solver} {why}, and this grid starts at t = {float(self.t[0])} (alpha = 0, pure "
+                             f"noise): use {instead}, or start the grid at the schedule's t_cap = "
+                             f"{self.schedule.t_cap:.6g} (grids.make(..., t_max=schedule.t_cap))")
 
 
 def check_times(t, what: str = "grid", monotone: bool = True) -> Tensor:
@@ -91,6 +109,10 @@ class Model:
     """The denoiser as the solvers see it: called at grid point i, counting every call (NFE)."""
 
     def __init__(self, denoiser: Denoiser, grid: Grid, cond=None, remat: bool = False):
+        if grid.from_noise and denoiser.prediction == "epsilon":
+            raise ValueError("an epsilon-prediction model has no data prediction where alpha = 0 (x0 = (x - sigma "
+                             "eps) / alpha), where this grid starts: start it at the schedule's t_cap = "
+                             f"{grid.schedule.t_cap:.6g}")
         self.denoiser, self.grid, self.cond, self.nfe, self.remat = denoiser, grid, cond, 0, remat
 
     def _predict(self, x: Tensor, i: int, want: str) -> Tensor:
@@ -121,6 +143,8 @@ class ExpForm:
     The coefficients of the grid's own steps i -> i+1 are computed once, vectorised (`step`)."""
 
     def __init__(self, grid: Grid, data: bool):
+        if not data:
+            grid.refuse_noise_start("the noise form of the exponential integrator", "is undefined where alpha = 0")
         self.g, self.data = grid, data
         v = grid.vectors
         n = grid.n - grid.to_zero  # steps with a finite end; the step to sigma = 0 is always x = x0

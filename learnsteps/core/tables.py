@@ -46,6 +46,9 @@ def solver_table(solver: str, order: int | None, grid: Grid, form: str = "data",
     (width: the history it needs, or more, padded with zeros). ValueError if there is none."""
     if form not in TABLE_FORMS:
         raise ValueError(f"unknown table form {form!r}: expected one of {TABLE_FORMS}")
+    if form == "noise":
+        grid.refuse_noise_start("a noise-form table", "scales by r = alpha_1/alpha_0, infinite where alpha = 0",
+                                "the data form")
     spec = get_solver(solver)
     check_options(solver, options)
     order = check_order(solver, order, grid.n)

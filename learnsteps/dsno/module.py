@@ -212,7 +212,7 @@ def train_dsno(cfg: DSNOConfig) -> Path:
         return run_dir
     ema = module.ema.module.cpu().eval()
     val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    meta = dict(teacher=dict(fingerprint=teacher.fingerprint(), name=cfg.teacher, **getattr(teacher, "record", dict)()),
+    meta = dict(teacher=dict(fingerprint=teacher.fingerprint(), name=cfg.teacher, **teacher.record()),
                 noise_schedule=teacher.noise_schedule.config(), targets=cfg.targets,
                 training=dict(steps=trainer.global_step, seconds=round(seconds, 1), loss=cfg.loss,
                               weighting=cfg.weighting, trajectories=spec.n, validation=val, seed=cfg.seed,

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ..config import SolverChoice, at_least, between, conditions_value, each, guidance_scale, not_a_file, one_of
 from ..core.denoiser import dtype_of
 from ..core.grids import applicable, make as make_grid
-from ..core.sample import check_options, check_order, solve, steps_for_nfe
+from ..core.sample import check_options, check_order, solve, start_time, steps_for_nfe
 from ..dsno.student import load_student
 from ..files import save_figure, write_csv, write_text
 from ..core.schedules import make_schedule
@@ -84,7 +84,9 @@ def entries(cfg: EvalConfig, teacher):
                     print(f"note: {case.solver} order {case.order} needs {case.order} steps, NFE {nfe} gives {steps}: "
                           f"that cell is left out")
                     continue
-                yield kind, case, nfe, make_grid(kind, steps, s, to_zero=cfg.to_zero), None
+                # a solver that cannot start where alpha = 0 (a flow teacher's t_max = 1) starts at t_cap
+                start = start_time(s, case.solver, case.options)
+                yield kind, case, nfe, make_grid(kind, steps, s, to_zero=cfg.to_zero, t_max=start), None
     labels = short_labels(cfg.schedules)
     for path in cfg.schedules:
         sched = load_schedule(path)
@@ -157,7 +159,8 @@ def evaluate_teacher(cfg: EvalConfig, name: str, teacher, plan: list, features: 
     x_T = sample_noise(range(cfg.samples), shape, cfg.seed, std).to(dtype_of(teacher))
     x_T2 = sample_noise(range(cfg.samples), shape, cfg.seed + 1, std).to(dtype_of(teacher))  # for the floor
     cond = conditions_of(teacher, torch.arange(cfg.samples))  # the same condition set for every row
-    tgrid = make_grid("logsnr", cfg.teacher_steps, teacher.noise_schedule, to_zero=cfg.to_zero)
+    tgrid = make_grid("logsnr", cfg.teacher_steps, teacher.noise_schedule, to_zero=cfg.to_zero,
+                      t_max=start_time(teacher.noise_schedule, cfg.teacher_solver.solver, cfg.teacher_solver.options))
     ts = cfg.teacher_solver
     teacher_samples = sample_in_batches(teacher, x_T, tgrid, ts.solver, ts.order, cfg.batch_size, cond=cond,
                                         **ts.options)

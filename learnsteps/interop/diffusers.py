@@ -9,14 +9,21 @@ times, N values; Heun repeats them as it repeats its sigmas) and fix the step in
 DPM/UniPC/DEIS/Euler/Heun update reads only `sigmas[step_index +- k]`; the timesteps only reach the model,
 which is how LD3's decoupled times carry over. `initial_sample` scales the starting noise to the scheduler's
 own state, so that the usual denoising loop starts where our core does.
+
+The other way round, `pipeline_grid(pipe, N)` reads the grid, model times and solver a pipeline's own configured
+scheduler samples on (after its own set_timesteps, as the pipeline calls it), so that our core reproduces the
+pipeline's own sampling from the same latents.
 """
 from __future__ import annotations
 
+import copy
 from functools import partial
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from ..core.schedules import DiscreteDDPM, NoiseSchedule
 from ..core.solvers import singlestep_plan
 from ..schedule import Schedule, ScheduleError
 
@@ -41,6 +48,9 @@ def flow_recipe(schedule: Schedule) -> dict:
                                 lower_order_final=o.get("lower_order_final", True)))
     if name == "unipc":
         check_unipc_final_step(o.get("variant", "bh2"), schedule.to_zero)
+        if order >= 3 and schedule.times[0] == 1:
+            raise ScheduleError("diffusers' UniPC of order 3 solves its Vandermonde system with the infinite log-SNR "
+                                "step of a start at sigma = 1 (alpha = 0) and returns NaN: use order 2 or dpm_solver++")
         return dict(scheduler="UniPCMultistepScheduler",
                     config=dict(flow, solver_order=order, solver_type=o.get("variant", "bh2"),
                                 predict_x0=o.get("data", True), lower_order_final=o.get("lower_order_final", True)))
@@ -95,7 +105,30 @@ def recipe(schedule: Schedule) -> dict:
                             f"DPM-Solver(++), UniPC, DEIS log-rho, Euler and Heun)")
     betas = dict(num_train_timesteps=ns["n"], beta_schedule=ns["betas"])
     betas.update({k: ns[k] for k in ("beta_start", "beta_end") if ns.get(k) is not None})
+    prediction = schedule.teacher.get("prediction_type")
+    if prediction in DDPM_PREDICTION_TYPES:  # the network's own, as the file records it
+        betas["prediction_type"] = prediction
     return dict(scheduler=cls, config={**betas, **config})
+
+
+DDPM_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def scheduler_prediction(scheduler_class: str, config) -> str:
+    """The prediction type a diffusers scheduler (class name and config) reads its model output as."""
+    if scheduler_class.startswith("FlowMatch"):
+        return "flow_prediction"
+    return config.get("prediction_type", "epsilon")
+
+
+def check_prediction(schedule: Schedule, scheduler_class: str, config) -> None:
+    """ScheduleError if the schedule's teacher predicted something else than the scheduler reads (a v-prediction
+    network's output read as epsilon samples garbage without an error)."""
+    recorded = schedule.teacher.get("prediction_type")
+    theirs = scheduler_prediction(scheduler_class, config)
+    if recorded and recorded != theirs:
+        raise ScheduleError(f"the schedule was made for a {recorded} teacher, and this {scheduler_class} reads the "
+                            f"model output as {theirs}: is it the pipeline the schedule was learned for?")
 
 
 def check_unipc_final_step(variant: str, to_zero: bool) -> None:
@@ -127,14 +160,17 @@ def apply_to_pipeline(pipe, schedule: Schedule) -> dict:
     """Make a diffusers pipeline sample on the schedule: its scheduler is replaced by the class and configuration
     `recipe` names (on top of the pipeline's own scheduler config), whose set_timesteps puts the schedule's grid
     (and LD3's model-evaluation times) in place whenever the pipeline calls it. Returns the keyword arguments for
-    `pipe(...)`: num_inference_steps = N. The scheduler's init_noise_sigma is 1, so that
-    `pipe(..., latents=initial_sample(pipe.scheduler, schedule, noise))` starts exactly where our core does and
-    gives the same latents."""
+    `pipe(...)`: num_inference_steps = N. The scheduler's init_noise_sigma is what `initial_sample` scales unit
+    noise by, so `pipe(..., latents=noise)` starts where our core's x_T = noise * init_noise_std() does in both
+    conventions of diffusers' pipelines: those that scale given latents by init_noise_sigma (StableDiffusion-
+    Pipeline's prepare_latents) and those that take them as they are (StableDiffusion3Pipeline, FLUX), whose
+    schedules (flow, from t = 1, std 1) have init_noise_sigma = 1. (DiTPipeline draws its own noise, unscaled.)"""
     import diffusers
 
     wanted = schedule.teacher.get("pipeline")
     if wanted and type(pipe).__name__ != wanted:
         raise ScheduleError(f"the schedule was learned for a {wanted}, not a {type(pipe).__name__}")
+    check_prediction(schedule, type(pipe.scheduler).__name__, pipe.scheduler.config)
     r = recipe(schedule)
     base = getattr(diffusers, r["scheduler"])
     n = len(schedule.times) - 1
@@ -146,8 +182,9 @@ def apply_to_pipeline(pipe, schedule: Schedule) -> dict:
         kwargs = {k: v for k, v in kwargs.items() if k == "mu"}  # explicit timesteps / sigmas are the schedule's
         _put_grid(self, schedule, device or "cpu", lambda steps, device: base.set_timesteps(self, steps, device, **kwargs))
 
+    start = start_scale(base.__name__, schedule)
     members = dict(set_timesteps=set_timesteps, __doc__=f"{base.__name__} pinned to a learnsteps schedule",
-                   init_noise_sigma=property(lambda self: 1.0, lambda self, v: None))
+                   init_noise_sigma=property(lambda self: start, lambda self, v: None))
     if not hasattr(base, "scale_model_input"):  # flow schedulers have none; DiTPipeline calls it: x as it is
         members["scale_model_input"] = lambda self, sample, *args, **kwargs: sample
     learned = type(base.__name__, (base,), members)
@@ -161,6 +198,7 @@ def apply_to_pipeline(pipe, schedule: Schedule) -> dict:
 
 def _put_grid(scheduler, schedule: Schedule, device, set_timesteps):
     cls = type(scheduler).__name__
+    check_prediction(schedule, cls, scheduler.config)
     ns = schedule.make_noise_schedule()
     if getattr(scheduler, "alphas_cumprod", None) is not None and schedule.noise_schedule.get("kind") == "ddpm":
         theirs = scheduler.alphas_cumprod.to(torch.float64)
@@ -203,9 +241,131 @@ def initial_sample(scheduler, schedule: Schedule, noise: Tensor) -> Tensor:
     Euler and Heun work on x~ = x / alpha and start from x~_T = x_T / alpha(t_0) = noise sqrt(1 + sigma~_0^2) for VP
     teachers; their `init_noise_sigma` is sigma~_0 instead under timestep_spacing="linspace" or "trailing" (a
     relative difference of 1 / (2 sigma~_0^2), 2e-5 for DDPM's table, 2e-3 for Stable Diffusion's), so the
-    pipelines' own `noise * init_noise_sigma` is not our start. The other classes work on x itself (for flow
-    models x_T = t_0 noise, where their pipelines start from noise at t = 1)."""
-    x_T = noise * schedule.make_noise_schedule().init_noise_std()
-    if type(scheduler).__name__ in X_TILDE_SCHEDULERS:
-        return schedule.x_tilde(x_T)
-    return x_T
+    pipelines' own `noise * init_noise_sigma` is not our start (a pipeline given to `apply_schedule` gets this
+    scale as its init_noise_sigma). The other classes work on x itself (for flow models x_T = sigma(t_0) noise:
+    noise itself from t = 1, where their pipelines start)."""
+    return noise * start_scale(type(scheduler).__name__, schedule)
+
+
+def start_scale(scheduler_class: str, schedule: Schedule) -> float:
+    """The factor from unit noise to the starting state of a scheduler of this class on `schedule`."""
+    std = schedule.make_noise_schedule().init_noise_std()
+    return float(schedule.x_tilde(torch.tensor(std, dtype=torch.float64))) if scheduler_class in X_TILDE_SCHEDULERS \
+        else std
+
+
+# ------------------------------------------------------------------------------------- the pipeline's own grid
+class PipelineGrid(NamedTuple):
+    """What a diffusers scheduler samples on, in our core's units (see `pipeline_grid`)."""
+
+    grid: Tensor  # the N+1 integration times, native (DDPM index, flow t), float64
+    eval_grid: Tensor  # the times the model is called at (the scheduler's timesteps), N+1
+    solver: str
+    order: int
+    options: dict
+    latents_scale: float  # our core's x_T = latents * latents_scale, for the latents the pipeline is given
+    output_scale: float  # the pipeline's output latents = our core's result * output_scale
+
+    @property
+    def solve_kwargs(self) -> dict:
+        """learnsteps.solve(teacher, latents * pg.latents_scale, **pg.solve_kwargs)."""
+        return dict(grid=self.grid, eval_grid=self.eval_grid, solver=self.solver, order=self.order, **self.options)
+
+
+PIPELINE_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "DDIMScheduler", "EulerDiscreteScheduler",
+                       "DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
+
+
+def pipeline_grid(pipe_or_scheduler, num_inference_steps: int | None = None, **set_timesteps_kwargs) -> PipelineGrid:
+    """The grid, model times, solver, order and options on which a pipeline's configured scheduler samples
+    `num_inference_steps` steps, read from what the scheduler itself computes in its own set_timesteps (called
+    on a copy, as the pipelines call it: set_timesteps_kwargs are what the pipeline passes, e.g. FLUX's
+    sigmas=np.linspace(1, 1/N, N) and mu; diffusers shifts given sigmas, so the grid is the shifted one).
+
+        pg = pipeline_grid(pipe, 28)
+        x = learnsteps.sample(teacher, latents * pg.latents_scale, **pg.solve_kwargs)
+        # == pipe(..., latents=latents, num_inference_steps=28, output_type="latent").images / pg.output_scale
+
+    The times are the scheduler's own sigmas (a flow model's t, from t = 1 for FlowMatchEuler; DDPM times from
+    its float32 sigma~ table), and the model is called at its own timesteps (decoupled evaluation times where
+    they differ, e.g. DPMSolverMultistep's integer timesteps on flow sigmas). FlowMatchEulerDiscrete, DDIM,
+    EulerDiscrete (DDPM), DPMSolverMultistep and UniPCMultistep (DDPM or flow sigmas) are read; other classes and
+    settings our core does not compute (stochastic sampling, thresholding, SDE variants, ...) are refused with
+    ScheduleError."""
+    scheduler = copy.deepcopy(getattr(pipe_or_scheduler, "scheduler", pipe_or_scheduler))
+    cls, c = type(scheduler).__name__, scheduler.config
+    if cls not in PIPELINE_SCHEDULERS:
+        raise ScheduleError(f"pipeline_grid reads {', '.join(PIPELINE_SCHEDULERS)}, not a {cls}")
+    refused = [k for k, bad in (("thresholding", c.get("thresholding")), ("clip_sample", c.get("clip_sample")),
+                                ("stochastic_sampling", c.get("stochastic_sampling")),
+                                ("invert_sigmas", c.get("invert_sigmas")),
+                                ("euler_at_final", c.get("euler_at_final")),
+                                ("disable_corrector", c.get("disable_corrector")),
+                                ("timestep_type", c.get("timestep_type", "discrete") != "discrete"),
+                                ("algorithm_type", c.get("algorithm_type", "dpmsolver++") not in ("dpmsolver++",
+                                                                                                   "dpmsolver")))
+               if bad]
+    if refused:
+        raise ScheduleError(f"{cls} with {', '.join(f'{k}={c.get(k)!r}' for k in refused)} computes what no solver of "
+                            f"learnsteps' core does")
+    if "sigmas" in set_timesteps_kwargs or "timesteps" in set_timesteps_kwargs:  # as retrieve_timesteps calls it
+        scheduler.set_timesteps(**set_timesteps_kwargs)
+    else:
+        scheduler.set_timesteps(num_inference_steps, **set_timesteps_kwargs)
+    flow = cls.startswith("FlowMatch") or bool(c.get("use_flow_sigmas"))
+    timesteps = scheduler.timesteps.to(torch.float64).cpu()
+    n = len(timesteps)
+    if flow:
+        grid = scheduler.sigmas.to(torch.float64).cpu()
+        # the model input: where the scheduler's timesteps are its sigmas * n in float32 (FlowMatchEuler), the
+        # grid itself gives them exactly (the teacher multiplies t by n in the latents' dtype)
+        same = torch.equal(scheduler.timesteps.cpu().float(), scheduler.sigmas[:-1].cpu().float() * c.num_train_timesteps)
+        eval_grid = grid.clone() if same else torch.cat([timesteps / c.num_train_timesteps, grid[-1:]])
+    else:
+        ddpm = _ddpm_of(scheduler)
+        if cls == "DDIMScheduler":
+            grid, eval_grid = _ddim_grid(scheduler, ddpm, timesteps)
+        else:
+            grid = ddpm.t_of_sigma_tilde(scheduler.sigmas.to(torch.float64).cpu())
+            eval_grid = torch.cat([timesteps, grid[-1:]])
+    if cls in ("FlowMatchEulerDiscreteScheduler", "DDIMScheduler", "EulerDiscreteScheduler"):
+        solver, order, options = "euler", 1, {}
+    elif cls == "DPMSolverMultistepScheduler":
+        solver = "dpm_solver++" if c.algorithm_type == "dpmsolver++" else "dpm_solver"
+        order, options = c.solver_order, dict(variant="taylor" if c.solver_type == "heun" else "midpoint",
+                                              lower_order_final=c.lower_order_final)
+    else:
+        solver, order = "unipc", c.solver_order
+        options = dict(variant=c.solver_type, corrector=True, data=c.predict_x0, lower_order_final=c.lower_order_final)
+    latents_scale = output_scale = 1.0
+    if cls == "EulerDiscreteScheduler":  # its state is x~ = x / alpha: it starts at latents * init_noise_sigma
+        alpha = ddpm.alpha(grid[[0, -1]])
+        latents_scale, output_scale = float(scheduler.init_noise_sigma * alpha[0]), float(1 / alpha[1])
+    assert len(grid) == n + 1
+    return PipelineGrid(grid, eval_grid, solver, order, options, latents_scale, output_scale)
+
+
+def _ddpm_of(scheduler) -> DiscreteDDPM:
+    """Our DDPM schedule of a scheduler's beta table (ScheduleError for trained betas, or a table not ours)."""
+    c = scheduler.config
+    if c.get("trained_betas") is not None or c.get("rescale_betas_zero_snr"):
+        raise ScheduleError("pipeline_grid reads the named beta schedules, not trained_betas or zero-SNR rescaling")
+    ddpm = DiscreteDDPM(c.beta_schedule, c.num_train_timesteps, c.beta_start, c.beta_end)
+    if not torch.allclose(scheduler.alphas_cumprod.to(torch.float64).cpu(), ddpm.alphas_cumprod, rtol=1e-4, atol=1e-7):
+        raise ScheduleError(f"{type(scheduler).__name__}'s beta table is not {ddpm!r}")
+    return ddpm
+
+
+def _ddim_grid(scheduler, ddpm: NoiseSchedule, timesteps: Tensor) -> tuple[Tensor, Tensor]:
+    """DDIM steps from timestep t to t - n // N, the last to final_alpha_cumprod: our DDIM (euler) on those times,
+    each at its float32 alphas_cumprod (the model called at the integer timestep)."""
+    n_train, n = scheduler.config.num_train_timesteps, len(timesteps)
+    prev = timesteps - n_train // n
+    if not torch.equal(prev[:-1], timesteps[1:]):
+        raise ScheduleError(f"DDIMScheduler's step goes from t to t - {n_train // n}, which is not its next timestep "
+                            f"under timestep_spacing={scheduler.config.timestep_spacing!r}: no single time grid")
+    ac = scheduler.alphas_cumprod.to(torch.float64).cpu()
+    end = ac[int(prev[-1])] if prev[-1] >= 0 else torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float64)
+    bars = torch.cat([ac[timesteps.long()], end.reshape(1)])
+    grid = ddpm.t_of_sigma_tilde(((1 - bars) / bars).sqrt())
+    return grid, torch.cat([timesteps, grid[-1:]])

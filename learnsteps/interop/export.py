@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 import numpy as np
@@ -48,6 +49,9 @@ def resampled_sigmas(schedule: Schedule, steps: int | None) -> list[float]:
         return sigmas
     if steps < 1:
         raise ScheduleError(f"--steps must be at least 1, got {steps}")
+    if math.isinf(sigmas[0]):
+        raise ScheduleError("--steps: this schedule starts at a flow model's t = 1, where sigma~ is infinite: it cannot "
+                            "be re-spaced log-linearly in sigma~ (learn a schedule for that number of steps)")
     if schedule.to_zero:
         if steps == 1:
             return [sigmas[0], 0.0]
@@ -61,6 +65,11 @@ def export(schedule: Schedule, target: str, steps: int | None = None) -> tuple[s
 
     if target not in TARGETS:
         raise ScheduleError(f"unknown export target {target!r}: expected one of {', '.join(TARGETS)}")
+    if math.isinf(schedule.sigmas[0]) and target in ("k-diffusion", "diffusers"):
+        raise ScheduleError(f"this schedule starts where alpha = 0 (a flow model's t = 1), where sigma~ = sigma/alpha is "
+                            f"infinite: no sigma~ list for {target} holds it (flow models take sigma = t itself: "
+                            f"--to comfyui, a1111 or sigmas; in a diffusers pipeline learnsteps.interop.diffusers."
+                            f"apply_schedule)")
     sigmas = resampled_sigmas(schedule, steps)
     resampled = len(sigmas) != len(schedule.sigmas)
     notes = []

@@ -18,6 +18,8 @@ has no such rule, so learn with options={lower_order_final: false} for schedules
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -34,6 +36,10 @@ def recipe(schedule: Schedule) -> dict:
     if schedule.decoupled:
         raise ScheduleError("this schedule evaluates the model at times of its own (LD3's offsets); a k-diffusion "
                             "sampler cannot express that: use learnsteps' core or the diffusers interop")
+    if math.isinf(schedule.sigmas[0]):
+        raise ScheduleError("k-diffusion's samplers work on x~ = x/alpha over sigma~ = sigma/alpha, both infinite "
+                            "where alpha = 0, where this schedule starts (a flow model's t = 1): use learnsteps' core "
+                            "or the diffusers interop")
     name, order, o = schedule.solver, schedule.order, schedule.options
     steps = len(schedule.times) - 1
     lowered = o.get("lower_order_final", True) and steps < LOWER_ORDER_FINAL_BELOW

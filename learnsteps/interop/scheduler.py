@@ -12,12 +12,19 @@ docs/schedule-format.md's reference update,
     x_{i+1} = r_i x_i + alpha_{i+1} sum_j c[i, j] m_{i-j},
 
 with the model output converted to x0 (data form) or eps (noise form) with alpha and sigma of the integration
-time, exactly as our core does. Pipelines multiply their first latents by `init_noise_sigma`, which is our core's
-starting std, so `pipe(latents=noise)` starts where `learnsteps.sample` does.
+time, exactly as our core does, and the network's prediction type the file records (prediction_type).
+
+`init_noise_sigma` is our core's starting std, so `pipe(latents=noise)` starts where `learnsteps.sample` does
+(x_T = noise * std) in both conventions of diffusers' pipelines: StableDiffusionPipeline (prepare_latents)
+multiplies given latents by init_noise_sigma, StableDiffusion3Pipeline and FLUX take them as they are, and the
+std is 1 for every DDPM schedule and every flow schedule from t = 1. (Only a flow file of an earlier learnsteps,
+starting at t_max < 1 with std t_max, needs latents=noise * init_noise_sigma in the latter pipelines.)
 """
 from __future__ import annotations
 
 from pathlib import Path
+
+import warnings
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -51,8 +58,12 @@ class TabulatedScheduler(SchedulerMixin, ConfigMixin):
 
     @classmethod
     def from_schedule(cls, schedule: Schedule | str | Path, prediction_type: str | None = None) -> "TabulatedScheduler":
-        """The scheduler of a schedule file (or Schedule); prediction_type: what the pipeline's network outputs
-        (default: "flow_prediction" for flow teachers, else the file's teacher's scheduler's, else "epsilon")."""
+        """The scheduler of a schedule file (or Schedule); prediction_type: what the pipeline's network outputs,
+        by default the file's record of its teacher's (teacher.prediction_type; ScheduleError if it names
+        another). A file without that record (written before learnsteps recorded it) is read as
+        "flow_prediction" for a flow teacher; a pipeline teacher's DDPM file is refused (its network may be a
+        v-prediction one: pass prediction_type=pipe.scheduler.config.prediction_type), any other is read as
+        "epsilon" with a warning."""
         s = schedule if isinstance(schedule, Schedule) else load_schedule(schedule)
         where = "schedule" if isinstance(schedule, Schedule) else str(schedule)
         kind = s.noise_schedule.get("kind")
@@ -63,8 +74,7 @@ class TabulatedScheduler(SchedulerMixin, ConfigMixin):
         table, form = s.coefficients, s.options.get("form", "data")
         if table is None:
             table, form = _table_of(s, where)
-        if prediction_type is None:
-            prediction_type = "flow_prediction" if kind == "flow" else s.teacher.get("prediction_type", "epsilon")
+        prediction_type = _prediction_type(s, prediction_type)
         return cls(coefficients=[list(map(float, row)) for row in table], timesteps=s.diffusers_timesteps,
                    alpha=s.alpha, sigma=s.sigma, form=form, prediction_type=prediction_type,
                    num_train_timesteps=int(s.noise_schedule["n"]),
@@ -97,6 +107,23 @@ class TabulatedScheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+
+def _prediction_type(s: Schedule, given: str | None) -> str:
+    recorded = s.teacher.get("prediction_type")
+    if recorded and given and given != recorded:
+        raise ScheduleError(f"the schedule was made for a {recorded} teacher, not {given}")
+    if given or recorded:
+        return given or recorded
+    if s.noise_schedule.get("kind") == "flow":
+        return "flow_prediction"
+    if s.teacher.get("pipeline"):
+        raise ScheduleError(f"the schedule was learned for a {s.teacher['pipeline']} but does not record its prediction "
+                            f"type (an earlier learnsteps wrote it): pass prediction_type= the pipeline scheduler's "
+                            f"config.prediction_type")
+    warnings.warn("the schedule does not record its teacher's prediction type: read as epsilon (pass "
+                  "prediction_type= if the network predicts something else)", stacklevel=3)
+    return "epsilon"
 
 
 def _to_x0(out, x, alpha: float, sigma: float, prediction: str):

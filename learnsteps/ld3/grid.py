@@ -4,6 +4,10 @@ N+1 logits theta give increments softmax(theta); their normalised cumulative sum
 pinned ends, in lambda (log-SNR) or in t. Decoupled offsets xi move the model-evaluation times away from the
 integration times, clipped to a fraction of the smallest gap of the grid in its own units (the official code
 clips with the gaps of the logits in lambda mode, which is a bug), and zero at both ends.
+
+A grid from a start where alpha = 0 (a flow model's t_max = 1, lambda = -inf) keeps that first point; in lambda
+mode the others live in (lambda(t_cap), lambda(t_min)], t_cap being the schedule's noisiest time of finite
+log-SNR: the spacing runs from lambda(t_cap) and its first point is put back at t_max.
 """
 from __future__ import annotations
 
@@ -26,7 +30,13 @@ class LD3Grid(nn.Module):
         self.t_max = schedule.t_max if t_max is None else t_max
         self.t_min = schedule.t_min if t_min is None else t_min
         ends = torch.tensor([self.t_max, self.t_min], dtype=torch.float64)
-        self.register_buffer("ends", schedule.lambda_(ends) if time_mode == "lambda" else ends)
+        if time_mode == "lambda":
+            ends = schedule.lambda_(ends)
+            if ends[0] == -torch.inf:  # alpha = 0 at t_max: space from t_cap, keep t_max as the first point
+                if not schedule.t_cap > self.t_min:
+                    raise ValueError(f"t_min = {self.t_min} must lie below the schedule's t_cap = {schedule.t_cap}")
+                ends[0] = schedule.lambda_(torch.tensor(schedule.t_cap, dtype=torch.float64))
+        self.register_buffer("ends", ends)
         self.theta = nn.Parameter(torch.ones(self.points, dtype=torch.float64))  # uniform in lambda (or t)
         self.xi = nn.Parameter(torch.zeros(self.points, dtype=torch.float64))
 
@@ -37,10 +47,13 @@ class LD3Grid(nn.Module):
 
         Only the increments matter: (c_i - c_0)/(c_N - c_0) = sum_{j<=i} e^theta_j / sum_j e^theta_j (j >= 1)."""
         t = torch.as_tensor(t, dtype=torch.float64)[: self.points]
-        v = self._from_time(t)
+        v = self._from_time(t).clone()
+        if v[0] == -torch.inf:  # a start at alpha = 0, spaced from t_cap
+            v[0] = self.ends[0]
         inc = (v[1:] - v[:-1]) / (self.ends[1] - self.ends[0])
         if len(inc) != self.points - 1 or not (inc > 0).all():
-            raise ValueError("the initial grid must have the same length and ends as the learned one")
+            raise ValueError("the initial grid must have the same length and ends as the learned one (and, from "
+                             "alpha = 0, its second point below t_cap)")
         self.theta.copy_(torch.cat([inc.log().mean().reshape(1), inc.log()]))
         self.xi.zero_()
         if t_eval is not None:

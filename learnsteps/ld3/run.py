@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..core.denoiser import dtype_of
 from ..core.grids import applicable
-from ..core.sample import check_options, check_order, get_solver, solve, steps_for_nfe
+from ..core.sample import check_options, check_order, get_solver, solve, start_time, steps_for_nfe
 from ..core.steps import Grid
 from ..files import write_csv, write_text
 from ..loaders import train_loader
@@ -46,6 +46,12 @@ def check_ld3(cfg: LD3Config):
         raise ValueError("init_schedule gives one start: restarts must be 1")
     teacher = load_teacher(cfg.teacher, conditions=cfg.conditions, guidance=cfg.guidance)
     resolve_auto(cfg, teacher)
+    s = teacher.noise_schedule
+    if start_time(s, cfg.solver, cfg.options) != s.t_max:
+        named = cfg.solver + (f" {cfg.options}" if cfg.options else "")
+        raise ValueError(f"{named} cannot start at t = {s.t_max}, where this teacher's sampling starts (alpha = 0, "
+                         f"pure noise: its pipelines start there too); learn the schedule for a data-form solver: "
+                         f"dpm_solver++, unipc (bh2) or euler")
     grid = LD3Grid(teacher.noise_schedule, steps, cfg.time_mode, cfg.to_zero, cfg.window)  # a point to learn
     if cfg.learn == "solver":
         base_form(cfg.solver, cfg.order, cfg.options, Grid(teacher.noise_schedule, *grid(False)))
@@ -91,7 +97,7 @@ def train_ld3(cfg: LD3Config) -> Path:
     schedule = Schedule.from_grid(
         learned["grid"], teacher.noise_schedule, learned["solver"], learned["order"], eval_grid=learned["eval_grid"],
         options=options, provenance=provenance,
-        teacher=dict(fingerprint=teacher.fingerprint(), name=cfg.teacher, **getattr(teacher, "record", dict)()))
+        teacher=dict(fingerprint=teacher.fingerprint(), name=cfg.teacher, **teacher.record()))
     save_schedule(run_dir / "schedule.json", schedule)
     plot_grids(cfg, teacher, learned, run_dir / "grid.png")
     rows = evaluate_grids(cfg, teacher, learned, test)

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..core.sample import check_options, check_order, get_solver, nfe as nfe_of, resolved_options
+from ..core.denoiser import PREDICTION_TYPES as RECORDED
+from ..core.sample import check_options, check_order, get_solver, nfe as nfe_of, resolved_options, starts_at_noise
 from ..core.schedules import NoiseSchedule, make_schedule
 from ..core.solvers import check_table, table_scale
 from ..core.steps import Grid, check_times
@@ -167,7 +168,7 @@ class Schedule:
 
     def to_dict(self) -> dict:
         d = dict(format=FORMAT, version=VERSION if self.coefficients is None else TABLE_VERSION, **asdict(self),
-                 sigmas=self.sigmas, eval_sigmas=self.eval_sigmas)
+                 sigmas=_json_sigmas(self.sigmas), eval_sigmas=_json_sigmas(self.eval_sigmas))
         if self.coefficients is None:
             del d["coefficients"]
         else:  # what the reference sampler of docs/schedule-format.md needs besides the table
@@ -176,6 +177,11 @@ class Schedule:
             d["diffusers_timesteps"] = self.diffusers_timesteps
         d["consumers"] = self.consumers()
         return d
+
+
+def _json_sigmas(sigmas: list[float]) -> list[float | None]:
+    """sigma~ as JSON holds it: null for the infinite sigma~ of a start where alpha = 0 (a flow model's t = 1)."""
+    return [None if math.isinf(v) else v for v in sigmas]
 
 
 def save_schedule(path: str | Path, schedule: Schedule) -> Path:
@@ -218,14 +224,17 @@ def check_fits(schedule: Schedule, noise_schedule: NoiseSchedule, where: str = "
 MAX_TIMES = 1001  # a schedule of up to 1000 steps
 
 
-def _times(data: dict, key: str, where: str) -> list[float]:
-    """data[key] as a list of finite floats, or ScheduleError."""
+def _times(data: dict, key: str, where: str, null: float | None = None) -> list[float]:
+    """data[key] as a list of finite floats, or ScheduleError; with `null` given, JSON's null reads as that value
+    (the infinite sigma~ of a start at alpha = 0 is written as null)."""
     v = data.get(key)
+    if null is not None and isinstance(v, list):
+        v = [null if x is None else x for x in v]
     if not isinstance(v, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
         raise ScheduleError(f"{where}: '{key}' must be a list of numbers")
     if len(v) > MAX_TIMES:
         raise ScheduleError(f"{where}: '{key}' has {len(v)} values, more than the {MAX_TIMES} of a 1000-step schedule")
-    if not all(math.isfinite(x) for x in v):
+    if not all(math.isfinite(x) or x == null for x in v):
         raise ScheduleError(f"{where}: '{key}' has non-finite values")
     return [float(x) for x in v]
 
@@ -280,12 +289,16 @@ def validate(data, where: str = "schedule") -> Schedule:
         check_options(data["solver"], options)
     except ValueError as err:
         raise ScheduleError(f"{where}: {err}") from None
+    if noise_schedule.lambda_(torch.tensor(times[:1], dtype=torch.float64)) == -math.inf \
+            and not starts_at_noise(data["solver"], options):
+        raise ScheduleError(f"{where}: {data['solver']} {options} cannot start at t = {times[0]} (alpha = 0, pure noise), "
+                            f"where these times start")
     if "coefficients" in options:
         raise ScheduleError(f"{where}: the coefficient table is the field 'coefficients', not an option")
     coefficients = _table(data, version, steps, where)
-    if "sigmas" in data:  # written by us: must agree with the times under the noise schedule
+    if "sigmas" in data:  # written by us: must agree with the times under the noise schedule (null: sigma~ = inf)
         sig = noise_schedule.sigma_tilde(torch.tensor(times, dtype=torch.float64))
-        given = torch.tensor(_times(data, "sigmas", where), dtype=torch.float64)
+        given = torch.tensor(_times(data, "sigmas", where, null=math.inf), dtype=torch.float64)
         if given.shape != sig.shape or not torch.allclose(sig, given, rtol=1e-6, atol=1e-12):
             raise ScheduleError(f"{where}: 'sigmas' disagree with 'times' under {noise_schedule!r}")
     for key in ("teacher", "provenance"):
@@ -299,9 +312,9 @@ def validate(data, where: str = "schedule") -> Schedule:
 
 def check_prediction_type(teacher: dict, where: str) -> None:
     """ScheduleError unless the teacher's recorded `prediction_type`, if any, is one a sampler can convert."""
-    if "prediction_type" in teacher and teacher["prediction_type"] not in PREDICTION_TYPES:
+    if "prediction_type" in teacher and teacher["prediction_type"] not in RECORDED.values():
         raise ScheduleError(f"{where}: teacher.prediction_type {teacher['prediction_type']!r} is not one of "
-                            f"{', '.join(PREDICTION_TYPES)}")
+                            f"{', '.join(RECORDED.values())}")
 
 
 def _table(data: dict, version: int, steps: int, where: str) -> list[list[float]] | None:

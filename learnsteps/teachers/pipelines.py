@@ -90,7 +90,8 @@ class PipelineTeacher(NetworkTeacher):
     def record(self) -> dict:
         """What a schedule file records of the teacher it was learned for, so the right pipeline gets it back."""
         c = self.config
-        return dict(pipeline=c["pipeline"], scheduler=c["scheduler"], conditions=self.conditions, guidance=self.guidance)
+        return dict(super().record(), pipeline=c["pipeline"], scheduler=c["scheduler"], conditions=self.conditions,
+                    guidance=self.guidance)
 
     def class_ids(self, cond: Tensor) -> Tensor | None:
         """The class label ids of condition indices, for a class-conditional pipeline (DiT); None for text."""

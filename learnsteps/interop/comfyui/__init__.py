@@ -21,6 +21,7 @@ comfyui`; `model_fit` and `sampler_function` are what the nodes (nodes.py, impor
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -70,6 +71,14 @@ def recipe(schedule: Schedule) -> dict:
     if schedule.decoupled:
         raise ScheduleError(f"this schedule calls the model at times of its own (LD3's evaluation times), which a "
                             f"SIGMAS list cannot carry: {USE_THE_NODE}")
+    if math.isinf(schedule.sigmas[0]):  # a flow file from t = 1 (alpha = 0): no sigma~ list, but ComfyUI takes t
+        o = schedule.options
+        if schedule.solver in ("euler", "ddim") and not o.get("eta") or schedule.solver == "dpm_solver++" and \
+                schedule.order == 1:
+            return dict(sigmas="t", sampler="euler", node="KSamplerSelect", kwargs={})
+        raise ScheduleError(f"this schedule starts at t = 1, which ComfyUI's multistep samplers move to the model's "
+                            f"percent_to_sigma(1e-4) (offset_first_sigma_for_snr): only its euler is exact from there; "
+                            f"{USE_THE_NODE}")
     try:
         k = k_recipe(schedule)
     except ScheduleError as err:
@@ -184,11 +193,9 @@ def load_sigmas(path, model_sampling, steps: int = 0) -> tuple[Tensor, list[str]
     return torch.tensor(comfy_sigmas(schedule, steps or None), dtype=torch.float32), warnings
 
 
-def install(comfyui_dir, name: str = "learnsteps") -> "Path":
+def install(comfyui_dir, name: str = "learnsteps") -> Path:
     """Write the small custom-node folder custom_nodes/<name>/ that loads learnsteps' nodes into ComfyUI (from the
     Python environment ComfyUI runs in, where learnsteps must be installed)."""
-    from pathlib import Path
-
     from ...files import write_text
 
     root = Path(comfyui_dir)
