@@ -91,12 +91,13 @@ class TeacherOptions:
     true_cfg: float = 1.0  # FluxPipeline's / QwenImagePipeline's true_cfg_scale (a negative branch)
     negative_prompt: Optional[str] = None  # None: the pipeline's own default
     guidance_rescale: float = 0.0  # Stable Diffusion / SDXL's guidance_rescale
+    max_sequence_length: int = 0  # the text length the pipeline is called with (0: its default; T5 / UMT5 / Qwen)
     height: int = 0  # the sampled size in pixels (0: the pipeline's default); it sets the latent shape
     width: int = 0
     frames: int = 0  # video pipelines (Wan): frames (0: the pipeline's default)
     teacher_dtype: str = "float32"  # the network's dtype: float32 | bfloat16 | float16 (the sampler stays float32)
     RULES: ClassVar = dict(conditions=conditions_value, guidance=at_least(0), true_cfg=at_least(0),
-                           guidance_rescale=between(0, 1), height=at_least(0), width=at_least(0), frames=at_least(0),
+                           guidance_rescale=between(0, 1), max_sequence_length=at_least(0), height=at_least(0), width=at_least(0), frames=at_least(0),
                            teacher_dtype=one_of("float32", "bfloat16", "float16"))
 
     def teacher_options(self) -> dict:

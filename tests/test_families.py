@@ -26,14 +26,15 @@ PROMPTS = ["a red dot", "two cats"]
 BUILD = {"sdxl": tiny_pipelines.sdxl, "flux": tiny_pipelines.flux,
          "schnell": lambda d: tiny_pipelines.flux(d, guidance_embeds=False), "flux2": tiny_pipelines.flux2,
          "qwen": tiny_pipelines.qwenimage, "wan": tiny_pipelines.wan}
-# the teacher as users run each pipeline: its guidance, its size (tiny here)
+# the teacher as users run each pipeline: its guidance, its size and text length (tiny here)
 OPTIONS = {"sdxl": dict(guidance=4.0, height=8, width=8),
-           "flux": dict(guidance=3.5, height=16, width=16),  # FLUX.1 [dev]: guidance is an input, one pass
-           "flux_cfg": dict(guidance=3.5, true_cfg=2.0, negative_prompt="ugly", height=16, width=16),  # true CFG
-           "schnell": dict(height=16, width=16),
-           "flux2": dict(guidance=4.0, height=16, width=16),
+           "flux": dict(guidance=3.5, height=16, width=16, max_sequence_length=16),  # FLUX.1 [dev]: an input, one pass
+           "flux_cfg": dict(guidance=3.5, true_cfg=2.0, negative_prompt="ugly", height=16, width=16,
+                            max_sequence_length=16),  # and true CFG with a negative prompt
+           "schnell": dict(height=16, width=16, max_sequence_length=16),
+           "flux2": dict(guidance=4.0, height=16, width=16, max_sequence_length=192),  # past its system message
            "qwen": dict(true_cfg=4.0, negative_prompt=" ", height=16, width=16),
-           "wan": dict(guidance=5.0, height=16, width=16, frames=5)}
+           "wan": dict(guidance=5.0, height=16, width=16, frames=5, max_sequence_length=16)}
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
@@ -64,6 +65,8 @@ def run_pipeline(pipe, teacher, x_T, **kwargs):
     kw["guidance_scale"] = c["guidance"] if not family.guidance_input or teacher.net.guidance is not None else None
     if family.true_cfg:
         kw["true_cfg_scale"] = c["true_cfg"]
+    if "max_sequence_length" in c:
+        kw["max_sequence_length"] = c["max_sequence_length"]
     if c.get("negative_prompt") is not None:
         kw["negative_prompt"] = [c["negative_prompt"]] * len(teacher.conditions)
     out = pipe(prompt=teacher.conditions, latents=pipeline_latents(pipe, x_T), output_type="latent", **kw, **kwargs)
@@ -298,14 +301,15 @@ def test_a_bfloat16_teacher_computes_in_bfloat16_and_samples_in_float32(pipes):
     assert relative(b, a) <= 0.05  # bfloat16's 8-bit mantissa, through 4 steps
 
 
-def test_precomputed_embeddings_replace_the_text_encoders(pipes, tmp_path):
+def test_precomputed_embeddings_replace_the_text_encoders(pipes, tmp_path, capsys):
     """`python -m learnsteps.teachers.pipelines encode` writes the tables; a teacher from that file is the same
     teacher, loaded without the text encoders (here: a copy of the pipeline that has none)."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "flux.safetensors"
     run = subprocess.run([sys.executable, "-m", "learnsteps.teachers.pipelines", "encode", str(pipes["flux"]),
-                          "--conditions", str(prompts), "--negative-prompt", "ugly", "--out", str(out)],
+                          "--conditions", str(prompts), "--negative-prompt", "ugly", "--max-sequence-length", "16",
+                          "--out", str(out)],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     bare = tmp_path / "bare"
@@ -319,21 +323,24 @@ def test_precomputed_embeddings_replace_the_text_encoders(pipes, tmp_path):
     torch.testing.assert_close(b(x, t), a(x, t), rtol=0, atol=0)
     with pytest.raises(TeacherLoadError, match="negative prompt 'ugly', not 'nice'"):
         load_teacher(str(bare), conditions=str(out), **dict(options, negative_prompt="nice"))
-    plain = encode_conditions(str(pipes["flux"]), PROMPTS, tmp_path / "plain.safetensors")  # the function itself
+    plain = encode_conditions(str(pipes["flux"]), PROMPTS, tmp_path / "plain.safetensors", max_sequence_length=16)
     with pytest.raises(TeacherLoadError, match="encoded without a negative prompt"):
         load_teacher(str(bare), conditions=str(plain), **options)
     with pytest.raises(TeacherLoadError, match="a FluxPipeline's text encoders, not a WanPipeline's"):
         load_teacher(str(pipes["wan"]), conditions=str(out))
+    with pytest.raises(TeacherLoadError, match="max_sequence_length=16, not 32"):
+        load_teacher(str(bare), conditions=str(out), **dict(options, max_sequence_length=32))
     data = bytearray(out.read_bytes())
     data[-3] ^= 1
     out.write_bytes(bytes(data))
     with pytest.raises(TeacherLoadError, match="checksum"):
         load_teacher(str(bare), conditions=str(out), **options)
-    bad = subprocess.run([sys.executable, "-m", "learnsteps.teachers.pipelines", "encode", str(tmp_path / "nowhere"),
-                          "--conditions", str(prompts), "--out", str(tmp_path / "x.safetensors")],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
-    assert not (tmp_path / "x.safetensors").exists()
+    from learnsteps.teachers.pipelines.__main__ import main
+
+    assert main(["encode", str(tmp_path / "nowhere"), "--conditions", str(prompts), "--out",
+                 str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and not (tmp_path / "x.safetensors").exists()
 
 
 def test_a_pipelines_unet_directory_says_to_load_the_pipeline(pipes):

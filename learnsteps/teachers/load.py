@@ -22,7 +22,8 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
 # what only a diffusers pipeline teacher takes (pipeline_teacher's keywords), with the values that mean "not given"
-PIPELINE_OPTIONS = dict(true_cfg=1.0, negative_prompt=None, guidance_rescale=0.0, height=0, width=0, frames=0)
+PIPELINE_OPTIONS = dict(true_cfg=1.0, negative_prompt=None, guidance_rescale=0.0, height=0, width=0, frames=0,
+                        max_sequence_length=0)
 
 
 def load_teacher(spec: str | Path, *, check: bool = True, conditions=None, guidance: float = 1.0,
@@ -35,7 +36,8 @@ def load_teacher(spec: str | Path, *, check: bool = True, conditions=None, guida
     - a directory with teacher.json (learnsteps' own UNet, as `train.py mode=teacher` exports it);
     - a diffusers pipeline of a supported family (learnsteps.teachers.pipelines; docs/pipelines.md), with its
       `conditions` (prompts, a prompt or embeddings file, or class labels), `guidance`, and the pipeline options
-      true_cfg, negative_prompt, guidance_rescale, height, width, frames: a local directory or a hub id;
+      true_cfg, negative_prompt, guidance_rescale, max_sequence_length, height, width, frames: a local directory
+      or a hub id;
     - a diffusers UNet2DModel: a local directory or a Hugging Face hub id (see `diffusers_teacher`).
     `teacher_dtype`: the network's dtype for diffusers teachers (float32, bfloat16, float16); the sampler's own
     arithmetic stays in float32 / float64."""

@@ -19,13 +19,16 @@ def main(argv: list[str] | None = None) -> int:
     enc.add_argument("--out", required=True, help="the .safetensors file to write")
     enc.add_argument("--negative-prompt", default=None,
                      help="the negative prompt (default: the pipeline's own unconditional input)")
+    enc.add_argument("--max-sequence-length", type=int, default=0,
+                     help="the text length the pipeline is called with (default: its own default)")
     enc.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 for the text encoders")
     args = parser.parse_args(argv)
     if not args.out.endswith(".safetensors"):
         print(f"error: --out {args.out}: the file must end in .safetensors", file=sys.stderr)
         return 2
     try:
-        path = encode_conditions(args.model, args.conditions, args.out, args.negative_prompt, args.dtype)
+        path = encode_conditions(args.model, args.conditions, args.out, args.negative_prompt,
+                                 args.max_sequence_length, args.dtype)
     except TeacherLoadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -112,9 +112,10 @@ class PipelineNet(nn.Module):
         return None
 
     @classmethod
-    def encode(cls, pipe, prompts: list[str], negative: str | None) -> dict[str, Tensor]:
+    def encode(cls, pipe, prompts: list[str], negative: str | None, length: int | None) -> dict[str, Tensor]:
         """The condition tables: the pipeline's own encode_prompt of the prompts (rows 0..K-1) and of the negative
-        prompt (row K; None: the pipeline's own default when no negative prompt is given)."""
+        prompt (row K; None: the pipeline's own default when no negative prompt is given), padded or cut to the
+        pipeline's max_sequence_length `length` (None for pipelines without one)."""
         raise NotImplementedError
 
     @classmethod

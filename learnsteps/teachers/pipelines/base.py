@@ -70,7 +70,8 @@ class PipelineTeacher(NetworkTeacher):
         the mu the pipeline hands its scheduler for `steps` steps."""
         c = self.config
         out = dict(pipeline=c["pipeline"], scheduler=c["scheduler"], conditions=self.conditions, guidance=self.guidance,
-                   **{k: c[k] for k in ("true_cfg", "negative_prompt", "guidance_rescale") if k in c}, **self.size)
+                   **{k: c[k] for k in ("true_cfg", "negative_prompt", "guidance_rescale", "max_sequence_length")
+                      if k in c}, **self.size)
         mu = self.net.mu(self.scheduler_config, steps or c["default_steps"])
         if mu is None:
             return out
@@ -247,12 +248,12 @@ def pipeline_size(family: type[PipelineNet], pipe, height: int = 0, width: int =
 
 def pipeline_teacher(model: str, conditions=None, guidance: float = 1.0, *, true_cfg: float = 1.0,
                      negative_prompt: str | None = None, guidance_rescale: float = 0.0, height: int = 0, width: int = 0,
-                     frames: int = 0, dtype: torch.dtype | str = torch.float32,
+                     frames: int = 0, max_sequence_length: int = 0, dtype: torch.dtype | str = torch.float32,
                      local_files_only: bool | None = None) -> PipelineTeacher:
     """A diffusers pipeline (directory or hub id) as a frozen teacher over `conditions` (prompts, a prompt file, a
     file of precomputed embeddings, or class labels) with the pipeline's `guidance` (guidance_scale), `true_cfg`
-    (true_cfg_scale) and `negative_prompt`, at `height` x `width` (x `frames`; 0: the pipeline's default), its
-    network in `dtype` (float32, bfloat16, float16)."""
+    (true_cfg_scale), `negative_prompt` and `max_sequence_length` (0: its default), at `height` x `width` (x
+    `frames`; 0: the pipeline's default), its network in `dtype` (float32, bfloat16, float16)."""
     if importlib.util.find_spec("diffusers") is None or importlib.util.find_spec("transformers") is None:
         raise TeacherLoadError("loading a diffusers pipeline needs diffusers and transformers: "
                                "pip install 'learnsteps[diffusers]'")
@@ -275,6 +276,7 @@ def pipeline_teacher(model: str, conditions=None, guidance: float = 1.0, *, true
         shape = family.latent_shape(pipe, size)
         # the negative row: the user's negative prompt, or the pipeline's own default (None); true CFG needs one
         negative = negative_prompt if negative_prompt is not None or not (family.true_cfg and cfg != 1) else ""
+        length = text_length(pipe, cls, max_sequence_length)
         if family.class_conditional:
             if embedded or negative_prompt is not None:
                 raise TeacherLoadError(f"a {cls} is class-conditional: conditions= are class labels, and it takes no "
@@ -285,13 +287,13 @@ def pipeline_teacher(model: str, conditions=None, guidance: float = 1.0, *, true
                 conditions = sorted(set(pipe.labels.values()))
             tables = dict(labels=_class_labels(pipe, conditions))
         elif embedded:
-            tables = embedded.tables_for(cls, negative_prompt, needs_negative=cfg != 1)
-            conditions, negative = embedded.conditions, embedded.negative_prompt
+            tables = embedded.tables_for(cls, negative_prompt, max_sequence_length, needs_negative=cfg != 1)
+            conditions, negative, length = embedded.conditions, embedded.negative_prompt, embedded.max_sequence_length
         else:
             if not conditions:
                 raise TeacherLoadError(f"{model!r} is text-conditional: give conditions= a prompt file (one per line), "
                                        f"a list of prompts, or a file of their embeddings")
-            tables = encode_tables(pipe, family, conditions, negative)
+            tables = encode_tables(pipe, family, conditions, negative, length)
         # the text encoders are not needed any more: dropped with the pipeline when this function returns
         net = family.build(pipe, tables, shape, size, guidance=guidance_input, guidance_rescale=guidance_rescale)
     except FamilyError as err:
@@ -304,6 +306,7 @@ def pipeline_teacher(model: str, conditions=None, guidance: float = 1.0, *, true
     extra = dict(true_cfg=float(true_cfg)) if family.true_cfg else {}
     extra.update(negative_prompt=negative) if negative is not None else None
     extra.update(guidance_rescale=float(guidance_rescale)) if guidance_rescale else None
+    extra.update(max_sequence_length=length) if length is not None else None
     config = dict(kind="pipeline", pipeline=cls, model=str(model), denoiser=type(net.net).__name__,
                   conditions=list(conditions), guidance=float(guidance), scheduler=type(pipe.scheduler).__name__,
                   dtype=str(dtype).replace("torch.", ""), default_steps=default_steps, **size, **extra)
@@ -311,13 +314,23 @@ def pipeline_teacher(model: str, conditions=None, guidance: float = 1.0, *, true
                            scheduler_config)
 
 
+def text_length(pipe, cls: str, max_sequence_length: int = 0) -> int | None:
+    """The max_sequence_length prompts are encoded with: the given one, or the pipeline's own __call__ default
+    (None for pipelines without one, e.g. CLIP's fixed 77 tokens of Stable Diffusion)."""
+    default = call_default(pipe, "max_sequence_length")
+    if max_sequence_length and default is None:
+        raise TeacherLoadError(f"max_sequence_length= does not apply to a {cls} (its text encoders' length is fixed)")
+    return int(max_sequence_length or default) if default is not None else None
+
+
 @torch.no_grad()
-def encode_tables(pipe, family: type[PipelineNet], prompts: list, negative: str | None) -> dict[str, Tensor]:
+def encode_tables(pipe, family: type[PipelineNet], prompts: list, negative: str | None,
+                  length: int | None) -> dict[str, Tensor]:
     """The pipeline's own encode_prompt of the prompts and the negative prompt (its last row), on the CPU."""
     if not all(isinstance(p, str) for p in prompts):
         raise TeacherLoadError(f"a text-conditional pipeline takes prompts, got {prompts!r}")
     with quiet_diffusers():
-        return family.encode(pipe, list(prompts), negative)
+        return family.encode(pipe, list(prompts), negative, length)
 
 
 def pipeline_latents(pipe, x: Tensor) -> Tensor:

@@ -8,7 +8,8 @@ teacher keeps them: one tensor per table of the pipeline family's adapter (`embe
 embeddings, `pooled`: pooled embeddings (SDXL, SD3, FLUX.1), `mask`: which tokens are the prompt's (Qwen-Image)),
 each with K + 1 rows: the K prompts in order, then the negative (unconditional) input; and `info`, the UTF-8
 JSON of {format: "learnsteps-conditions", version: 1, pipeline: the diffusers class, model, conditions: the K
-prompts, negative_prompt: the negative prompt or null (the pipeline's own default), negative_row: whether row K
+prompts, negative_prompt: the negative prompt or null (the pipeline's own default), max_sequence_length: the text
+length the prompts were padded to (null where the pipeline has none), negative_row: whether row K
 is a real unconditional input (false where the family only has a negative branch with a negative prompt:
 FLUX.1 and Qwen-Image encoded without one)}. A teacher loaded with `conditions=` such a file does not load the
 pipeline's text encoders at all.
@@ -35,9 +36,11 @@ class ConditionsFile:
     conditions: list[str]
     negative_prompt: str | None
     negative_row: bool
+    max_sequence_length: int | None
     tables: dict[str, Tensor]
 
-    def tables_for(self, pipeline: str, negative_prompt: str | None, needs_negative: bool) -> dict[str, Tensor]:
+    def tables_for(self, pipeline: str, negative_prompt: str | None, max_sequence_length: int,
+                   needs_negative: bool) -> dict[str, Tensor]:
         """The tables, for a `pipeline` teacher with this negative prompt and CFG; TeacherLoadError naming what
         does not fit."""
         if pipeline != self.pipeline:
@@ -45,6 +48,9 @@ class ConditionsFile:
         if negative_prompt is not None and negative_prompt != self.negative_prompt:
             raise TeacherLoadError(f"{self.path}: encoded with the negative prompt {self.negative_prompt!r}, not "
                                    f"{negative_prompt!r}: encode them again with --negative-prompt")
+        if max_sequence_length and max_sequence_length != self.max_sequence_length:
+            raise TeacherLoadError(f"{self.path}: encoded with max_sequence_length={self.max_sequence_length}, not "
+                                   f"{max_sequence_length}: encode them again with --max-sequence-length")
         if needs_negative and not self.negative_row:
             raise TeacherLoadError(f"{self.path}: encoded without a negative prompt, which this teacher's CFG needs: "
                                    f"encode them again with --negative-prompt (\"\" for an empty one)")
@@ -52,9 +58,9 @@ class ConditionsFile:
 
 
 def save_conditions(path: str | Path, pipeline: str, model: str, conditions: list[str], negative_prompt: str | None,
-                    negative_row: bool, tables: dict[str, Tensor]) -> Path:
+                    negative_row: bool, max_sequence_length: int | None, tables: dict[str, Tensor]) -> Path:
     info = dict(format=FORMAT, version=VERSION, pipeline=pipeline, model=str(model), conditions=list(conditions),
-                negative_prompt=negative_prompt, negative_row=bool(negative_row))
+                negative_prompt=negative_prompt, negative_row=bool(negative_row), max_sequence_length=max_sequence_length)
     blob = torch.frombuffer(bytearray(json.dumps(info).encode()), dtype=torch.uint8)
     return write_safetensors(path, {**{k: v.detach().cpu().contiguous() for k, v in tables.items()}, "info": blob})
 
@@ -71,16 +77,18 @@ def load_conditions(path: str | Path) -> ConditionsFile:
             raise ValueError("'conditions' must be a non-empty list of prompts")
         if not all(v.shape[0] == len(conditions) + 1 for v in tensors.values()):
             raise ValueError(f"every table needs {len(conditions) + 1} rows (the prompts, then the negative input)")
-        return ConditionsFile(path, str(info["pipeline"]), conditions, negative, bool(info["negative_row"]), tensors)
+        return ConditionsFile(path, str(info["pipeline"]), conditions, negative, bool(info["negative_row"]),
+                              info["max_sequence_length"], tensors)
     except (KeyError, TypeError, ValueError, UnicodeDecodeError) as err:
         raise TeacherLoadError(f"{path}: not a file of prompt embeddings ({type(err).__name__}: {err})") from None
 
 
 def encode_conditions(model: str, conditions, out: str | Path, negative_prompt: str | None = None,
-                      dtype: str = "float32", local_files_only: bool | None = None) -> Path:
+                      max_sequence_length: int = 0, dtype: str = "float32",
+                      local_files_only: bool | None = None) -> Path:
     """Encode prompts (a list or a prompt file) with the pipeline's own text encoders into a conditions file
-    (its denoiser and VAE are not loaded)."""
-    from .base import DTYPES, FAMILIES, _load, encode_tables, read_conditions
+    (its denoiser and VAE are not loaded); max_sequence_length 0: the pipeline's default."""
+    from .base import DTYPES, FAMILIES, _load, encode_tables, read_conditions, text_length
 
     prompts = read_conditions(conditions)
     if isinstance(prompts, ConditionsFile) or not prompts:
@@ -91,6 +99,7 @@ def encode_conditions(model: str, conditions, out: str | Path, negative_prompt: 
     family = FAMILIES[cls]
     if family.class_conditional:
         raise TeacherLoadError(f"a {cls} is class-conditional: there is nothing to encode")
-    tables = encode_tables(pipe, family, prompts, negative_prompt)
+    length = text_length(pipe, cls, max_sequence_length)
+    tables = encode_tables(pipe, family, prompts, negative_prompt, length)
     real = negative_prompt is not None or not (family.true_cfg or family.guidance_input)
-    return save_conditions(out, cls, model, prompts, negative_prompt, real, tables)
+    return save_conditions(out, cls, model, prompts, negative_prompt, real, length, tables)

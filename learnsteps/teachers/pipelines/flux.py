@@ -64,8 +64,7 @@ class FluxNet(PipelineNet):
                                c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5), c.get("max_shift", 1.15))
 
     @classmethod
-    def encode(cls, pipe, prompts, negative):
-        length = call_default(pipe, "max_sequence_length", 512)
+    def encode(cls, pipe, prompts, negative, length):
         emb, pooled, _ = pipe.encode_prompt(prompts, None, device="cpu", max_sequence_length=length)
         if negative is None:  # no negative branch: the row is never read
             return dict(embeds=torch.cat([emb, emb[:1] * 0]), pooled=torch.cat([pooled, pooled[:1] * 0]))
@@ -118,11 +117,11 @@ class Flux2Net(PipelineNet):
         return compute_empirical_mu(self.shape[1] * self.shape[2], steps)
 
     @classmethod
-    def encode(cls, pipe, prompts, negative):
+    def encode(cls, pipe, prompts, negative, length):
         if negative is not None:
             raise FamilyError("Flux2Pipeline has no negative prompt (FLUX.2 [dev] is guidance-distilled: guidance= "
                               "is its input)")
-        emb, _ = pipe.encode_prompt(prompts, device="cpu", max_sequence_length=call_default(pipe, "max_sequence_length", 512),
+        emb, _ = pipe.encode_prompt(prompts, device="cpu", max_sequence_length=length,
                                     text_encoder_out_layers=call_default(pipe, "text_encoder_out_layers", (10, 20, 30)))
         return dict(embeds=torch.cat([emb, emb[:1] * 0]))  # no negative branch: the last row is never read
 

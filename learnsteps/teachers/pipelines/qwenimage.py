@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .adapter import PipelineNet, call_default, latents_normalised, register
+from .adapter import PipelineNet, latents_normalised, register
 from .flux import _packed_shape
 
 
@@ -57,8 +57,7 @@ class QwenImageNet(PipelineNet):
                                c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5), c.get("max_shift", 1.15))
 
     @classmethod
-    def encode(cls, pipe, prompts, negative):
-        length = call_default(pipe, "max_sequence_length", 512)
+    def encode(cls, pipe, prompts, negative, length):
         rows = [pipe.encode_prompt(prompts, device="cpu", max_sequence_length=length)]
         if negative is not None:
             rows.append(pipe.encode_prompt([negative], device="cpu", max_sequence_length=length))

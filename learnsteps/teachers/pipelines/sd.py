@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .adapter import FamilyError, PipelineNet, call_default, register
+from .adapter import FamilyError, PipelineNet, register
 
 
 @register
@@ -22,7 +22,7 @@ class StableDiffusionNet(PipelineNet):
         return dict(height=s, width=s)
 
     @classmethod
-    def encode(cls, pipe, prompts, negative):
+    def encode(cls, pipe, prompts, negative, length):
         emb, neg = pipe.encode_prompt(prompts, "cpu", 1, True, negative_prompt=None if negative is None else [negative] * len(prompts))
         return dict(embeds=torch.cat([emb, neg[:1]]))
 
@@ -41,7 +41,7 @@ class SDXLNet(PipelineNet):
         return self.net(x, timestep, encoder_hidden_states=self.embeds[c], added_cond_kwargs=added).sample
 
     @classmethod
-    def encode(cls, pipe, prompts, negative):
+    def encode(cls, pipe, prompts, negative, length):
         emb, neg, pooled, neg_pooled = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=True,
                                                           negative_prompt=negative)
         return dict(embeds=torch.cat([emb, neg[:1]]), pooled=torch.cat([pooled, neg_pooled[:1]]))
@@ -115,8 +115,8 @@ class SD3Net(PipelineNet):
                                c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5), c.get("max_shift", 1.16))
 
     @classmethod
-    def encode(cls, pipe, prompts, negative):
+    def encode(cls, pipe, prompts, negative, length):
         emb, neg, pooled, neg_pooled = pipe.encode_prompt(
             prompts, None, None, device="cpu", do_classifier_free_guidance=True, negative_prompt=negative,
-            max_sequence_length=call_default(pipe, "max_sequence_length", 256))
+            max_sequence_length=length)
         return dict(embeds=torch.cat([emb, neg[:1]]), pooled=torch.cat([pooled, neg_pooled[:1]]))

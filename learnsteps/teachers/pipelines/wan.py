@@ -43,10 +43,10 @@ class WanNet(PipelineNet):
                 size["width"] // s)
 
     @classmethod
-    def encode(cls, pipe, prompts, negative):
+    def encode(cls, pipe, prompts, negative, length):
         emb, neg = pipe.encode_prompt(prompts, negative_prompt=None if negative is None else [negative] * len(prompts),
                                       do_classifier_free_guidance=True, device="cpu",
-                                      max_sequence_length=call_default(pipe, "max_sequence_length", 512))
+                                      max_sequence_length=length)
         return dict(embeds=torch.cat([emb, neg[:1]]))
 
     @classmethod
