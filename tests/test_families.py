@@ -19,13 +19,10 @@ from learnsteps.teachers.network import TeacherLoadError
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
-import tiny_pipelines  # noqa: E402
-from learnsteps.teachers.pipelines import FAMILIES, encode_conditions, latents_state, pipeline_latents  # noqa: E402
+from learnsteps.teachers.pipelines import encode_conditions  # noqa: E402
+from tiny_pipelines import BUILD, load_pipeline, own_grid, run_pipeline  # noqa: E402
 
 PROMPTS = ["a red dot", "two cats"]
-BUILD = {"sdxl": tiny_pipelines.sdxl, "flux": tiny_pipelines.flux,
-         "schnell": lambda d: tiny_pipelines.flux(d, guidance_embeds=False), "flux2": tiny_pipelines.flux2,
-         "qwen": tiny_pipelines.qwenimage, "wan": tiny_pipelines.wan}
 # the teacher as users run each pipeline: its guidance, its size and text length (tiny here)
 OPTIONS = {"sdxl": dict(guidance=4.0, height=8, width=8),
            "flux": dict(guidance=3.5, height=16, width=16, max_sequence_length=16),  # FLUX.1 [dev]: an input, one pass
@@ -34,7 +31,8 @@ OPTIONS = {"sdxl": dict(guidance=4.0, height=8, width=8),
            "schnell": dict(height=16, width=16, max_sequence_length=16),
            "flux2": dict(guidance=4.0, height=16, width=16, max_sequence_length=192),  # past its system message
            "qwen": dict(true_cfg=4.0, negative_prompt=" ", height=16, width=16),
-           "wan": dict(guidance=5.0, height=16, width=16, frames=5, max_sequence_length=16)}
+           "wan": dict(guidance=5.0, height=16, width=16, frames=5, max_sequence_length=16),
+           "wan22": dict(guidance=5.0, height=16, width=16, frames=5, max_sequence_length=16)}  # TI2V's timesteps
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
@@ -48,37 +46,12 @@ def teacher_of(pipes, case, **kw):
     return load_teacher(str(pipes[case.split("_")[0]]), conditions=PROMPTS, **{**OPTIONS[case], **kw})
 
 
-def load_pipeline(directory):
-    import diffusers
-
-    pipe = diffusers.DiffusionPipeline.from_pretrained(directory)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def run_pipeline(pipe, teacher, x_T, **kwargs):
-    """The pipeline called as a user calls it for the teacher's prompts, guidance and size, from our state x_T
-    (packed where the pipeline packs), its latents returned as our state."""
-    c = teacher.config
-    family = FAMILIES[c["pipeline"]]
-    kw = dict(height=c["height"], width=c["width"], **({"num_frames": c["frames"]} if "frames" in c else {}))
-    kw["guidance_scale"] = c["guidance"] if not family.guidance_input or teacher.net.guidance is not None else None
-    if family.true_cfg:
-        kw["true_cfg_scale"] = c["true_cfg"]
-    if "max_sequence_length" in c:
-        kw["max_sequence_length"] = c["max_sequence_length"]
-    if c.get("negative_prompt") is not None:
-        kw["negative_prompt"] = [c["negative_prompt"]] * len(teacher.conditions)
-    out = pipe(prompt=teacher.conditions, latents=pipeline_latents(pipe, x_T), output_type="latent", **kw, **kwargs)
-    return latents_state(pipe, out.images if hasattr(out, "images") else out.frames, teacher.shape)
-
-
 def relative(a, b):
     return float((a - b).norm() / b.norm())
 
 
 SHAPES = {"sdxl": (4, 4, 4), "flux": (4, 8, 8), "flux_cfg": (4, 8, 8), "schnell": (4, 8, 8), "flux2": (16, 4, 4),
-          "qwen": (4, 4, 4), "wan": (4, 2, 2, 2)}
+          "qwen": (4, 4, 4), "wan": (4, 2, 2, 2), "wan22": (4, 2, 2, 2)}
 
 
 @pytest.mark.parametrize("case", list(OPTIONS))
@@ -103,7 +76,7 @@ def test_a_family_loads_as_a_guided_teacher_at_its_size(pipes, case):
         torch.testing.assert_close(teacher(x, t, cond), c)
     images = teacher.decode(x[:1])
     assert images.shape[:2] == (1, 3) and images.abs().max() <= 1
-    assert images.shape[2:] == ((5, 16, 16) if case == "wan" else (teacher.config["height"],) * 2)
+    assert images.shape[2:] == ((5, 16, 16) if case.startswith("wan") else (teacher.config["height"],) * 2)
     record = teacher.record(steps=4)
     assert record["height"] == OPTIONS[case]["height"] and record["pipeline"] == type(load_pipeline(
         pipes[case.split("_")[0]])).__name__
@@ -143,19 +116,8 @@ def test_guidance_means_what_each_pipeline_makes_of_it(pipes):
 # the core starts at t_max and the pipeline's latents are matched to this much (measured 1.2e-4 .. 8.5e-3).
 # TODO(#29 t = 1): once flow grids may start at t = 1, drop the clip below and assert <= 1e-5 for every family, the
 # grid taken from learnsteps' public pipeline_grid(...) helper instead of `own_grid`.
-CLIPPED_START = {"flux": 2e-3, "flux_cfg": 2e-3, "schnell": 2e-3, "flux2": 1e-3, "qwen": 2e-3, "wan": 2e-2}
-
-
-def own_grid(pipe, teacher):
-    """The grid the pipeline's own scheduler ran on (after the call), in our time, and its solver."""
-    s, sc = teacher.noise_schedule, pipe.scheduler
-    if s.kind == "flow":
-        grid = sc.sigmas.double().clone()
-    else:  # EulerDiscreteScheduler's timesteps, then sigma = 0
-        grid = torch.cat([sc.timesteps.double(), torch.tensor([s.t_zero], dtype=torch.float64)])
-    if type(sc).__name__ == "UniPCMultistepScheduler":
-        return grid, dict(solver="unipc", order=sc.config.solver_order, variant=sc.config.solver_type)
-    return grid, dict(solver="euler", order=1)
+CLIPPED_START = {"flux": 2e-3, "flux_cfg": 2e-3, "schnell": 2e-3, "flux2": 1e-3, "qwen": 2e-3, "wan": 2e-2,
+                 "wan22": 2e-2}
 
 
 @pytest.mark.parametrize("case", list(OPTIONS))

@@ -1,6 +1,7 @@
-"""Tiny diffusers pipelines with random weights, built from configs and saved in pipeline layout (no download): the
-three layouts learnsteps loads as teachers, as diffusers' own pipeline tests build them (get_dummy_components).
-The CLIP tokenizer is written from a character vocabulary, so nothing is fetched from the hub."""
+"""Tiny diffusers pipelines with random weights, built from configs and saved in pipeline layout (no download): every
+family learnsteps loads as a teacher, as diffusers' own pipeline tests build them (get_dummy_components), and the
+helpers that call them as their users do. The tokenizers (CLIP, T5 / UMT5, Qwen's byte-level BPE, a chat-template
+one for FLUX.2's Mistral) are written from a character vocabulary, so nothing is fetched from the hub."""
 import json
 from pathlib import Path
 
@@ -246,9 +247,9 @@ def qwenimage(directory: Path) -> Path:
     return directory
 
 
-def wan(directory: Path) -> Path:
+def wan(directory: Path, expand_timesteps: bool = False) -> Path:
     """Wan 2.1 text-to-video layout: UMT5, a 3-D VAE (8x spatial, 4x temporal), UniPC with flow sigmas as Wan
-    ships it (flow_shift 3.0: its 480p setting)."""
+    ships it (flow_shift 3.0: its 480p setting); expand_timesteps: Wan 2.2 TI2V's one timestep per token."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
     torch.manual_seed(0)
@@ -263,6 +264,50 @@ def wan(directory: Path) -> Path:
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
                                         num_train_timesteps=1000)
     pipe = WanPipeline(transformer=transformer, vae=autoencoder, scheduler=scheduler, text_encoder=t5_encoder(16, True),
-                       tokenizer=t5_tokenizer())
+                       tokenizer=t5_tokenizer(), expand_timesteps=expand_timesteps)
     pipe.save_pretrained(directory)
     return directory
+
+
+BUILD = {"sdxl": sdxl, "flux": flux, "schnell": lambda d: flux(d, guidance_embeds=False), "flux2": flux2,
+         "qwen": qwenimage, "wan": wan, "wan22": lambda d: wan(d, expand_timesteps=True)}
+
+
+# ---------------------------------------------------------------------- calling them as their users do
+def load_pipeline(directory):
+    import diffusers
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(directory)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_pipeline(pipe, teacher, x_T, **kwargs):
+    """The pipeline called as a user calls it for the teacher's prompts, guidance and size, from our state x_T
+    (packed where the pipeline packs), its latents returned as our state."""
+    from learnsteps.teachers.pipelines import FAMILIES, latents_state, pipeline_latents
+
+    c = teacher.config
+    family = FAMILIES[c["pipeline"]]
+    kw = dict(height=c["height"], width=c["width"], **({"num_frames": c["frames"]} if "frames" in c else {}))
+    kw["guidance_scale"] = c["guidance"] if not family.guidance_input or teacher.net.guidance is not None else None
+    if family.true_cfg:
+        kw["true_cfg_scale"] = c["true_cfg"]
+    if "max_sequence_length" in c:
+        kw["max_sequence_length"] = c["max_sequence_length"]
+    if c.get("negative_prompt") is not None:
+        kw["negative_prompt"] = [c["negative_prompt"]] * len(teacher.conditions)
+    out = pipe(prompt=teacher.conditions, latents=pipeline_latents(pipe, x_T), output_type="latent", **kw, **kwargs)
+    return latents_state(pipe, out.images if hasattr(out, "images") else out.frames, teacher.shape)
+
+
+def own_grid(pipe, teacher):
+    """The grid the pipeline's own scheduler ran on (after the call), in our time, and its solver."""
+    s, sc = teacher.noise_schedule, pipe.scheduler
+    if s.kind == "flow":
+        grid = sc.sigmas.double().clone()
+    else:  # EulerDiscreteScheduler's timesteps, then sigma = 0
+        grid = torch.cat([sc.timesteps.double(), torch.tensor([s.t_zero], dtype=torch.float64)])
+    if type(sc).__name__ == "UniPCMultistepScheduler":
+        return grid, dict(solver="unipc", order=sc.config.solver_order, variant=sc.config.solver_type)
+    return grid, dict(solver="euler", order=1)

@@ -104,6 +104,8 @@ class PipelineTeacher(NetworkTeacher):
         p = next(vae.parameters())
         if p.device != z.device:  # the VAE is not a submodule (not in the state dict): it follows the latents
             p = next(vae.to(z.device).parameters())
+        if p.dtype == torch.float16 and vae.config.get("force_upcast"):  # SDXL's VAE overflows in float16: the
+            p = next(vae.to(torch.float32).parameters())  # pipelines upcast it, so do we
         return self.net.decode(vae, z.to(p.dtype)).clamp(-1, 1).to(z.dtype)
 
 
@@ -294,7 +296,8 @@ def pipeline_teacher(model: str, conditions=None, guidance: float = 1.0, *, true
                 raise TeacherLoadError(f"{model!r} is text-conditional: give conditions= a prompt file (one per line), "
                                        f"a list of prompts, or a file of their embeddings")
             tables = encode_tables(pipe, family, conditions, negative, length)
-        # the text encoders are not needed any more: dropped with the pipeline when this function returns
+        for name in [k for k in pipe.components if k.startswith(("text_encoder", "tokenizer"))]:
+            setattr(pipe, name, None)  # encoded: the text encoders are dropped here, never moved to an accelerator
         net = family.build(pipe, tables, shape, size, guidance=guidance_input, guidance_rescale=guidance_rescale)
     except FamilyError as err:
         raise TeacherLoadError(f"{model!r}: {err}") from None
