@@ -141,6 +141,20 @@ def count(build) -> int:
         return sum(p.numel() for p in build().parameters())
 
 
+def built(build, dtype):
+    """The network of `build` directly in `dtype` (made on the meta device, then filled with seeded N(0, 0.02):
+    no float32 copy of a billion parameters on the way), frozen."""
+    with torch.device("meta"):
+        net = build()
+    net = net.to(dtype).to_empty(device="cpu").requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in list(net.parameters()) + list(net.buffers()):
+            if t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=g, dtype=torch.float32).mul_(0.02))
+    return net
+
+
 def saved_bytes(module, call, x: torch.Tensor) -> int:
     """Bytes of the distinct tensors one call of `module` saves for the backward pass to its input x (its own
     weights, which backward reads but which are there anyway, left out)."""
@@ -163,9 +177,7 @@ def flux_saved(double: int, single: int, side: int, text: int = 512, dtype=torch
     """Saved bytes of a FLUX.1-dev-width transformer with `double` and `single` blocks at side x side pixels."""
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
-    torch.manual_seed(0)
-    net = FluxTransformer2DModel(**dict(FLUX_DEV, num_layers=double, num_single_layers=single)).to(dtype)
-    net.requires_grad_(False)
+    net = built(lambda: FluxTransformer2DModel(**dict(FLUX_DEV, num_layers=double, num_single_layers=single)), dtype)
     h = side // 16
     kw = dict(timestep=torch.full((1,), 0.5, dtype=dtype), guidance=torch.full((1,), 3.5),
               pooled_projections=torch.randn(1, 768, dtype=dtype), encoder_hidden_states=torch.randn(1, text, 4096,
@@ -180,8 +192,7 @@ def flux_saved(double: int, single: int, side: int, text: int = 512, dtype=torch
 def sdxl_saved(side: int, dtype=torch.bfloat16) -> int:
     from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(0)
-    net = UNet2DConditionModel(**SDXL_UNET).to(dtype).requires_grad_(False)
+    net = built(lambda: UNet2DConditionModel(**SDXL_UNET), dtype)
     added = dict(text_embeds=torch.randn(1, 1280, dtype=dtype), time_ids=torch.tensor([[side, side, 0, 0, side, side]],
                                                                                        dtype=dtype))
     ctx = torch.randn(1, 77, 2048, dtype=dtype)
@@ -212,8 +223,44 @@ def memory(dtype=torch.bfloat16) -> str:
     sdxl = {side: sdxl_saved(side) for side in (256, 512)}
     lines += ["", "| network | pixels | saved (MiB) |", "|---|---|---|"]
     lines += [f"| SDXL UNet (whole) | {side}x{side} | {b / 2**20:.0f} |" for side, b in sdxl.items()]
+    lines += ["", *projection(params, flux, sdxl)]
     print("\n".join(lines))
     return "\n".join(lines), params, flux, sdxl
+
+
+def projection(params: dict, flux: dict, sdxl: dict) -> list[str]:
+    """Saved bytes per call at other sizes, linear in the tokens (image + text; FLUX) or latent pixels (SDXL)
+    through the two measured sizes (the measured growth is linear: attention saves O(tokens), as flash attention
+    does), and FLUX's 19 double + 38 single blocks from the per-block differences; then an LD3 step with
+    remat=true: the weights, plus one call's saved tensors (the call being recomputed), times the batch (x 2
+    for CFG, SDXL)."""
+    tokens = {side: (side // 16) ** 2 + 512 for side in flux}
+    (s0, s1) = sorted(flux)
+
+    def fit(v0, v1, n0, n1):
+        b = (v1 - v0) / (n1 - n0)
+        return lambda n: v0 + b * (n - n0)
+
+    double = fit(flux[s0][1] - flux[s0][0], flux[s1][1] - flux[s1][0], tokens[s0], tokens[s1])
+    single = fit(flux[s0][2] - flux[s0][0], flux[s1][2] - flux[s1][0], tokens[s0], tokens[s1])
+    base = fit(flux[s0][0], flux[s1][0], tokens[s0], tokens[s1])
+    unet = fit(sdxl[256], sdxl[512], 32 * 32, 64 * 64)
+    gib = 2**30
+    out = ["projected, bfloat16: one call's saved tensors and an LD3 step (remat=true) = weights + batch x one call",
+           "", "| model | size | one call, batch 1 | LD3 step, batch 1 | LD3 step, batch 2 | weights |",
+           "|---|---|---|---|---|---|"]
+    for side in (512, 768, 1024):
+        n = (side // 16) ** 2 + 512
+        call = base(n) + 18 * double(n) + 37 * single(n)
+        w = 2 * params["FLUX.1-dev transformer"]
+        out.append(f"| FLUX.1-dev (one pass, guidance embedded) | {side}x{side} | {call / gib:.1f} GiB | "
+                   f"{(w + call) / gib:.1f} GiB | {(w + 2 * call) / gib:.1f} GiB | {w / gib:.1f} GiB |")
+    for side in (512, 768, 1024):
+        call = 2 * unet((side // 8) ** 2)  # the CFG batch: conditional and unconditional rows
+        w = 2 * params["SDXL UNet"]
+        out.append(f"| SDXL (CFG: 2 rows a sample) | {side}x{side} | {call / gib:.1f} GiB | {(w + call) / gib:.1f} GiB "
+                   f"| {(w + 2 * call) / gib:.1f} GiB | {w / gib:.1f} GiB |")
+    return out
 
 
 def main(argv: list[str]) -> None:

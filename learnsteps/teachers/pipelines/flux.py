@@ -21,24 +21,17 @@ def _packed_shape(cls, pipe, size, channels: int, packed: bool) -> tuple[int, ..
     return (channels, 2 * h, 2 * w) if packed else (channels, h, w)
 
 
-@register
-class FluxNet(PipelineNet):
-    """FLUX.1 [dev] (guidance embedded: `guidance` is an input, one pass), [schnell] (no guidance), and true CFG
-    (`true_cfg_scale` with a negative prompt: a second pass) where asked. Our state is the unpacked (C, H, W)
-    latents; the call packs them into (H/2 W/2) tokens of 4C with FluxPipeline's own _pack_latents."""
+class PackedNet(PipelineNet):
+    """What FLUX.1 and Qwen-Image share: a flow transformer taking the timestep t itself (the pipelines' timestep /
+    1000) over 2x2-packed latent tokens, guidance as an input where distilled, true CFG with a negative prompt, and
+    the grid shifted by `calculate_shift` of the image tokens (Qwen-Image's is FLUX's, copied). Our state is the
+    unpacked (C, H, W) latents; the call packs them into (H/2 W/2) tokens of 4C with FluxPipeline's own
+    _pack_latents (QwenImagePipeline's is the same permutation)."""
 
-    pipelines = ("FluxPipeline",)
-    summary = "FluxTransformer2DModel (FLUX.1 dev / schnell), text prompts, flow matching, packed latents"
     true_cfg = True
     guidance_input = True
     sigma_timestep = True
     timestep_in_network_dtype = True
-
-    def call(self, x, timestep, c):
-        out = self.net(hidden_states=self.to_pipeline(x), timestep=timestep, guidance=self.embedded_guidance(len(x), x),
-                       pooled_projections=self.pooled[c], encoder_hidden_states=self.embeds[c], txt_ids=self.txt_ids,
-                       img_ids=self.img_ids, return_dict=False)[0]
-        return self.from_pipeline(out, x.shape[1:])
 
     @staticmethod
     def to_pipeline(x):
@@ -62,6 +55,21 @@ class FluxNet(PipelineNet):
         c = scheduler_config
         return calculate_shift((self.shape[1] // 2) * (self.shape[2] // 2), c.get("base_image_seq_len", 256),
                                c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+
+
+@register
+class FluxNet(PackedNet):
+    """FLUX.1 [dev] (guidance embedded: `guidance` is an input, one pass), [schnell] (no guidance), and true CFG
+    (`true_cfg_scale` with a negative prompt: a second pass) where asked."""
+
+    pipelines = ("FluxPipeline",)
+    summary = "FluxTransformer2DModel (FLUX.1 dev / schnell), text prompts, flow matching, packed latents"
+
+    def call(self, x, timestep, c):
+        out = self.net(hidden_states=self.to_pipeline(x), timestep=timestep, guidance=self.embedded_guidance(len(x), x),
+                       pooled_projections=self.pooled[c], encoder_hidden_states=self.embeds[c], txt_ids=self.txt_ids,
+                       img_ids=self.img_ids, return_dict=False)[0]
+        return self.from_pipeline(out, x.shape[1:])
 
     @classmethod
     def encode(cls, pipe, prompts, negative, length):

@@ -5,18 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .adapter import PipelineNet, latents_normalised, register
-from .flux import _packed_shape
+from .adapter import latents_normalised, register
+from .flux import PackedNet
 
 
 @register
-class QwenImageNet(PipelineNet):
+class QwenImageNet(PackedNet):
     pipelines = ("QwenImagePipeline",)
     summary = "QwenImageTransformer2DModel, text prompts (Qwen2.5-VL), flow matching, packed latents, true CFG"
-    true_cfg = True
-    guidance_input = True
-    sigma_timestep = True
-    timestep_in_network_dtype = True
 
     def call(self, x, timestep, c):
         b, _, h, w = x.shape
@@ -32,29 +28,6 @@ class QwenImageNet(PipelineNet):
         cond_t, comb_t = self.to_pipeline(cond), self.to_pipeline(uncond + scale * (cond - uncond))
         out = comb_t * (torch.norm(cond_t, dim=-1, keepdim=True) / torch.norm(comb_t, dim=-1, keepdim=True))
         return self.from_pipeline(out, cond.shape[1:])
-
-    @staticmethod
-    def to_pipeline(x):
-        from diffusers import QwenImagePipeline
-
-        return QwenImagePipeline._pack_latents(x, *x.shape)
-
-    @staticmethod
-    def from_pipeline(latents, shape):
-        from diffusers import QwenImagePipeline
-
-        return QwenImagePipeline._unpack_latents(latents, shape[-2], shape[-1], 1)[:, :, 0]
-
-    @classmethod
-    def latent_shape(cls, pipe, size):
-        return _packed_shape(cls, pipe, size, pipe.transformer.config.in_channels // 4, packed=True)
-
-    def mu(self, scheduler_config, steps):
-        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
-
-        c = scheduler_config
-        return calculate_shift((self.shape[1] // 2) * (self.shape[2] // 2), c.get("base_image_seq_len", 256),
-                               c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5), c.get("max_shift", 1.15))
 
     @classmethod
     def encode(cls, pipe, prompts, negative, length):
