@@ -13,7 +13,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Optional, Sequence, TypeVar
 
 import yaml
 from omegaconf import OmegaConf
@@ -72,12 +72,13 @@ def not_a_file(v) -> str | None:
 
 
 def conditions_value(v) -> str | None:
-    """A teacher's conditions: a list of class labels / prompts, or the path of a prompt file (one per line)."""
+    """A teacher's conditions: a list of class labels / prompts, a prompt file (one per line), or a file of
+    precomputed prompt embeddings (.safetensors)."""
     if isinstance(v, str):
-        return None if Path(v).is_file() else "is not a prompt file (give a file path, or a list [label, ...])"
+        return None if Path(v).is_file() else "is not a prompt or embeddings file (give a file path, or a list [label, ...])"
     if isinstance(v, list) and all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in v):
         return None
-    return "must be a list of class labels or prompts, or a prompt file"
+    return "must be a list of class labels or prompts, or a prompt or embeddings file"
 
 
 def guidance_scale(v) -> str | None:
@@ -85,6 +86,30 @@ def guidance_scale(v) -> str | None:
     from .core.denoiser import MAX_GUIDANCE
 
     return between(0, MAX_GUIDANCE)(v)
+
+
+@dataclass
+class TeacherOptions:
+    """What a teacher takes besides its name, in every mode that loads one (all of it but teacher_dtype for
+    diffusers pipelines only; docs/pipelines.md): configs mirror `load_teacher`'s keywords."""
+
+    conditions: Any = field(default_factory=list)  # class labels or prompts, a prompt file, or an embeddings file
+    guidance: float = 1.0  # the pipeline's guidance_scale: the CFG scale, or the input of a guidance-distilled model
+    true_cfg: float = 1.0  # FluxPipeline's / QwenImagePipeline's true_cfg_scale (a negative branch)
+    negative_prompt: Optional[str] = None  # None: the pipeline's own default
+    guidance_rescale: float = 0.0  # Stable Diffusion / SDXL's guidance_rescale
+    max_sequence_length: int = 0  # the text length the pipeline is called with (0: its default; T5 / UMT5 / Qwen)
+    height: int = 0  # the sampled size in pixels (0: the pipeline's default); it sets the latent shape
+    width: int = 0
+    frames: int = 0  # video pipelines (Wan): frames (0: the pipeline's default)
+    teacher_dtype: str = "float32"  # the network's dtype: float32 | bfloat16 | float16 (the sampler stays float32)
+    RULES: ClassVar = dict(conditions=conditions_value, guidance=guidance_scale, true_cfg=guidance_scale,
+                           guidance_rescale=between(0, 1), max_sequence_length=at_least(0), height=at_least(0),
+                           width=at_least(0), frames=at_least(0), teacher_dtype=one_of("float32", "bfloat16", "float16"))
+
+    def teacher_options(self) -> dict:
+        """load_teacher's keywords."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(TeacherOptions)}
 
 
 def existing_dir(v) -> str | None:

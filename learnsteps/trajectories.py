@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from .config import at_least, between, each, one_of, positive
 from .core.grids import make as make_grid
-from .core.denoiser import dtype_of
+from .core.denoiser import device_of, dtype_of
 from .core.reference import reference_solve
 from .core.sample import check_options, check_order, get_solver, solve, starts_at_noise
 from .files import read_json, read_safetensors, sha256_file, write_json, write_safetensors
@@ -197,16 +197,16 @@ def generate(teacher, out_dir: str | Path, spec: TrajectorySpec, rank: int = 0, 
         cond = conditions_of(teacher, idx)  # stored with each sample: consumers draw matched (noise, condition)
         parts = {"x_T": [], "trajectory": [], "x0": []}
         for b in range(0, len(idx), spec.batch_size):
-            x = x_T[b: b + spec.batch_size].to(dtype_of(teacher))
-            c = None if cond is None else cond[b: b + spec.batch_size]
+            x = x_T[b: b + spec.batch_size].to(device_of(teacher), dtype_of(teacher))
+            c = None if cond is None else cond[b: b + spec.batch_size].to(x.device)
             with torch.no_grad():
                 traj = integrate(teacher, x, times, spec, c)  # (M, B, ...)
                 check_not_diverged(traj, x, times, out)
-                parts["trajectory"].append(traj.transpose(0, 1))
+                parts["trajectory"].append(traj.transpose(0, 1).cpu())
                 if spec.store_x0:
                     x0 = [traj[m] if times[m] == sched.t_zero else teacher.x0(traj[m], times[m].to(x).expand(len(x)), c)
                           for m in range(len(times))]
-                    parts["x0"].append(torch.stack(x0, 1))
+                    parts["x0"].append(torch.stack(x0, 1).cpu())
             bar.update(len(x))
         tensors = {key: torch.cat(v).to(dtype) for key, v in parts.items() if v}
         tensors["x_T"] = x_T.to(dtype)

@@ -343,12 +343,12 @@ def test_flux_dynamic_shift_from_the_scheduler_config():
     and the shifted grid is diffusers' set_timesteps(N, mu=mu) grid (but its first point, at t = 1)."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    from learnsteps.teachers.pipelines import _schedule
+    from learnsteps.teachers.pipelines.base import _schedule
 
     sched = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                       base_image_seq_len=256, max_image_seq_len=4096)
-    schedule, prediction = _schedule(type(sched).__name__, dict(sched.config), latent_tokens=1024)
-    mu = calculate_shift(1024, 256, 4096, 0.5, 1.15)
+    mu = calculate_shift(1024, 256, 4096, 0.5, 1.15)  # the pipeline's mu for 1024 latent tokens (its family's `mu`)
+    schedule, prediction = _schedule(type(sched).__name__, dict(sched.config), mu)
     assert prediction == "flow" and schedule.shift == pytest.approx(math.exp(mu), rel=1e-12)
     sched.set_timesteps(8, mu=mu)
     theirs = sched.sigmas.to(F64)

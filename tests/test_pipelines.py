@@ -244,7 +244,8 @@ def test_pixel_losses_on_a_latent_teacher_go_through_its_vae(pipelines, tmp_path
     from learnsteps.quality.losses import distance, pixel_space
 
     teacher = load_teacher(str(pipelines["dit"]), conditions=[0, 1], guidance=2.0)
-    space = pixel_space(teacher)
+    space = pixel_space(teacher, "l2+features")
+    assert pixel_space(teacher, "l2") == {}  # a latent loss never runs the VAE
     assert space["image_shape"] == (1, 8, 8)
     with pytest.raises(ValueError, match="reads 1x8x8 images"):
         distance("features", teacher.shape)  # on the latents themselves it cannot

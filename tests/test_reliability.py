@@ -598,7 +598,7 @@ def test_a_teacher_whose_samples_diverge_writes_no_pairs(tmp_path, guidance, rat
     from learnsteps.trajectories import DIVERGED, TrajectoryDataset, TrajectoryError, TrajectorySpec, generate
 
     teacher = load_teacher("digits_latent_flow", conditions=[3, 5])
-    teacher.guidance = guidance  # the config's bound bypassed
+    teacher.guidance = teacher.cfg = guidance  # the config's bound bypassed (cfg: the CFG scale it samples with)
     s = teacher.noise_schedule
     spec = TrajectorySpec(n=16, shard_size=16, output_times=[s.t_max, s.t_min, s.t_zero], solver="unipc", order=2,
                           steps_per_interval=10)

@@ -33,11 +33,21 @@ def per_sample(v: Tensor, x: Tensor) -> Tensor:
 
 def dtype_of(module: nn.Module) -> torch.dtype:
     """The floating dtype a module computes in (its first parameter's, else its first buffer's; float32 if none):
-    the dtype to give its inputs, e.g. float64 for the exact mixtures."""
+    the dtype to give its inputs, e.g. float64 for the exact mixtures. A teacher whose network runs in half
+    precision says `state_dtype` (float32): the sampler's states and arithmetic stay there."""
+    if getattr(module, "state_dtype", None) is not None:
+        return module.state_dtype
     for t in list(module.parameters())[:1] + list(module.buffers())[:1]:
         if t.is_floating_point():
             return t.dtype
     return torch.float32
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """The device a module computes on (its first parameter's or buffer's; the CPU if it has none)."""
+    for t in list(module.parameters())[:1] + list(module.buffers())[:1]:
+        return t.device
+    return torch.device("cpu")
 
 
 class Denoiser(nn.Module):
@@ -51,9 +61,10 @@ class Denoiser(nn.Module):
         s = self.noise_schedule
         return per_sample(s.alpha(t), x), per_sample(s.sigma(t), x)
 
-    def record(self) -> dict:
+    def record(self, steps: int | None = None) -> dict:
         """What a schedule file records of the teacher it was made for, besides its fingerprint and name: the
-        prediction type, in diffusers' words (a pipeline must run the file with it)."""
+        prediction type, in diffusers' words (a pipeline must run the file with it); `steps`: the file's steps
+        (a pipeline teacher records the size-dependent shift its scheduler computes for them)."""
         return dict(prediction_type=PREDICTION_TYPES[self.prediction])
 
     def x0(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
@@ -123,13 +134,15 @@ class NetworkDenoiser(Denoiser):
 MAX_GUIDANCE = 100.0
 
 
-def guided(net, x: Tensor, t: Tensor, cond: Tensor, null: Tensor, scale: float) -> Tensor:
+def guided(net, x: Tensor, t: Tensor, cond: Tensor, null: Tensor, scale: float, combine=None) -> Tensor:
     """Classifier-free guidance, uncond + scale (cond - uncond), with net(x, t, c) called once on a batch of 2B.
 
-    The combination has weights summing to one, so guiding eps, x0, v or a flow velocity gives the same sampler."""
+    The combination has weights summing to one, so guiding eps, x0, v or a flow velocity gives the same sampler.
+    `combine(cond_out, uncond_out, scale)`: a pipeline's own combination instead (a rescaled CFG), applied to the
+    network's outputs as the pipeline applies it."""
     t = t.expand(x.shape[0])
     out_c, out_u = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null])).chunk(2)
-    return out_u + scale * (out_c - out_u)
+    return out_u + scale * (out_c - out_u) if combine is None else combine(out_c, out_u, scale)
 
 
 class ClassifierFreeGuidance(Denoiser):

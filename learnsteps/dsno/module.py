@@ -12,29 +12,27 @@ import copy
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ..config import all_of, at_least, between, fraction, not_a_file, one_of, positive
+from ..config import TeacherOptions, all_of, at_least, between, fraction, not_a_file, one_of, positive
 from ..quality.losses import LOSSES, distance
 from ..teachers import load_teacher
 from ..teachers.network import NetworkTeacher
 from ..teachers.unet import UNet, UNetConfig, check_unet
 from ..files import read_json
 from ..trajectories import TrajectoryDataModule, TrajectoryError, TrajectorySpec, check_directory
-from ..training.common import RunConfig, fit, make_logger, make_trainer, prepare_run, run_path
+from ..training.common import RunConfig, fit, make_logger, make_trainer, prepare_run, run_path, teacher_device
 from .student import DSNOStudent, StudentConfig, save_student
 
 
 @dataclass
-class DSNOConfig(RunConfig):
-    teacher: str = "digits_unet"
-    conditions: Any = field(default_factory=list)  # a conditional pipeline's class labels or prompts (or a prompt file)
-    guidance: float = 1.0  # its classifier-free guidance scale
+class DSNOConfig(RunConfig, TeacherOptions):
+    teacher: str = "digits_unet"  # with TeacherOptions: conditions, guidance, height, width, teacher_dtype, ...
     times: str = "quadratic"  # spacing of the M output times: quadratic | uniform (in t) | logsnr
     num_times: int = 4  # M, the output times after x_T (M = 1 with temporal=false: plain one-step distillation)
     output_times: list[float] = field(default_factory=list)  # explicit, decreasing, ending at the clean data
@@ -53,7 +51,7 @@ class DSNOConfig(RunConfig):
     ema_decay: float = 0.999
     val_fraction: float = 0.05
     RULES: ClassVar = dict(
-        RunConfig.RULES, times=one_of("quadratic", "uniform", "logsnr"), num_times=between(1, 64),
+        RunConfig.RULES, **TeacherOptions.RULES, times=one_of("quadratic", "uniform", "logsnr"), num_times=between(1, 64),
         targets=one_of("x0", "states"), data_dir=not_a_file, modes=at_least(1), loss=one_of(*LOSSES),
         weighting=one_of("snr", "uniform"), batch_size=at_least(1), lr=positive, warmup_steps=at_least(0),
         ema_decay=fraction, val_fraction=all_of(positive, fraction))
@@ -169,11 +167,16 @@ def make_student(cfg: DSNOConfig, teacher, times: torch.Tensor) -> DSNOStudent:
 def check_dsno(cfg: DSNOConfig):
     """Everything that can be wrong with a DSNO run's input, found before anything is written: (teacher, the
     student's times, the trajectory spec, the data directory, where the times sit among the stored ones)."""
-    teacher = load_teacher(cfg.teacher, conditions=cfg.conditions, guidance=cfg.guidance)
+    teacher = load_teacher(cfg.teacher, **cfg.teacher_options())
     distance(cfg.loss, getattr(teacher, "shape", None))  # fail now, not after generating trajectories
-    if len(getattr(teacher, "shape", ())) != 3:
-        raise ValueError(f"DSNO students are UNets over images; teacher {cfg.teacher!r} has shape "
-                         f"{getattr(teacher, 'shape', None)}")
+    shape = tuple(getattr(teacher, "shape", ()))
+    if len(shape) == 4:
+        raise ValueError(f"DSNO's fresh student is learnsteps' 2-D UNet, and teacher {cfg.teacher!r} samples video "
+                         f"latents {shape} (C, F, H, W): a student on the teacher's own backbone (issue #30) is what "
+                         f"takes them")
+    if len(shape) != 3 or shape[1] != shape[2]:
+        raise ValueError(f"DSNO's fresh student is learnsteps' UNet over square images; teacher {cfg.teacher!r} "
+                         f"samples shape {shape or None}")
     if not (isinstance(teacher, NetworkTeacher) and isinstance(teacher.net, UNet)):  # a fresh UNet student
         check_unet(UNetConfig(**{**cfg.unet.to_dict(), "in_channels": teacher.shape[0],
                                  "image_size": teacher.shape[-1]}))
@@ -199,6 +202,7 @@ def train_dsno(cfg: DSNOConfig) -> Path:
     teacher, times, spec, data_dir, index = check_dsno(cfg)
     sched = teacher.noise_schedule
     run_dir = prepare_run(cfg)
+    teacher.to(teacher_device(cfg))  # its trajectories and sample pictures on the accelerator training uses
     data = TrajectoryDataModule(data_dir, batch_size=cfg.batch_size, val_fraction=cfg.val_fraction, seed=cfg.seed,
                                 teacher=teacher, spec=spec, teacher_name=cfg.teacher)
     student = make_student(cfg, teacher, times)
@@ -232,11 +236,15 @@ def _samples(cfg, teacher, student, run_dir: Path, logger) -> None:
 
     from ..trajectories import conditions_of
 
+    from ..core.denoiser import device_of
+
     index = torch.arange(10**6, 10**6 + 32)
+    device = device_of(teacher)
     x_T = sample_noise(index.tolist(), teacher.shape, cfg.seed, teacher.noise_schedule.init_noise_std()).float()
-    cond = conditions_of(teacher, index)
+    x_T, cond = x_T.to(device), conditions_of(teacher, index)
+    cond = None if cond is None else cond.to(device)
     with torch.no_grad():
-        ours = student.sample(x_T, cond)
+        ours = student.to(device).sample(x_T, cond)
         ref = sample(teacher, x_T, make("logsnr", 40, teacher.noise_schedule, to_zero=True), "unipc", 3,
                      cond=cond).float()
         if hasattr(teacher, "decode"):  # a latent teacher: its VAE's images

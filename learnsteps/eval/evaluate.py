@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from tqdm import tqdm
 
-from ..config import SolverChoice, at_least, between, conditions_value, each, guidance_scale, not_a_file, one_of
-from ..core.denoiser import dtype_of
+from ..config import SolverChoice, TeacherOptions, at_least, between, each, not_a_file, one_of
+from ..core.denoiser import device_of, dtype_of
 from ..core.grids import applicable, make as make_grid
 from ..core.sample import check_options, check_order, solve, start_time, steps_for_nfe
 from ..dsno.student import load_student
@@ -31,10 +31,10 @@ GRID_KINDS = ("time_uniform", "time_quadratic", "logsnr", "edm", "shifted")  # t
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(TeacherOptions):
+    # with TeacherOptions (conditions, guidance, height, width, teacher_dtype, ...), the same for every teacher; a
+    # conditional teacher's sample j takes condition j mod K, so every row is scored over the same condition set
     teachers: list[str] = field(default_factory=lambda: ["digits_unet"])
-    conditions: Any = field(default_factory=list)  # a conditional pipeline's labels / prompts (or a prompt file):
-    guidance: float = 1.0  # sample j takes condition j mod K, so every row is scored over the same condition set
     solvers: list[SolverChoice] = field(default_factory=lambda: [
         SolverChoice("dpm_solver++", 3), SolverChoice("unipc", 3, {"variant": "bh1"}), SolverChoice("ipndm", 4)])
     grids: list[str] = field(default_factory=lambda: ["time_uniform", "time_quadratic", "logsnr", "edm"])
@@ -51,14 +51,17 @@ class EvalConfig:
     teacher_solver: SolverChoice = field(default_factory=lambda: SolverChoice("unipc", 3))
     teacher_steps: int = 40
     out_dir: str = "runs/eval"
+    device: str = "auto"  # where the teachers sample: auto (a GPU if there is one) | cpu | cuda | cuda:1 | mps
     wandb: WandbConfig = field(default_factory=lambda: WandbConfig(mode="disabled"))
     command: str = ""
     RULES: ClassVar = dict(
         teachers=each(lambda v: None if v else "must name a teacher", non_empty=True),
         grids=each(one_of(*GRID_KINDS)), nfe=each(between(1, 200)),
         samples=between(2, 10**6), batch_size=at_least(1), reference=one_of("digits", "none"),
-        conditions=conditions_value, guidance=guidance_scale,
-        feature_extractor=one_of(*EXTRACTORS), teacher_steps=between(1, 10_000), out_dir=not_a_file)
+        **TeacherOptions.RULES,
+        feature_extractor=one_of(*EXTRACTORS), teacher_steps=between(1, 10_000), out_dir=not_a_file,
+        device=lambda v: None if v == "auto" or v == "cpu" or v == "mps" or str(v).split(":")[0] == "cuda"
+        else "must be auto, cpu, cuda, cuda:<index> or mps")
 
 
 def sample_in_batches(teacher, x_T, grid, solver, order, batch_size, eval_grid=None, cond=None, **options):
@@ -67,9 +70,11 @@ def sample_in_batches(teacher, x_T, grid, solver, order, batch_size, eval_grid=N
     with torch.no_grad():
         for b in range(0, len(x_T), batch_size):
             c = None if cond is None else cond[b: b + batch_size]
-            out.append(pixels(teacher, solve(teacher, x_T[b: b + batch_size], grid, solver, order, eval_grid=eval_grid,
-                                             cond=c, **options).x))
-    return torch.cat(out).float()
+            x = x_T[b: b + batch_size].to(device_of(teacher))
+            c = None if c is None else c.to(x.device)
+            out.append(pixels(teacher, solve(teacher, x, grid, solver, order, eval_grid=eval_grid, cond=c, **options).x)
+                       .float().cpu())
+    return torch.cat(out)
 
 
 
@@ -118,7 +123,9 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
         if case.solver == "tabulated":  # its table belongs to one grid of one NFE
             raise ValueError("solvers: tabulated runs a schedule file's own table; give the file as schedules=[...]")
     features = Features(cfg.feature_extractor, cfg.feature_weights or None)
-    teachers = {name: load_teacher(name, conditions=cfg.conditions, guidance=cfg.guidance) for name in cfg.teachers}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else \
+        torch.device(cfg.device)
+    teachers = {name: load_teacher(name, **cfg.teacher_options()).to(device) for name in cfg.teachers}
     for kind, paths in (("schedule", cfg.schedules), ("student", cfg.students)):
         for path in paths:
             made = load_schedule(path) if kind == "schedule" else load_student(path).info
@@ -135,7 +142,8 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
                     raise ValueError(f"{path}: made for the noise schedule {made.get('noise_schedule')}, not the "
                                      f"teacher's {t.noise_schedule.config()}")
     for name, teacher in teachers.items():
-        images = tuple(pixels(teacher, torch.zeros(1, *teacher.shape, dtype=dtype_of(teacher))).shape[1:])
+        zero = torch.zeros(1, *teacher.shape, dtype=dtype_of(teacher), device=device_of(teacher))
+        images = tuple(pixels(teacher, zero).shape[1:])
         if cfg.feature_extractor == "digits" and images != (1, 8, 8):
             raise ValueError(f"feature_extractor=digits reads 1x8x8 images; {name}'s are {'x'.join(map(str, images))}: "
                              f"use feature_extractor=inception")
@@ -190,10 +198,12 @@ def evaluate_teacher(cfg: EvalConfig, name: str, teacher, plan: list, features: 
         student = load_student(directory)
         if not _belongs(student.info["teacher"].get("fingerprint"), teacher):
             continue
+        device = device_of(teacher)
+        student.to(device)
         with torch.no_grad():
-            x = torch.cat([pixels(teacher, student.sample(x_T[b: b + cfg.batch_size].float(),
-                                                          None if cond is None else cond[b: b + cfg.batch_size]))
-                           for b in range(0, len(x_T), cfg.batch_size)])
+            x = torch.cat([pixels(teacher, student.sample(x_T[b: b + cfg.batch_size].float().to(device),
+                                                          None if cond is None else cond[b: b + cfg.batch_size].to(device))
+                                  ).float().cpu() for b in range(0, len(x_T), cfg.batch_size)])
         temporal = student.cfg.temporal and student.num_times > 1
         solver = f"dsno-M{student.num_times}" if temporal else f"one-step-M{student.num_times}"
         row(student_labels[directory], solver, 1, x, float((x - teacher_samples).pow(2).mean().sqrt()))
@@ -233,7 +243,7 @@ def write_outputs(cfg: EvalConfig, rows, samples, teacher_samples, out: Path) ->
               f"{r['rmse_teacher']:.4f} |" + (f" {r['class_acc']:.3f} |" if acc else "") for r in rows]
     write_text(out / "results.md", "\n".join(lines) + "\n")
     plot_fid(rows, out / "fid_vs_nfe.png")
-    if teacher_samples.dim() == 4:
+    if teacher_samples.dim() in (4, 5):  # images, or videos (a row of frames each)
         from ..quality.images import save_image_grid
 
         for nfe in sorted({k[2] for k in samples}):

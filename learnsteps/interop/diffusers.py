@@ -175,12 +175,16 @@ def apply_to_pipeline(pipe, schedule: Schedule) -> dict:
     base = getattr(diffusers, r["scheduler"])
     n = len(schedule.times) - 1
 
-    def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
-        if num_inference_steps not in (None, n):
+    # FluxPipeline and its kin always hand set_timesteps a default sigma list (and check that it takes `sigmas`):
+    # its length is the step count; the sigmas themselves are the schedule's, never shifted by diffusers
+    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None, **kwargs):
+        asked = num_inference_steps if sigmas is None else len(sigmas)
+        if asked not in (None, n):
             raise ScheduleError(f"this pipeline's scheduler runs the learned {n}-step schedule: call it with "
-                                f"num_inference_steps={n}, not {num_inference_steps}")
-        kwargs = {k: v for k, v in kwargs.items() if k == "mu"}  # explicit timesteps / sigmas are the schedule's
-        _put_grid(self, schedule, device or "cpu", lambda steps, device: base.set_timesteps(self, steps, device, **kwargs))
+                                f"num_inference_steps={n}, not {asked}")
+        check_size(schedule.teacher, mu)
+        extra = {} if mu is None else dict(mu=mu)
+        _put_grid(self, schedule, device or "cpu", lambda steps, device: base.set_timesteps(self, steps, device, **extra))
 
     start = start_scale(base.__name__, schedule)
     members = dict(set_timesteps=set_timesteps, __doc__=f"{base.__name__} pinned to a learnsteps schedule",
@@ -194,6 +198,19 @@ def apply_to_pipeline(pipe, schedule: Schedule) -> dict:
     with quiet_diffusers():
         pipe.scheduler = learned.from_config({**config, **r["config"]})
     return dict(num_inference_steps=n)
+
+
+def check_size(teacher: dict, mu: float | None) -> None:
+    """ScheduleError unless a pipeline that shifts its grid with the image size (FLUX, Qwen-Image: the `mu` it hands
+    its scheduler) is called at the size the schedule was learned at (`teacher`: the schedule file's record of it,
+    with its size and mu)."""
+    learned = teacher.get("mu")
+    if mu is None or learned is None or abs(float(mu) - float(learned)) <= 1e-9 * max(1.0, abs(float(learned))):
+        return
+    t = teacher
+    raise ScheduleError(f"this schedule was learned at height={t.get('height')}, width={t.get('width')} (the "
+                        f"pipeline's shift mu = {float(learned):.6g}) and the pipeline is called at another size "
+                        f"(mu = {float(mu):.6g}): call it at that size, or learn a schedule at this one")
 
 
 def _put_grid(scheduler, schedule: Schedule, device, set_timesteps):

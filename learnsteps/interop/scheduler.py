@@ -34,6 +34,7 @@ from ..core.solvers import TABLE_FORMS, check_table, table_scale
 from ..core.steps import Grid
 from ..core.tables import narrowest_table
 from ..schedule import PREDICTION_TYPES as PREDICTIONS, Schedule, ScheduleError, check_prediction_type, load_schedule
+from .diffusers import check_size
 
 
 class TabulatedScheduler(SchedulerMixin, ConfigMixin):
@@ -43,7 +44,8 @@ class TabulatedScheduler(SchedulerMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, coefficients: list, timesteps: list, alpha: list, sigma: list, form: str = "data",
-                 prediction_type: str = "epsilon", num_train_timesteps: int = 1000, init_noise_sigma: float = 1.0):
+                 prediction_type: str = "epsilon", num_train_timesteps: int = 1000, init_noise_sigma: float = 1.0,
+                 teacher: dict | None = None, shift_config: dict | None = None):
         n = len(timesteps)
         if len(alpha) != n + 1 or len(sigma) != n + 1:
             raise ValueError(f"alpha and sigma need {n + 1} values (the integration times), got {len(alpha)}, {len(sigma)}")
@@ -53,6 +55,8 @@ class TabulatedScheduler(SchedulerMixin, ConfigMixin):
         if prediction_type not in PREDICTIONS:
             raise ValueError(f"prediction_type must be one of {PREDICTIONS}, not {prediction_type!r}")
         self.init_noise_sigma = init_noise_sigma
+        if shift_config:  # read by FLUX-like pipelines (config.get) to compute their resolution-dependent mu
+            self.register_to_config(**shift_config)
         self.num_inference_steps = n
         self.set_timesteps()
 
@@ -78,16 +82,29 @@ class TabulatedScheduler(SchedulerMixin, ConfigMixin):
         return cls(coefficients=[list(map(float, row)) for row in table], timesteps=s.diffusers_timesteps,
                    alpha=s.alpha, sigma=s.sigma, form=form, prediction_type=prediction_type,
                    num_train_timesteps=int(s.noise_schedule["n"]),
-                   init_noise_sigma=s.make_noise_schedule().init_noise_std())
+                   init_noise_sigma=s.make_noise_schedule().init_noise_std(),
+                   teacher={k: s.teacher[k] for k in ("mu", "height", "width", "frames") if k in s.teacher},
+                   shift_config=s.teacher.get("shift_config"))
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, **kwargs):
-        """The schedule's own steps; a pipeline asking for another number of steps is told how many it has."""
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas=None, mu=None, timesteps=None,
+                      **kwargs):
+        """The schedule's own steps; a pipeline asking for another number of steps is told how many it has, one
+        called at another size than the schedule's (a FLUX-like pipeline's `mu`) is refused. FluxPipeline and its
+        kin pass a default sigma list (its length is their step count), never used."""
         n = len(self.config.timesteps)
-        if num_inference_steps not in (None, n):
+        asked = num_inference_steps if sigmas is None else len(sigmas)
+        if asked not in (None, n):
             raise ValueError(f"this scheduler runs a learned {n}-step schedule: call the pipeline with "
-                             f"num_inference_steps={n}, not {num_inference_steps}")
+                             f"num_inference_steps={n}, not {asked}")
+        check_size(self.config.teacher or {}, mu)
         self.timesteps = torch.tensor(self.config.timesteps, dtype=torch.float64, device=device)
+        self.sigmas = torch.tensor(self.config.sigma, dtype=torch.float64)  # what pipelines read for their caches
         self._step_index, self._outputs = 0, []
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Pipelines (FLUX, Qwen-Image, Wan) call it before their loop; the schedule always starts at its first step."""
+        if begin_index != 0:
+            raise ValueError("a learned schedule runs from its first step (begin_index 0)")
 
     def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return sample  # the network takes the VP (or flow) state itself

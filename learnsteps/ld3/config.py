@@ -3,12 +3,13 @@ for a teacher, and the hand grids LD3 starts from and is compared with."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
-from ..config import at_least, between, each, existing_dir, existing_file, not_a_file, one_of, positive
-from ..core.denoiser import dtype_of
+from ..config import (TeacherOptions, at_least, between, each, existing_dir, existing_file, not_a_file, one_of,
+                      positive)
+from ..core.denoiser import device_of, dtype_of
 from ..core.grids import make as make_grid
 from ..quality.losses import check_loss_name
 from ..trajectories import sample_noise
@@ -36,10 +37,8 @@ class PairsConfig:
 
 
 @dataclass
-class LD3Config(RunConfig):
-    teacher: str = "digits_unet"
-    conditions: Any = field(default_factory=list)  # a conditional pipeline's class labels or prompts (or a prompt file)
-    guidance: float = 1.0  # its classifier-free guidance scale
+class LD3Config(RunConfig, TeacherOptions):
+    teacher: str = "digits_unet"  # with TeacherOptions: conditions, guidance, height, width, teacher_dtype, ...
     solver: str = "dpm_solver++"
     order: int = 3
     options: dict = field(default_factory=dict)
@@ -76,7 +75,7 @@ class LD3Config(RunConfig):
     coefficient_penalty: float = 0.01  # weight of the L2 penalty on the corrections
     init_schedule: str = ""  # start from this schedule file's grid and model times (an LD3 run's schedule.json)
     RULES: ClassVar = dict(
-        RunConfig.RULES, order=at_least(1), nfe=between(1, 100), time_mode=one_of("lambda", "time"),
+        RunConfig.RULES, **TeacherOptions.RULES, order=at_least(1), nfe=between(1, 100), time_mode=one_of("lambda", "time"),
         init=one_of("uniform", "best", *BASELINES), window=between(0, 0.5),
         loss=lambda v: None if v == "auto" else check_loss_name(v), remat=one_of("auto", "True", "False", "true", "false"),
         feature_net=existing_dir, gamma=at_least(0), shift_lr=at_least(0), batch_size=at_least(1),
@@ -109,5 +108,6 @@ def baseline_grid(cfg: LD3Config, teacher, kind: str, steps: int) -> torch.Tenso
     s = teacher.noise_schedule
     if kind != "gits":
         return make_grid(kind, steps, s, to_zero=cfg.to_zero)
-    x_T = sample_noise(range(64), tuple(teacher.shape), cfg.seed + 7919, s.init_noise_std()).to(dtype_of(teacher))
+    x_T = sample_noise(range(64), tuple(teacher.shape), cfg.seed + 7919, s.init_noise_std())
+    x_T = x_T.to(device_of(teacher), dtype_of(teacher))
     return make_grid("gits", steps, s, to_zero=cfg.to_zero, teacher=teacher, x_T=x_T)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
+from ..core.denoiser import device_of
 from ..core.grids import applicable
 from ..core.sample import solve, steps_for_nfe
 from ..files import save_figure
@@ -21,7 +22,7 @@ def evaluate_grids(cfg: LD3Config, teacher, learned: dict, test: TensorDataset) 
     (digits feature network) against the teacher's samples and against the data."""
     from ..quality.metrics import Features, fid_features, pixels, reference_features
 
-    _, x_T, target, cond = test.tensors
+    _, x_T, target, cond = (v.to(device_of(teacher)) for v in test.tensors)
     steps = steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero)
     runs = {"ld3 (learned)" if learned["solver"] != "tabulated" else "ld3 (learned solver)": learned}
     for kind in applicable(cfg.baselines, teacher.noise_schedule):
@@ -94,14 +95,14 @@ def results_table(cfg: LD3Config, rows: list[dict], n: int) -> list[str]:
 def log_outputs(logger, run_dir: Path, module: LD3, teacher, test, learned, rows) -> None:
     from ..quality.images import save_image_grid
 
-    _, x_T, target, cond = test.tensors
-    n = min(32, len(x_T))
+    _, x_T, target, cond = (v.to(device_of(teacher)) for v in test.tensors)
+    n = min(32 if x_T.dim() == 4 else 8, len(x_T))  # videos: 8 clips, a row of frames each
     with torch.no_grad():
         student = solve(teacher, x_T[:n], cond=condition(cond[:n]), **learned).x
     decode = getattr(teacher, "decode", None)  # a latent teacher: the VAE's images, decoded only here
     if decode is not None:
         student, target = decode(student), decode(target[:n])
-    if x_T.dim() == 4 and (x_T.shape[1] == 1 or decode is not None):  # images: each student sample beside its teacher's
+    if x_T.dim() in (4, 5) and (x_T.shape[1] == 1 or decode is not None):  # each student sample beside its teacher's
         both = torch.stack([student.clamp(-1, 1), target[:n].clamp(-1, 1)], 1).flatten(0, 1).float()
         save_image_grid(both, run_dir / "samples.png", nrow=16)
     if logger is None:

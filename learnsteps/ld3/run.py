@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..core.denoiser import dtype_of
+from ..core.denoiser import device_of, dtype_of
 from ..core.grids import applicable
 from ..core.sample import check_options, check_order, get_solver, solve, start_time, steps_for_nfe
 from ..core.steps import Grid
@@ -17,7 +17,7 @@ from ..quality.losses import distance, pixel_space
 from ..schedule import Schedule, ScheduleError, load_schedule, save_schedule
 from ..teachers import load_teacher
 from ..trajectories import TrajectoryDataset, TrajectorySpec, check_directory, generate
-from ..training.common import fit, make_logger, make_trainer, prepare_run, run_path
+from ..training.common import fit, make_logger, make_trainer, prepare_run, run_path, teacher_device
 from .config import LD3Config, baseline_grid, resolve_auto
 from .grid import LD3Grid
 from .module import LD3, NO_CONDITION, condition
@@ -44,7 +44,7 @@ def check_ld3(cfg: LD3Config):
     check_order(cfg.solver, cfg.order, steps)
     if cfg.init_schedule and cfg.restarts > 1:
         raise ValueError("init_schedule gives one start: restarts must be 1")
-    teacher = load_teacher(cfg.teacher, conditions=cfg.conditions, guidance=cfg.guidance)
+    teacher = load_teacher(cfg.teacher, **cfg.teacher_options())
     resolve_auto(cfg, teacher)
     s = teacher.noise_schedule
     if start_time(s, cfg.solver, cfg.options) != s.t_max:
@@ -57,7 +57,7 @@ def check_ld3(cfg: LD3Config):
         base_form(cfg.solver, cfg.order, cfg.options, Grid(teacher.noise_schedule, *grid(False)))
     if cfg.init_schedule:
         init_schedule(cfg, teacher)
-    distance(cfg.loss, getattr(teacher, "shape", None), cfg.feature_net, **pixel_space(teacher))  # fail now
+    distance(cfg.loss, getattr(teacher, "shape", None), cfg.feature_net, **pixel_space(teacher, cfg.loss))  # fail now
     pairs_dir = pairs_path(cfg)
     for name, spec in pair_sets(cfg, teacher).items():
         check_directory(pairs_dir / name, spec, teacher, cfg.teacher)
@@ -67,6 +67,7 @@ def check_ld3(cfg: LD3Config):
 def train_ld3(cfg: LD3Config) -> Path:
     teacher = check_ld3(cfg)
     run_dir = prepare_run(cfg)
+    teacher.to(teacher_device(cfg))  # pairs, starts and the report on the accelerator training uses
     pairs_dir = pairs_path(cfg)
     p = cfg.pairs
     specs = pair_sets(cfg, teacher)
@@ -97,7 +98,7 @@ def train_ld3(cfg: LD3Config) -> Path:
     schedule = Schedule.from_grid(
         learned["grid"], teacher.noise_schedule, learned["solver"], learned["order"], eval_grid=learned["eval_grid"],
         options=options, provenance=provenance,
-        teacher=dict(fingerprint=teacher.fingerprint(), name=cfg.teacher, **teacher.record()))
+        teacher=dict(fingerprint=teacher.fingerprint(), name=cfg.teacher, **teacher.record(steps=module.steps)))
     save_schedule(run_dir / "schedule.json", schedule)
     plot_grids(cfg, teacher, learned, run_dir / "grid.png")
     rows = evaluate_grids(cfg, teacher, learned, test)
@@ -123,7 +124,8 @@ def initial_grids(cfg: LD3Config, teacher, module: LD3, val_set) -> list[torch.T
         grids = {kind: baseline_grid(cfg, teacher, kind, module.steps) for kind in kinds}
     if cfg.init == "uniform" and not cfg.init_schedule:
         grids["uniform"] = module.grid(False)[0].detach()
-    _, x_T, target, cond = (torch.stack([val_set[i][k] for i in range(len(val_set))]) for k in range(4))
+    device = device_of(teacher)
+    _, x_T, target, cond = (torch.stack([val_set[i][k] for i in range(len(val_set))]).to(device) for k in range(4))
     outs = {}
     for kind, g in grids.items():
         t, t_eval = g if isinstance(g, tuple) else (g, None)

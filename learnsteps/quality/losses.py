@@ -10,11 +10,12 @@ LOSSES = ("l2", "l1", "pseudo_huber", "lpips", "features")
 PIXEL_LOSSES = ("lpips", "features")  # on a latent teacher, computed on the VAE's images
 
 
-def pixel_space(teacher) -> dict:
-    """For a latent teacher (one with `decode`), what `distance` needs to compute pixel losses on its images:
-    the decoder and the image shape; {} for a teacher that samples images directly."""
+def pixel_space(teacher, loss: str = "lpips") -> dict:
+    """For a latent teacher (one with `decode`) and a loss with a pixel term, what `distance` needs to compute it on
+    the teacher's images: the decoder and the image shape ((C, F, H, W) for video); {} for a teacher that samples
+    images directly, or a loss that stays in latent space (the VAE is then never run)."""
     decode = getattr(teacher, "decode", None)
-    if decode is None:
+    if decode is None or not set(str(loss).split("+")) & set(PIXEL_LOSSES):
         return {}
     with torch.no_grad():
         image = decode(torch.zeros(1, *teacher.shape))
@@ -58,6 +59,9 @@ def distance(name: str, shape: tuple[int, ...] | None = None, feature_net: str =
             raise ValueError(f"unknown loss {name!r}: {problem}")
         return Sum({part: distance(part, shape, feature_net, decode, image_shape) for part in name.split("+")})
     if name in PIXEL_LOSSES and decode is not None:
+        if image_shape is not None and len(image_shape) == 4:  # video: the loss of each frame, averaged per clip
+            on_frames = distance(name, (image_shape[0], *image_shape[2:]), feature_net)
+            return lambda x, y: per_frame(on_frames, decode(x), decode(y)).to(x.dtype)
         on_images = distance(name, image_shape, feature_net)
         return lambda x, y: on_images(decode(x), decode(y)).to(x.dtype)
     if name == "l2":
@@ -74,6 +78,13 @@ def distance(name: str, shape: tuple[int, ...] | None = None, feature_net: str =
     if name == "features":
         return _features(shape, feature_net)
     raise ValueError(f"unknown loss {name!r}: expected one of {LOSSES}")
+
+
+def per_frame(dist, x: Tensor, y: Tensor) -> Tensor:
+    """An image distance on videos (B, C, F, H, W): the mean over the F frames of each clip, (B,)."""
+    b, f = x.shape[0], x.shape[2]
+    frames = [v.transpose(1, 2).flatten(0, 1) for v in (x, y)]
+    return dist(*frames).view(b, f).mean(1)
 
 
 def _lpips():

@@ -60,7 +60,10 @@ class Features:
 
     @torch.no_grad()
     def __call__(self, images: Tensor, batch_size: int = 500) -> Tensor:
-        """(N, D) float64 features of images in [-1, 1] (grey images are repeated to RGB for Inception)."""
+        """(N, D) float64 features of images in [-1, 1] (grey images are repeated to RGB for Inception); videos
+        (N, C, F, H, W) are scored frame by frame: (N F, D), FID over the frames of the clips."""
+        if images.dim() == 5:
+            images = images.transpose(1, 2).flatten(0, 1)
         out = []
         for b in range(0, len(images), batch_size):
             x = to_uint8(images[b: b + batch_size]).to(self.device)

@@ -45,13 +45,13 @@ def check_model_index(index, where) -> dict:
 MAY_BE_LEFT_OUT = {"text_encoder_3", "tokenizer_3"}
 
 
-def check_components(pipe, index: dict, where) -> None:
-    """TeacherLoadError if the loaded pipeline lacks a component it needs (MAY_BE_LEFT_OUT), or a component has
-    tensors its weights did not fill (diffusers leaves them on the meta device when the declared class does not fit
-    the files)."""
+def check_components(pipe, index: dict, where, skipped=()) -> None:
+    """TeacherLoadError if the loaded pipeline lacks a component it needs (MAY_BE_LEFT_OUT; `skipped`: those the
+    caller chose not to load), or a component has tensors its weights did not fill (diffusers leaves them on the
+    meta device when the declared class does not fit the files)."""
     import torch
 
-    optional = MAY_BE_LEFT_OUT | set(getattr(pipe, "_optional_components", []))
+    optional = MAY_BE_LEFT_OUT | set(getattr(pipe, "_optional_components", [])) | set(skipped)
     for name, component in pipe.components.items():
         if component is None and name not in optional:
             raise TeacherLoadError(f"{where}: leaves out the {name} ({index.get(name)!r}), which the pipeline needs")

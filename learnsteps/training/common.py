@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import OmegaConf
 
-from ..config import at_least, conditions_value, guidance_scale, not_a_file, one_of, to_yaml
+from ..config import at_least, not_a_file, one_of, to_yaml
 from ..core.schedules import SCHEDULES
 from ..files import checksum_path, verify_checksum, write_checksummed, write_text
 from ..loaders import SeededShuffle
@@ -73,8 +73,20 @@ class RunConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     command: str = ""  # filled in by train.py: the command line that made this run, recorded in its outputs
     restart: bool = False  # empty an existing run_dir and start over (instead of resuming it)
-    # the teacher's conditions and guidance, in the modes that load a teacher
-    RULES: ClassVar = dict(run_dir=not_a_file, conditions=conditions_value, guidance=guidance_scale)
+    RULES: ClassVar = dict(run_dir=not_a_file)
+
+
+def teacher_device(cfg: RunConfig) -> torch.device:
+    """Where a frozen teacher computes (its pairs, trajectories, and in training): the accelerator the trainer
+    uses (this process's GPU under DDP), else the CPU."""
+    a = cfg.trainer.accelerator
+    if a in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        devices = cfg.trainer.devices
+        first = devices[0] if isinstance(devices, list) else 0
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", first)))
+    if a in ("mps", "auto") and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
 
 
 def run_path(cfg: RunConfig) -> Path:

@@ -4,28 +4,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import lightning as L
 
-from ..config import not_a_file
+from ..config import TeacherOptions, not_a_file
 from ..teachers import load_teacher
 from ..trajectories import TrajectorySpec, check_directory, generate
 from .common import RunConfig
 
 
 @dataclass
-class TrajectoryJobConfig(RunConfig):
-    teacher: str = "digits_unet"
-    conditions: Any = field(default_factory=list)  # a conditional pipeline's class labels or prompts (or a prompt file)
-    guidance: float = 1.0  # its classifier-free guidance scale
+class TrajectoryJobConfig(RunConfig, TeacherOptions):
+    teacher: str = "digits_unet"  # with TeacherOptions: conditions, guidance, height, width, teacher_dtype, ...
     out_dir: str = "runs/trajectories"
     spec: TrajectorySpec = field(default_factory=TrajectorySpec)
-    RULES: ClassVar = dict(RunConfig.RULES, out_dir=not_a_file)
+    RULES: ClassVar = dict(RunConfig.RULES, **TeacherOptions.RULES, out_dir=not_a_file)
 
 
 def generate_job(cfg: TrajectoryJobConfig):
-    teacher = load_teacher(cfg.teacher, conditions=cfg.conditions, guidance=cfg.guidance)
+    teacher = load_teacher(cfg.teacher, **cfg.teacher_options())
     check_directory(Path(cfg.out_dir), cfg.spec, teacher, cfg.teacher)  # before any rank writes anything
     t = cfg.trainer
     fabric = L.Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy)
