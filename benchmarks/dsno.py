@@ -3,6 +3,7 @@ ablations, the training curve, and cost.
 
     python benchmarks/dsno.py                                   # all of it (about an hour on 2 CPU cores)
     python benchmarks/dsno.py part=cost                         # cost per sample only
+    python benchmarks/dsno.py part=cost_large                   # FLOPs of a DSNO pass on SDXL, SD3, FLUX (1024^2)
     python benchmarks/dsno.py teachers=[gmm_digits] steps=300   # a smaller run
 
 train: `train.py mode=dsno` for every teacher x variant at the same budget (optimizer steps, batch, data, seed),
@@ -53,7 +54,7 @@ class Variant:
 
 @dataclass
 class Config:
-    part: str = "all"  # all | train | eval | curve | cost
+    part: str = "all"  # all | train | eval | curve | cost | cost_large (DSNO's cost on SDXL, SD3, FLUX)
     teachers: list[str] = field(default_factory=lambda: ["digits_unet", "gmm_digits"])
     variants: list[Variant] = field(default_factory=lambda: [Variant(8), Variant(4), Variant(2), Variant(1, False)])
     ablation_teachers: list[str] = field(default_factory=lambda: ["digits_unet"])  # the others: M = 4 and M = 1 only
@@ -102,7 +103,8 @@ def train(cfg: Config, out: Path) -> None:
                 continue  # a shorter run is continued from its last checkpoint to `steps`
             cmd = [sys.executable, str(ROOT / "train.py"), "mode=dsno", f"teacher={teacher}", *v.args(),
                    f"run_dir={run_dir}", f"data_dir={out / teacher / 'trajectories'}",
-                   f"trajectories.n={cfg.trajectories}", f"batch_size={cfg.batch_size}", f"trainer.max_steps={cfg.steps}",
+                   f"trajectories.n={cfg.trajectories}", f"batch_size={cfg.batch_size}",
+                   f"trainer.max_steps={cfg.steps}",
                    f"trainer.val_check_interval={min(250, cfg.steps)}", f"export_every={cfg.curve_every}",
                    "trainer.progress_bar=false", "wandb.mode=disabled", *cfg.teacher_args]
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -162,6 +164,15 @@ def plot_curve(directory: Path) -> None:
         for ax, k in zip(axes, (1, 2, 3)):
             ax.plot([p[0] for p in pts], [p[k] for p in pts], marker="o", label=name)
     axes[0].axhline(float(ref["fid_data"]), color="k", ls="--", lw=1, label="teacher")
+    samplers = directory.parent / "eval" / "results.csv"  # the best 4-NFE sampler, once the evaluation has run
+    if samplers.is_file():
+        with open(samplers) as f:
+            four = [r for r in csv.DictReader(f)
+                    if r["nfe"] == "4" and not r["solver"].startswith(("dsno", "one-step"))]
+        if four:
+            best = min(four, key=lambda r: float(r["fid_data"]))
+            axes[0].axhline(float(best["fid_data"]), color="grey", ls=":", lw=1,
+                            label=f"best 4-NFE sampler ({best['solver']}, {best['grid']})")
     for ax, label in zip(axes, ("FID against the data", "FID against the teacher", "paired RMSE to the teacher")):
         ax.set(xlabel="training step", ylabel=label, yscale="log")
         ax.grid(alpha=0.3, which="both")
@@ -176,13 +187,24 @@ def _solver_arg(s: SolverChoice) -> str:
     return f"{{solver: {s.solver}, order: {s.order}" + (f", options: {{{opts}}}" if opts else "") + "}"
 
 
+def flops_of(f, *args) -> float:
+    """Forward FLOPs of f(*args) by torch.utils.flop_counter, with the temporal layers' complex matrix products
+    counted as the 4 real multiply-adds each complex one is (the counter counts them as 1)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        f(*args)
+    temporal = sum(sum(v.values()) for k, v in counter.get_flop_counts().items() if k.endswith("dsno_temporal"))
+    return counter.get_total_flops() + 3 * temporal
+
+
 def cost(cfg: Config, out: Path) -> list[dict]:
     """FLOPs and CPU time per sample: each student's one pass against one network evaluation, one teacher call (a
     guided teacher's is 2 evaluations in one batch) and the 4-NFE sampler (DPM-Solver++(2M), 4 teacher calls),
     timed interleaved in one process (median of 7)."""
     import torch
     import yaml
-    from torch.utils.flop_counter import FlopCounterMode
 
     import learnsteps as ls
     from learnsteps.core.denoiser import NetworkDenoiser, dtype_of
@@ -193,7 +215,8 @@ def cost(cfg: Config, out: Path) -> list[dict]:
 
     rows = []
     for teacher_name in cfg.teachers:
-        teacher = load_teacher(teacher_name, **{k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in cfg.teacher_args)})
+        args = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in cfg.teacher_args)}
+        teacher = load_teacher(teacher_name, **args)
         n = 256
         cond_all = conditions_of(teacher, torch.arange(n))
         s = teacher.noise_schedule
@@ -216,9 +239,7 @@ def cost(cfg: Config, out: Path) -> list[dict]:
         dtype = lambda name: torch.float32 if name.startswith(("dsno", "one-step")) else dtype_of(teacher)  # noqa
         flops, seconds = {}, {k: [] for k in models}
         for name, f in models.items():
-            with FlopCounterMode(display=False) as counter, torch.no_grad():
-                f(x[:1].to(dtype(name)), None if cond_all is None else cond_all[:1])
-            flops[name] = counter.get_total_flops()
+            flops[name] = flops_of(f, x[:1].to(dtype(name)), None if cond_all is None else cond_all[:1])
         for _ in range(7):
             for name, f in models.items():
                 xin = x.to(dtype(name))
@@ -236,6 +257,85 @@ def cost(cfg: Config, out: Path) -> list[dict]:
     return rows
 
 
+LARGE = {  # published configurations (the hub's config.json of each), called at 1024 x 1024 with batch 1
+    "SDXL UNet (CFG)": ("UNet2DConditionModel", dict(
+        sample_size=128, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280], layers_per_block=2,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        transformer_layers_per_block=[1, 2, 10],
+        attention_head_dim=[5, 10, 20], cross_attention_dim=2048, addition_embed_type="text_time",
+        addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, use_linear_projection=True), 2),
+    "SD3-medium transformer (CFG)": ("SD3Transformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+        joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+        pos_embed_max_size=192), 2),
+    "FLUX.1-dev transformer (guidance-distilled)": ("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=[16, 56, 56]), 1)}
+
+
+def _large_inputs(cls: str) -> dict:
+    import torch
+
+    z = lambda *shape: torch.zeros(*shape, device="meta")  # noqa: E731
+    if cls == "UNet2DConditionModel":
+        return dict(sample=z(1, 4, 128, 128), timestep=z(1), encoder_hidden_states=z(1, 77, 2048),
+                    added_cond_kwargs=dict(text_embeds=z(1, 1280), time_ids=z(1, 6)))
+    if cls == "SD3Transformer2DModel":
+        return dict(hidden_states=z(1, 16, 128, 128), timestep=z(1), encoder_hidden_states=z(1, 333, 4096),
+                    pooled_projections=z(1, 2048))
+    return dict(hidden_states=z(1, 4096, 64), timestep=z(1), guidance=z(1), encoder_hidden_states=z(1, 512, 4096),
+                pooled_projections=z(1, 768), img_ids=torch.zeros(4096, 3), txt_ids=torch.zeros(512, 3))
+
+
+def cost_large(out: Path) -> str:
+    """What a DSNO pass costs on large backbones, counted on the real architectures on the meta device (no weights):
+    one network evaluation's FLOPs (torch.utils.flop_counter), and for M = 2, 3, 4 and each placement the student's
+    pass, M evaluations plus its temporal layers' channel mixing (8 J C^2 real FLOPs per position per sample per
+    layer; the FFTs over M are O(M log M) per channel and left out), against the 4-NFE sampler's 4 calls (2
+    evaluations each under CFG)."""
+    import diffusers
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from learnsteps.dsno.backbones import hidden_of, place, sites
+
+    lines = ["| backbone (1024 x 1024) | one evaluation (TFLOPs) | M | placement | temporal layers | parameters added "
+             "(M) | student pass / one evaluation | student pass / 4-NFE sampler |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, (cls, config, per_call) in LARGE.items():
+        with torch.device("meta"):
+            net = getattr(diffusers, cls)(**config)
+        kind, levels = sites(net)
+        shapes, handles = {}, []
+        for name in place(levels, "every"):
+            def record(module, args, output, name=name):
+                h = hidden_of(output)[0]
+                c = h.shape[-1] if h.dim() == 3 else h.shape[1]
+                shapes[name] = (int(c), h.numel() // (h.shape[0] * c))
+            handles.append(net.get_submodule(name).register_forward_hook(record))
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            net(**_large_inputs(cls))
+        for h in handles:
+            h.remove()
+        evaluation, params = counter.get_total_flops(), sum(p.numel() for p in net.parameters())
+        for m in (2, 3, 4):
+            j = min(2, m // 2 + 1)
+            for placement in ("every", "every_other", "one_per_level"):
+                chosen = place(levels, placement)
+                temporal = sum(8 * j * shapes[n][0] ** 2 * shapes[n][1] for n in chosen)
+                added = sum(2 * j * shapes[n][0] ** 2 for n in chosen)
+                student = m * evaluation + temporal
+                lines.append(f"| {label} | {evaluation / 1e12:.1f} | {m} | {placement} | {len(chosen)} | "
+                             f"{added / 1e6:.0f} ({100 * added / params:.1f} %) | {student / evaluation:.2f} | "
+                             f"{student / (4 * per_call * evaluation):.2f} |")
+        print("\n".join(lines[-9:]), flush=True)
+    text = "\n".join(lines) + "\n"
+    (out / "cost_large.md").write_text(text)
+    return text
+
+
 def summary(cfg: Config, out: Path, cost_rows: list[dict]) -> str:
     lines = []
     for teacher in cfg.teachers:
@@ -245,12 +345,14 @@ def summary(cfg: Config, out: Path, cost_rows: list[dict]) -> str:
         ref = next(r for r in rows if r["grid"] == "teacher")
         floor = next(r for r in rows if r["grid"].startswith("floor"))
         students = [dict(r, name=r["grid"].split("/")[0]) for r in rows if r["solver"].startswith(("dsno", "one-step"))]
-        samplers = [r for r in rows if r["grid"] not in {x["grid"] for x in students} and r is not ref and r is not floor]
+        named = {x["grid"] for x in students}
+        samplers = [r for r in rows if r["grid"] not in named and r is not ref and r is not floor]
         acc = lambda r: f"{float(r['class_acc']):.3f}" if r.get("class_acc", "nan") != "nan" else "–"  # noqa: E731
         lines += [f"**{teacher}** ({cfg.samples} samples; teacher = {ref['solver']}, {ref['nfe']} steps: FID against "
                   f"the data {ref['fid_data']:.2f}, class accuracy {acc(ref)}; floor, teacher against teacher on other "
-                  f"noise: FID against the data {floor['fid_data']:.2f}, against the teacher {floor['fid_teacher']:.2f})",
-                  "", "| sampler | NFE | FID (data) | FID (teacher) | RMSE to teacher | class accuracy | FID / teacher's |",
+                  f"noise: FID against the data {floor['fid_data']:.2f}, against the teacher "
+                  f"{floor['fid_teacher']:.2f})", "",
+                  "| sampler | NFE | FID (data) | FID (teacher) | RMSE to teacher | class accuracy | FID / teacher's |",
                   "|---|---|---|---|---|---|---|"]
         for nfe in sorted({r["nfe"] for r in samplers}):
             here = [r for r in samplers if r["nfe"] == nfe]
@@ -296,6 +398,8 @@ def main(argv):
         evaluate(cfg, out)
     if cfg.part in ("all", "curve"):
         curve(cfg, out)
+    if cfg.part == "cost_large":
+        print(cost_large(out))
     cost_rows = cost(cfg, out) if cfg.part in ("all", "cost") else []
     if cfg.part in ("all", "eval"):
         print(summary(cfg, out, cost_rows))

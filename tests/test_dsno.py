@@ -84,7 +84,8 @@ class SDXLNet(nn.Module):
         torch.manual_seed(0)
         self.unet = UNet2DConditionModel(
             block_out_channels=(8, 16), layers_per_block=1, sample_size=4, in_channels=4, out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
             addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
             cross_attention_dim=16, norm_num_groups=2)
@@ -167,7 +168,8 @@ def teacher_of(kind, pipelines):
 
 KINDS = {  # backbone kind: (its adapter, temporal layers at placement=every)
     "learnsteps_unet": ("learnsteps_unet", 8), "unet2d_v": ("diffusers_unet", 8), "sd": ("diffusers_unet", 8),
-    "sdxl": ("diffusers_unet", 8), "dit_flow": ("transformer", 1), "sd3": ("transformer", 1), "flux": ("transformer", 3)}
+    "sdxl": ("diffusers_unet", 8), "dit_flow": ("transformer", 1), "sd3": ("transformer", 1),
+    "flux": ("transformer", 3)}
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

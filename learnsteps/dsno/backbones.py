@@ -114,7 +114,8 @@ def _diffusers_unet(net, prefix: str) -> list[list[str]] | None:
 
 
 def _diffusers_transformer(net, prefix: str) -> list[list[str]] | None:
-    lists = [name for name in BLOCK_LISTS if isinstance(getattr(net, name, None), nn.ModuleList) and len(getattr(net, name))]
+    lists = [name for name in BLOCK_LISTS if isinstance(getattr(net, name, None), nn.ModuleList)
+             and len(getattr(net, name))]
     if not lists:
         return None
     return [[f"{prefix}{name}.{i}" for i in range(len(getattr(net, name)))] for name in lists]

@@ -3,8 +3,8 @@
 Data: teacher trajectories from seeded noise (learnsteps.trajectories) at M output times, with the teacher's
 x0-predictions there (DSNO's targets; `targets=states` uses the states). Loss: sum over the M points of
 w(t_m) d(pred_m, target_m) with DSNO's clamped sqrt-SNR weight w = clamp(alpha/sigma, 1, 1e4) (the clean end gets
-1e4) or uniform weights. Adam with warm-up, EMA of the weights with warm-up (what is exported), mixed precision on GPUs by
-`trainer.precision`, resumable from the run's last checkpoint.
+1e4) or uniform weights. Adam with warm-up, EMA of the weights with warm-up (what is exported), mixed precision on
+GPUs by `trainer.precision`, resumable from the run's last checkpoint.
 """
 from __future__ import annotations
 
@@ -186,7 +186,7 @@ def time_weights(cfg: DSNOConfig, schedule, times: torch.Tensor) -> torch.Tensor
 
 
 def own_network(cfg: DSNOConfig, teacher) -> bool:
-    """Whether the student is the teacher's own network (else a fresh UNet): backbone=auto takes it when there is one."""
+    """Whether the student is the teacher's own network (else a fresh UNet): backbone=auto takes one if there is."""
     has = isinstance(teacher, NetworkTeacher)
     if cfg.backbone == "teacher" and not has:
         raise ValueError(f"backbone=teacher: teacher {cfg.teacher!r} has no network to copy (use backbone=unet)")

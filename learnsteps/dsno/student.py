@@ -173,7 +173,8 @@ def fresh_unet(cfg: StudentConfig) -> nn.Module:
 
 def save_student(directory: str | Path, student: DSNOStudent, meta: dict) -> Path:
     d = Path(directory)
-    write_safetensors(d / "model.safetensors", {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()})
+    weights = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
+    write_safetensors(d / "model.safetensors", weights)
     write_json(d / "student.json", dict(format=FORMAT, version=VERSION, student=asdict(student.cfg), **meta))
     return d
 
