@@ -4,6 +4,7 @@ ablations, the training curve, and cost.
     python benchmarks/dsno.py                                   # all of it (about an hour on 2 CPU cores)
     python benchmarks/dsno.py part=cost                         # cost per sample only
     python benchmarks/dsno.py part=cost_large                   # FLOPs of a DSNO pass on SDXL, SD3, FLUX (1024^2)
+    python benchmarks/dsno.py part=summary                      # the tables (and cost) of a finished run
     python benchmarks/dsno.py teachers=[gmm_digits] steps=300   # a smaller run
 
 train: `train.py mode=dsno` for every teacher x variant at the same budget (optimizer steps, batch, data, seed),
@@ -54,7 +55,7 @@ class Variant:
 
 @dataclass
 class Config:
-    part: str = "all"  # all | train | eval | curve | cost | cost_large (DSNO's cost on SDXL, SD3, FLUX)
+    part: str = "all"  # all | train | eval | curve | cost | summary (cost + the tables of a finished run) | cost_large
     teachers: list[str] = field(default_factory=lambda: ["digits_unet", "gmm_digits"])
     variants: list[Variant] = field(default_factory=lambda: [Variant(8), Variant(4), Variant(2), Variant(1, False)])
     ablation_teachers: list[str] = field(default_factory=lambda: ["digits_unet"])  # the others: M = 4 and M = 1 only
@@ -375,7 +376,8 @@ def summary(cfg: Config, out: Path, cost_rows: list[dict]) -> str:
         lines.append("")
         for v in variants_for(cfg, teacher):
             info = json.loads((out / teacher / v.name / "student" / "student.json").read_text())["training"]
-            lines.append(f"- {v.name}: {info['steps']} steps in {info['seconds']:.0f} s")
+            took = f" in {info['seconds']:.0f} s" if "seconds" in info else ""  # a curve export has no time
+            lines.append(f"- {v.name}: {info['steps']} steps{took}")
         lines.append("")
     if cost_rows:
         lines += ["| teacher | model | MFLOPs per sample | FLOPs / one network evaluation | CPU us per sample | "
@@ -400,8 +402,8 @@ def main(argv):
         curve(cfg, out)
     if cfg.part == "cost_large":
         print(cost_large(out))
-    cost_rows = cost(cfg, out) if cfg.part in ("all", "cost") else []
-    if cfg.part in ("all", "eval"):
+    cost_rows = cost(cfg, out) if cfg.part in ("all", "cost", "summary") else []
+    if cfg.part in ("all", "eval", "summary"):
         print(summary(cfg, out, cost_rows))
 
 
