@@ -11,8 +11,12 @@ reference, the model's own shifted grid among the grids.
 ld3: benchmarks/ld3.py part=paired on it (guided), NFE 4 and 6, baselines time_uniform / shifted / logsnr / edm /
 gits: learned / best hand grid in paired RMSE and in FID against the teacher's reference samples and the data
 (2000 held-out pairs), with the FID floor at that sample count.
-dsno: benchmarks/dsno.py on it (guided): DSNO (M = 4) against plain one-step distillation (M = 1) at the same
-budget, and against the teacher's samplers at 1-8 NFE.
+placement: benchmarks/dsno.py on it (guided), DSNO M = 4 on the teacher's own DiT with a temporal layer after every
+block, every other block, or one per level (the last block), `placement_steps` each, scored by the training curve.
+dsno: benchmarks/dsno.py on it (guided), same trajectories, steps and seed for every student: DSNO M = 4 on the
+teacher's own DiT (at `placement`), plain one-step distillation on it (M = 1, no temporal layers), DSNO M = 4 on a
+fresh UNet (issue #15's student); eval.py on 2000 held-out noises against the teacher's samplers at 1-8 NFE, the
+training curve (FID every `curve_every` steps) and the cost per sample.
 """
 from __future__ import annotations
 
@@ -33,12 +37,16 @@ TEACHER = "digits_latent_flow"
 
 @dataclass
 class Config:
-    part: str = "all"  # all | teacher | solvers | ld3 | dsno
+    part: str = "all"  # all | teacher | solvers | ld3 | placement | dsno
     guidance: float = 1.15  # the chosen guidance (FID 1.25x the pixel UNet, accuracy 0.999)
     guidances: list[float] = field(default_factory=lambda: [1.0, 1.1, 1.15, 1.25, 1.5, 2.0])
     samples: int = 2000
     nfe: list[int] = field(default_factory=lambda: [4, 6])
     out_dir: str = "runs/bench_latent"
+    dsno_steps: int = 4000
+    placement_steps: int = 1000
+    placement: str = "every"  # the measured choice (docs/dsno.md)
+    curve_every: int = 250
 
 
 def images_of(teacher, n: int, seed: int):
@@ -89,9 +97,9 @@ def teacher_quality(cfg: Config, out: Path) -> str:
 def run(args: list[str]) -> None:
     print(" ".join(args), flush=True)
     res = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(args)}\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
     print(res.stdout[-6000:], flush=True)
+    if res.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(args)}\n{res.stderr[-4000:]}")
 
 
 def main(argv: list[str]) -> None:
@@ -110,10 +118,18 @@ def main(argv: list[str]) -> None:
         run(["benchmarks/ld3.py", "part=paired", f"teachers=[{TEACHER}]", nfe, f"bench_test={cfg.samples}",
              "solvers=[{solver: euler, order: 1},{solver: dpm_solver++, order: 2},{solver: unipc, order: 2}]",
              f"ld3_args=[{g},'baselines=[time_uniform,shifted,logsnr,edm,gits]']", f"out_dir={out / 'ld3'}"])
+    dsno = ["benchmarks/dsno.py", f"teachers=[{TEACHER}]", f"teacher_args=[{g}]", f"ablation_teachers=[{TEACHER}]",
+            f"samples={cfg.samples}", f"curve_every={cfg.curve_every}", f"out_dir={out / 'dsno'}"]
+    if cfg.part in ("all", "placement"):
+        variants = ",".join(f"{{num_times: 4, placement: {p}}}" for p in ("every", "every_other", "one_per_level"))
+        for part in ("train", "curve"):
+            run([*dsno, f"part={part}", f"variants=[{variants}]", f"steps={cfg.placement_steps}",
+                 "curve_name=curve-placement"])
     if cfg.part in ("all", "dsno"):
-        run(["benchmarks/dsno.py", "part=all", f"teachers=[{TEACHER}]", f"teacher_args=[{g}]",
-             "ablation_teachers=[]", "nfe=[1,2,4,8]", "grids=[shifted,logsnr,edm]", f"samples={cfg.samples}",
-             f"out_dir={out / 'dsno'}"])
+        variants = (f"{{num_times: 4, placement: {cfg.placement}}},{{num_times: 1, temporal: false}},"
+                    f"{{num_times: 4, backbone: unet}}")
+        run([*dsno, "part=all", f"variants=[{variants}]", f"steps={cfg.dsno_steps}", "nfe=[1,2,4,8]",
+             "grids=[shifted,logsnr,edm]"])
 
 
 if __name__ == "__main__":

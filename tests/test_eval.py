@@ -83,13 +83,14 @@ def test_eval_end_to_end_with_a_schedule_file(tmp_path, monkeypatch):
 
 
 def test_eval_of_a_dsno_checkpoint(tmp_path, monkeypatch):
-    from learnsteps.dsno.student import DSNOStudent, StudentConfig, save_student
-    from learnsteps.teachers.unet import UNetConfig
+    from learnsteps.dsno.module import DSNOConfig, make_student
+    from learnsteps.dsno.student import save_student
 
     monkeypatch.setenv("LEARNSTEPS_CACHE", str(tmp_path / "cache"))
     teacher = gmm_digits()
-    student = DSNOStudent(StudentConfig(unet=UNetConfig(channels=8), output_times=[1.0, 0.1, 0.0],
-                                        time_input=[1.0, 0.1, 0.001]))
+    cfg = DSNOConfig(teacher="gmm_digits", output_times=[0.5, 0.1, 0.0])
+    cfg.unet.channels = 8
+    student = make_student(cfg, teacher, torch.tensor(cfg.output_times, dtype=torch.float64))
     save_student(tmp_path / "student", student, dict(teacher=dict(fingerprint=teacher.fingerprint(), name="gmm")))
     cfg = EvalConfig(teachers=["gmm_digits"], solvers=[], grids=[], nfe=[], samples=32, batch_size=32, teacher_steps=5,
                      students=[str(tmp_path / "student")], out_dir=str(tmp_path / "out"))

@@ -322,8 +322,10 @@ def test_loading_a_teacher_leaves_the_progress_bars_as_the_user_set_them(pipes):
 
 
 def test_video_latents_through_the_core_eval_and_dsno(pipes, tmp_path):
-    """5-D latents: the sampler, trajectories, frame-wise features and picture grids; DSNO's 2-D student refuses."""
+    """5-D latents: the sampler, trajectories, frame-wise features and picture grids; DSNO on the teacher's own
+    transformer (the fresh 2-D UNet student refuses them)."""
     from learnsteps.config import load_config
+    from learnsteps.dsno import load_student
     from learnsteps.dsno.module import DSNOConfig, train_dsno
     from learnsteps.eval.evaluate import sample_in_batches
     from learnsteps.quality.images import save_image_grid
@@ -347,8 +349,14 @@ def test_video_latents_through_the_core_eval_and_dsno(pipes, tmp_path):
     grey = torch.rand(3, 1, 5, 8, 8) * 2 - 1
     features = Features("digits")
     torch.testing.assert_close(features(grey), features(grey.transpose(1, 2).flatten(0, 1)))  # FID over frames
-    with pytest.raises(ValueError, match="video latents .* own backbone \\(issue #30\\)"):
-        train_dsno(load_config(DSNOConfig, [], [f"teacher={pipes['wan']}", f"conditions={json.dumps(PROMPTS)}",
-                                                "guidance=5.0", "height=16", "width=16", "frames=5",
-                                                f"run_dir={tmp_path / 'dsno'}"]))
-    assert not (tmp_path / "dsno").exists()
+    args = [f"teacher={pipes['wan']}", f"conditions={json.dumps(PROMPTS)}", "guidance=5.0", "height=16", "width=16",
+            "frames=5", "trainer.max_steps=2", "trainer.val_check_interval=2", "trajectories.n=8",
+            "trajectories.steps_per_interval=2", "batch_size=4", "trainer.progress_bar=false", "wandb.mode=disabled"]
+    with pytest.raises(ValueError, match="video latents .* own network \\(backbone=teacher\\)"):
+        train_dsno(load_config(DSNOConfig, [ROOT / "configs" / "dsno.yaml"],
+                               [*args, "backbone=unet", f"run_dir={tmp_path / 'unet'}"]))
+    assert not (tmp_path / "unet").exists()
+    run = train_dsno(load_config(DSNOConfig, [ROOT / "configs" / "dsno.yaml"], [*args, f"run_dir={tmp_path / 'dsno'}"]))
+    student = load_student(run / "student")  # the Wan transformer with temporal layers, on 5-D latents
+    x = torch.randn(2, *teacher.shape)
+    assert student.sample(x, torch.tensor([0, 1])).shape == x.shape

@@ -218,7 +218,7 @@ def test_ld3_with_guidance_on_a_pipeline_and_back_into_it(pipelines, tmp_path, n
 
 
 def test_dsno_trains_a_conditional_student_on_a_latent_pipeline_teacher(pipelines, tmp_path):
-    """The trajectories carry each sample's condition; the student takes it (one class per condition)."""
+    """The trajectories carry each sample's condition; the student, the teacher's own transformer, takes it."""
     from learnsteps.config import load_config
     from learnsteps.dsno.module import DSNOConfig, train_dsno
     from learnsteps.dsno.student import load_student
@@ -226,12 +226,12 @@ def test_dsno_trains_a_conditional_student_on_a_latent_pipeline_teacher(pipeline
 
     run_dir = train_dsno(load_config(DSNOConfig, [ROOT / "configs" / "dsno.yaml"], [
         f"teacher={pipelines['dit_flow']}", "conditions=[0,1,2]", "guidance=3.0", "trainer.max_steps=2",
-        "trainer.val_check_interval=1", "trajectories.n=12", "trajectories.steps_per_interval=2", "unet.channels=8",
-        "batch_size=4", f"run_dir={tmp_path}", "trainer.progress_bar=false", "wandb.mode=disabled"]))
+        "trainer.val_check_interval=1", "trajectories.n=12", "trajectories.steps_per_interval=2", "batch_size=4",
+        f"run_dir={tmp_path}", "trainer.progress_bar=false", "wandb.mode=disabled"]))
     data = TrajectoryDataset(run_dir / "trajectories")
     assert data.tensors["cond"].tolist() == [i % 3 for i in range(12)]
     student = load_student(run_dir / "student")
-    assert student.cfg.unet.num_classes == 3 and student.info["teacher"]["conditions"] == [0, 1, 2]
+    assert student.cfg.num_conditions == 3 and student.info["teacher"]["conditions"] == [0, 1, 2]
     x = torch.randn(3, 4, 4, 4)
     a, b = student.sample(x, torch.tensor([0, 1, 2])), student.sample(x, torch.tensor([2, 0, 1]))
     assert a.shape == (3, 4, 4, 4) and torch.isfinite(a).all() and not torch.equal(a, b)

@@ -3,31 +3,33 @@
 Data: teacher trajectories from seeded noise (learnsteps.trajectories) at M output times, with the teacher's
 x0-predictions there (DSNO's targets; `targets=states` uses the states). Loss: sum over the M points of
 w(t_m) d(pred_m, target_m) with DSNO's clamped sqrt-SNR weight w = clamp(alpha/sigma, 1, 1e4) (the clean end gets
-1e4) or uniform weights. Adam with warm-up, EMA of the weights (what is exported), mixed precision on GPUs by
-`trainer.precision`, resumable from the run's last checkpoint.
+1e4) or uniform weights. Adam with warm-up, EMA of the weights with warm-up (what is exported), mixed precision on
+GPUs by `trainer.precision`, resumable from the run's last checkpoint.
 """
 from __future__ import annotations
 
 import copy
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from ..config import TeacherOptions, all_of, at_least, between, fraction, not_a_file, one_of, positive
 from ..quality.losses import LOSSES, distance
 from ..teachers import load_teacher
 from ..teachers.network import NetworkTeacher
-from ..teachers.unet import UNet, UNetConfig, check_unet
+from ..teachers.unet import UNetConfig, check_unet
 from ..files import read_json
 from ..trajectories import TrajectoryDataModule, TrajectoryError, TrajectorySpec, check_directory
 from ..training.common import RunConfig, fit, make_logger, make_trainer, prepare_run, run_path, teacher_device
-from .student import DSNOStudent, StudentConfig, save_student
+from .backbones import PLACEMENTS, place, sites
+from .student import DSNOStudent, StudentConfig, build_student, fresh_unet, read_time, save_student
 
 
 @dataclass
@@ -42,7 +44,10 @@ class DSNOConfig(RunConfig, TeacherOptions):
     data_dir: str = ""  # default <run_dir>/trajectories; reusable by any run whose times it holds
     modes: int = 2  # Fourier modes kept by the temporal convolutions
     temporal: bool = True
-    unet: UNetConfig = field(default_factory=UNetConfig)  # for teachers without a UNet backbone
+    export_every: int = 0  # > 0: the EMA student every that many steps to run_dir/curve (a training curve)
+    placement: str = "every"  # temporal layers after every block | every_other | one_per_level (dsno/backbones.py)
+    backbone: str = "auto"  # auto (the teacher's own network when it has one) | teacher | unet (a fresh UNet)
+    unet: UNetConfig = field(default_factory=UNetConfig)  # the fresh UNet's (backbone=unet, or a teacher without one)
     loss: str = "l2"  # l2 | l1 | pseudo_huber | lpips
     weighting: str = "snr"  # snr (DSNO's clamp(alpha/sigma, 1, 1e4)) | uniform
     batch_size: int = 64
@@ -53,11 +58,27 @@ class DSNOConfig(RunConfig, TeacherOptions):
     RULES: ClassVar = dict(
         RunConfig.RULES, **TeacherOptions.RULES, times=one_of("quadratic", "uniform", "logsnr"), num_times=between(1, 64),
         targets=one_of("x0", "states"), data_dir=not_a_file, modes=at_least(1), loss=one_of(*LOSSES),
+        placement=one_of(*PLACEMENTS), export_every=at_least(0), backbone=one_of("auto", "teacher", "unet"),
         weighting=one_of("snr", "uniform"), batch_size=at_least(1), lr=positive, warmup_steps=at_least(0),
         ema_decay=fraction, val_fraction=all_of(positive, fraction))
 
 
 SPACINGS = ("quadratic", "uniform", "logsnr")
+# the student's backbone runs in eval mode on purpose (DSNOStudent.train): no dropout, no class-label dropout
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+
+
+def ema_update(decay: float):
+    """The EMA's update, with diffusers' EMAModel warm-up: decay_n = min(decay, (1 + n) / (10 + n)) after n updates,
+    so that a short run's (or a training curve's early) export is not mostly its initial weights. Integer buffers (a
+    pipeline's class-label table) are copied, never averaged."""
+    @torch.no_grad()
+    def update(ema: list, current: list, n) -> None:
+        if torch.is_floating_point(ema[0]) or torch.is_complex(ema[0]):
+            torch._foreach_lerp_(ema, current, 1 - min(decay, (1 + float(n)) / (10 + float(n))))
+        else:
+            torch._foreach_copy_(ema, current)
+    return update
 
 
 class DSNOModule(L.LightningModule):
@@ -68,7 +89,7 @@ class DSNOModule(L.LightningModule):
     def __init__(self, cfg: DSNOConfig, student: DSNOStudent, weights: torch.Tensor, index: torch.Tensor):
         super().__init__()
         self.cfg, self.student = cfg, student
-        self.ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        self.ema = AveragedModel(student, multi_avg_fn=ema_update(cfg.ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)  # updated by hand, not by gradients (and DDP must not wait for them)
         self.register_buffer("weights", weights / weights.sum())
         self.register_buffer("index", index)
@@ -101,6 +122,19 @@ class DSNOModule(L.LightningModule):
         opt = torch.optim.Adam(self.student.parameters(), lr=self.cfg.lr)
         warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / max(1, self.cfg.warmup_steps)))
         return dict(optimizer=opt, lr_scheduler=dict(scheduler=warm, interval="step"))
+
+
+class ExportCurve(L.Callback):
+    """The EMA student every `every` optimizer steps, to directory/step-NNNNNN (the training curve benchmarks score;
+    a resumed run adds to it)."""
+
+    def __init__(self, every: int, directory: Path, meta: dict):
+        self.every, self.directory, self.meta = every, directory, meta
+
+    def on_train_batch_end(self, trainer, module, *args):
+        step, where = trainer.global_step, self.directory / f"step-{trainer.global_step:06d}"
+        if step % self.every == 0 and trainer.is_global_zero and not (where / "student.json").exists():
+            save_student(where, module.ema.module, dict(self.meta, training=dict(steps=step)))
 
 
 def student_times(cfg: DSNOConfig, schedule) -> torch.Tensor:
@@ -149,19 +183,32 @@ def time_weights(cfg: DSNOConfig, schedule, times: torch.Tensor) -> torch.Tensor
     return torch.clamp(torch.nan_to_num(ratio, posinf=1e4), 1.0, 1e4).float()
 
 
+def own_network(cfg: DSNOConfig, teacher) -> bool:
+    """Whether the student is the teacher's own network (else a fresh UNet): backbone=auto takes one if there is."""
+    has = isinstance(teacher, NetworkTeacher)
+    if cfg.backbone == "teacher" and not has:
+        raise ValueError(f"backbone=teacher: teacher {cfg.teacher!r} has no network to copy (use backbone=unet)")
+    return has and cfg.backbone != "unet"
+
+
 def make_student(cfg: DSNOConfig, teacher, times: torch.Tensor) -> DSNOStudent:
-    """The teacher's own UNet (weights copied) when it has one; a fresh UNet otherwise (e.g. exact teachers and
-    pipelines). For a conditional teacher the student takes the condition index (one class per condition)."""
-    backbone = teacher.net if isinstance(teacher, NetworkTeacher) and isinstance(teacher.net, UNet) else None
-    classes = len(teacher.conditions) if getattr(teacher, "conditional", False) else 0
-    unet_cfg = backbone.config if backbone is not None else UNetConfig(
-        **{**cfg.unet.to_dict(), "in_channels": teacher.shape[0], "image_size": teacher.shape[-1],
-           "num_classes": classes})
-    s = teacher.noise_schedule
-    # the backbone's time input for the clean end t_zero: its smallest trained time (t_min)
+    """The teacher's own network (weights copied, called as the teacher calls it, unguided) with temporal layers at
+    the chosen placement, or a fresh UNet (read as x0) for a teacher without a network or with backbone=unet. For a
+    conditional teacher the student takes the condition index (its condition table, or one class per condition)."""
+    s, own = teacher.noise_schedule, own_network(cfg, teacher)
+    k = len(teacher.conditions) if getattr(teacher, "conditional", False) else 0
+    unet = {} if own else {**cfg.unet.to_dict(), "in_channels": teacher.shape[0], "image_size": teacher.shape[-1],
+                           "num_classes": k}
+    prediction = teacher.prediction if own else "x0"
+    # the network's time input for the clean end t_zero: its smallest trained time (t_min)
     time_input = [float(t) if t != s.t_zero else float(s.t_min) for t in times]
-    return DSNOStudent(StudentConfig(unet=unet_cfg, output_times=times.tolist(), time_input=time_input,
-                                     modes=cfg.modes, temporal=cfg.temporal), backbone)
+    scfg = StudentConfig(output_times=times.tolist(), time_input=time_input, input_time=float(s.t_max),
+                         read_time=read_time(s, prediction, float(s.t_max)), prediction=prediction,
+                         noise_schedule=s.config(), targets=cfg.targets, backbone="teacher" if own else "unet",
+                         unet=unet, shape=list(teacher.shape), num_conditions=k, modes=cfg.modes,
+                         temporal=cfg.temporal, placement=cfg.placement)
+    net = copy.deepcopy(teacher.net) if own else fresh_unet(scfg)
+    return build_student(scfg, net, probe_cond=bool(k))
 
 
 def check_dsno(cfg: DSNOConfig):
@@ -170,14 +217,17 @@ def check_dsno(cfg: DSNOConfig):
     teacher = load_teacher(cfg.teacher, **cfg.teacher_options())
     distance(cfg.loss, getattr(teacher, "shape", None))  # fail now, not after generating trajectories
     shape = tuple(getattr(teacher, "shape", ()))
-    if len(shape) == 4:
+    if own_network(cfg, teacher):
+        if cfg.temporal and cfg.num_times > 1:
+            place(sites(teacher.net)[1], cfg.placement)  # a backbone the temporal layers know
+    elif len(shape) == 4:
         raise ValueError(f"DSNO's fresh student is learnsteps' 2-D UNet, and teacher {cfg.teacher!r} samples video "
-                         f"latents {shape} (C, F, H, W): a student on the teacher's own backbone (issue #30) is what "
+                         f"latents {shape} (C, F, H, W): the student on the teacher's own network (backbone=teacher) "
                          f"takes them")
-    if len(shape) != 3 or shape[1] != shape[2]:
+    elif len(shape) != 3 or shape[1] != shape[2]:
         raise ValueError(f"DSNO's fresh student is learnsteps' UNet over square images; teacher {cfg.teacher!r} "
                          f"samples shape {shape or None}")
-    if not (isinstance(teacher, NetworkTeacher) and isinstance(teacher.net, UNet)):  # a fresh UNet student
+    else:
         check_unet(UNetConfig(**{**cfg.unet.to_dict(), "in_channels": teacher.shape[0],
                                  "image_size": teacher.shape[-1]}))
     sched = teacher.noise_schedule
@@ -208,7 +258,13 @@ def train_dsno(cfg: DSNOConfig) -> Path:
     student = make_student(cfg, teacher, times)
     module = DSNOModule(cfg, student, time_weights(cfg, sched, times), index)
     logger = make_logger(cfg, run_dir)
-    trainer = make_trainer(cfg, run_dir, [], logger)
+    guidance = float(getattr(teacher, "cfg", getattr(teacher, "guidance", 1.0)))  # a pipeline's CFG scale
+    meta = dict(teacher=dict(fingerprint=teacher.fingerprint(), name=cfg.teacher, **teacher.record()),
+                noise_schedule=teacher.noise_schedule.config(), targets=cfg.targets,
+                # a guided teacher's trajectories are learned: the student samples in one unguided pass
+                guidance_distilled=guidance if guidance != 1 else None, network_calls_per_sample=1)
+    curve = [ExportCurve(cfg.export_every, run_dir / "curve", meta)] if cfg.export_every else []
+    trainer = make_trainer(cfg, run_dir, curve, logger)
     t0 = time.perf_counter()
     fit(trainer, module, data, run_dir=run_dir)
     seconds = time.perf_counter() - t0
@@ -216,11 +272,9 @@ def train_dsno(cfg: DSNOConfig) -> Path:
         return run_dir
     ema = module.ema.module.cpu().eval()
     val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    meta = dict(teacher=dict(fingerprint=teacher.fingerprint(), name=cfg.teacher, **teacher.record()),
-                noise_schedule=teacher.noise_schedule.config(), targets=cfg.targets,
-                training=dict(steps=trainer.global_step, seconds=round(seconds, 1), loss=cfg.loss,
-                              weighting=cfg.weighting, trajectories=spec.n, validation=val, seed=cfg.seed,
-                              command=cfg.command))
+    meta["training"] = dict(steps=trainer.global_step, seconds=round(seconds, 1), loss=cfg.loss,
+                            weighting=cfg.weighting, trajectories=spec.n, validation=val, seed=cfg.seed,
+                            command=cfg.command)
     save_student(run_dir / "student", ema, meta)
     _samples(cfg, teacher, ema, run_dir, logger)
     print(f"one-step student: {run_dir / 'student'} (validation {json.dumps(val)})")

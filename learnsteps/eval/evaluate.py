@@ -18,7 +18,7 @@ from ..config import SolverChoice, TeacherOptions, at_least, between, each, not_
 from ..core.denoiser import device_of, dtype_of
 from ..core.grids import applicable, make as make_grid
 from ..core.sample import check_options, check_order, solve, start_time, steps_for_nfe
-from ..dsno.student import load_student
+from ..dsno.student import load_student, read_student_info
 from ..files import save_figure, write_csv, write_text
 from ..core.schedules import make_schedule
 from ..schedule import check_fits, load_schedule
@@ -126,9 +126,10 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else \
         torch.device(cfg.device)
     teachers = {name: load_teacher(name, **cfg.teacher_options()).to(device) for name in cfg.teachers}
+    students = {name: {} for name in teachers}  # each teacher's students, loaded (and checked) now
     for kind, paths in (("schedule", cfg.schedules), ("student", cfg.students)):
         for path in paths:
-            made = load_schedule(path) if kind == "schedule" else load_student(path).info
+            made = load_schedule(path) if kind == "schedule" else read_student_info(path)
             info = made.teacher if kind == "schedule" else made["teacher"]
             fits = [t for t in teachers.values() if _belongs(info.get("fingerprint"), t)]
             if not fits:
@@ -141,6 +142,8 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
                         t.noise_schedule.config():
                     raise ValueError(f"{path}: made for the noise schedule {made.get('noise_schedule')}, not the "
                                      f"teacher's {t.noise_schedule.config()}")
+                if kind == "student":
+                    students[next(n for n, u in teachers.items() if u is t)][path] = load_student(path, t)
     for name, teacher in teachers.items():
         zero = torch.zeros(1, *teacher.shape, dtype=dtype_of(teacher), device=device_of(teacher))
         images = tuple(pixels(teacher, zero).shape[1:])
@@ -152,7 +155,8 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     rows, samples_for_png, teacher_png = [], {}, None
     for name, teacher in teachers.items():
         tag = f"{name}: " if len(teachers) > 1 else ""
-        new_rows, new_samples, first = evaluate_teacher(cfg, name, teacher, plans[name], features, ref)
+        new_rows, new_samples, first = evaluate_teacher(cfg, name, teacher, plans[name], features, ref,
+                                                        students[name])
         rows += new_rows
         samples_for_png.update({(s, tag + g, n): v for (s, g, n), v in new_samples.items()})
         teacher_png = first if teacher_png is None else teacher_png
@@ -162,7 +166,7 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     return rows
 
 
-def evaluate_teacher(cfg: EvalConfig, name: str, teacher, plan: list, features: Features, ref):
+def evaluate_teacher(cfg: EvalConfig, name: str, teacher, plan: list, features: Features, ref, students: dict):
     shape, std = teacher.shape, teacher.noise_schedule.init_noise_std()
     x_T = sample_noise(range(cfg.samples), shape, cfg.seed, std).to(dtype_of(teacher))
     x_T2 = sample_noise(range(cfg.samples), shape, cfg.seed + 1, std).to(dtype_of(teacher))  # for the floor
@@ -194,21 +198,23 @@ def evaluate_teacher(cfg: EvalConfig, name: str, teacher, plan: list, features: 
         row(label, f"{case.solver}-{case.order}", nfe, x, float((x - teacher_samples).pow(2).mean().sqrt()))
         samples_for_png[(f"{case.solver}-{case.order}", label, nfe)] = x[:16]
     student_labels = short_labels(cfg.students)
-    for directory in cfg.students:
-        student = load_student(directory)
-        if not _belongs(student.info["teacher"].get("fingerprint"), teacher):
-            continue
-        device = device_of(teacher)
-        student.to(device)
-        with torch.no_grad():
-            x = torch.cat([pixels(teacher, student.sample(x_T[b: b + cfg.batch_size].float().to(device),
-                                                          None if cond is None else cond[b: b + cfg.batch_size].to(device))
-                                  ).float().cpu() for b in range(0, len(x_T), cfg.batch_size)])
+    for directory, student in students.items():
+        x = student_images(student, teacher, x_T, cond, cfg.batch_size)
         temporal = student.cfg.temporal and student.num_times > 1
         solver = f"dsno-M{student.num_times}" if temporal else f"one-step-M{student.num_times}"
         row(student_labels[directory], solver, 1, x, float((x - teacher_samples).pow(2).mean().sqrt()))
         samples_for_png[(solver, student_labels[directory], 1)] = x[:16]
     return rows, samples_for_png, teacher_samples[:16]
+
+
+def student_images(student, teacher, x_T, cond, batch_size: int):
+    """A DSNO student's samples (one pass each) from x_T, as images (a latent teacher's VAE decodes them)."""
+    with torch.no_grad():
+        device = device_of(teacher)
+        student.to(device)
+        return torch.cat([pixels(teacher, student.sample(
+            x_T[b: b + batch_size].float().to(device), None if cond is None else cond[b: b + batch_size].to(device)))
+            .float().cpu() for b in range(0, len(x_T), batch_size)])
 
 
 def class_accuracy(teacher, cond):

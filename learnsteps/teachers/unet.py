@@ -148,7 +148,7 @@ class UNet(nn.Module):
 
     def embed(self, t: Tensor, y: Tensor | None = None) -> Tensor:
         cfg = self.config
-        emb = self.time_mlp(timestep_embedding(t * cfg.time_scale, cfg.channels))
+        emb = self.time_mlp(timestep_embedding(t * cfg.time_scale, cfg.channels).to(self.conv_in.weight.dtype))
         if self.label_emb is not None:
             y = torch.full_like(t, cfg.num_classes, dtype=torch.long) if y is None else y
             emb = emb + self.label_emb(y)
