@@ -7,6 +7,7 @@ the outcome is to the seed and to the CPU's kernel path.
     python benchmarks/ld3.py part=paired "ld3_args=[loss=features]" out_dir=runs/bench_ld3_features
     python benchmarks/ld3.py part=robustness                  # seeds x CPU kernel paths x NFE (about 30 min)
     python benchmarks/ld3.py part=solver                      # learned solver vs LD3 (about 70 min)
+    python benchmarks/ld3.py part=data                        # judged against the data (issue #33)
 
 paired: `train.py mode=ld3` (its defaults) for every teacher x solver x NFE (pairs shared per teacher, 2000
 held-out), each reporting, for the learned grid against the best baseline grid on those held-out pairs, the
@@ -19,6 +20,11 @@ robustness: `train.py mode=ld3` with its defaults (the demo's run) for every see
 (pairs.seed = s), shared by the kernel paths. Each learned grid and every baseline grid is scored on the demo's
 200 held-out pairs (paired RMSE, as `make demo` prints it) and on 2000 (FID against the teacher's samples and
 against the data, digits feature network): median, worst and best of learned / best baseline; robustness.md.
+data: LD3 (its defaults, or `ld3_args`) and the learned solver warm-started from it, judged against the data
+(issue #33): for every guidance x solver x NFE x seed of `data_*` on `data_teacher`, with each seed's own training
+pairs and one held-out set of `bench_test` teacher pairs per guidance shared by every run: paired RMSE, FID against
+the teacher's samples and against the data, precision / recall against the data, for the learned schedule, every
+hand grid and the teacher itself; data.md / data.csv: medians and ranges over the seeds, the targets of issue #33.
 solver: the learned solver (learn=solver) against LD3 on the same pairs, for every teacher x NFE x seed: LD3 with
 its defaults (DPM-Solver++(3M)), then the learned solver started from LD3's schedule (grid, offsets and 3M's table;
 `solver_args`), both scored on the 2000 held-out pairs (paired RMSE, FID against the teacher's samples and the
@@ -66,6 +72,14 @@ class Config:
     solver_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     solver_args: list[str] = field(default_factory=lambda: ["rounds_theta=0", "rounds_joint=6"])
     teacher_args: dict[str, list[str]] = field(default_factory=lambda: {"digits_latent_flow": ["guidance=1.15"]})
+    # part=data (issue #33): judged against the data, on a latent guided teacher
+    data_teacher: str = "digits_latent_flow"
+    data_guidances: list[float] = field(default_factory=lambda: [1.0, 1.15])
+    data_solvers: list[SolverChoice] = field(default_factory=lambda: [SolverChoice("dpm_solver++", 2),
+                                                                      SolverChoice("unipc", 2)])
+    data_nfe: list[int] = field(default_factory=lambda: [4, 6])
+    data_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    data_learned_solver: bool = True  # also the learned solver, warm-started from each LD3 schedule
     workers: int = 2  # runs at a time (paired, robustness and solver)
     threads: int = 1  # torch threads per run (OMP_NUM_THREADS)
 
@@ -130,7 +144,7 @@ def train_ld3(args: list[str], run_dir: Path, pairs_dir: Path, threads: int, cpu
     with open(run_dir / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     learned = {k: float(v) for k, v in rows[0].items() if k != "grid"}
-    best = min(rows[1:], key=lambda r: float(r["rmse"]))
+    best = min((r for r in rows[1:] if r["grid"] != "teacher"), key=lambda r: float(r["rmse"]))
     return dict(learned, best_baseline=best["grid"], best_rmse=float(best["rmse"]),
                 seconds=round(time.perf_counter() - t0, 1))
 
@@ -325,6 +339,103 @@ def learned_solver(cfg: Config, out: Path) -> str:
     return text
 
 
+HELDOUT_SEED = 10_000  # part=data: the held-out pairs' seed, apart from every training seed
+
+
+def heldout_pairs(cfg: Config, guidance: float, root: Path):
+    """The teacher at `guidance` and its held-out pairs (made once, shared by every run of that guidance)."""
+    from learnsteps.core.denoiser import dtype_of
+    from learnsteps.ld3 import LD3Config
+    from learnsteps.ld3.run import pairs_dataset, pairs_spec
+    from learnsteps.teachers import load_teacher
+    from learnsteps.trajectories import TrajectoryDataset, generate
+
+    ld3 = load_config(LD3Config, [ROOT / "configs" / "ld3.yaml"], [f"teacher={cfg.data_teacher}", f"guidance={guidance}"])
+    teacher = load_teacher(ld3.teacher, guidance=guidance)
+    spec = pairs_spec(ld3, teacher, cfg.bench_test, HELDOUT_SEED)
+    generate(teacher, root / "heldout", spec, teacher_name=ld3.teacher, progress=True)
+    return teacher, pairs_dataset(TrajectoryDataset(root / "heldout", dtype=dtype_of(teacher)).tensors)
+
+
+def judge(run_dir: Path, teacher, heldout) -> list[dict]:
+    """The run's schedule, every hand grid and the teacher on the held-out pairs (LD3's own report)."""
+    from learnsteps.ld3 import LD3Config
+    from learnsteps.ld3.report import evaluate_grids
+    from learnsteps.schedule import load_schedule
+
+    ld3 = load_config(LD3Config, [run_dir / "config.yaml"])
+    return evaluate_grids(ld3, teacher, load_schedule(run_dir / "schedule.json").solve_kwargs, heldout)
+
+
+def against_data(cfg: Config, out: Path) -> str:
+    root = out / "data"
+    held = {g: heldout_pairs(cfg, g, root / f"guidance{g}") for g in cfg.data_guidances}
+
+    def run(g: float, seed: int, case: SolverChoice, nfe: int) -> list[dict]:
+        where = root / f"guidance{g}" / f"seed{seed}"
+        args = [f"teacher={cfg.data_teacher}", f"guidance={g}", f"solver={case.solver}", f"order={case.order}",
+                f"nfe={nfe}", f"seed={seed}", f"pairs.seed={seed}", "pairs.test=2",
+                "baselines=[time_uniform,shifted,logsnr,edm,gits]",
+                *[f"options.{k}={v}" for k, v in case.options.items()], *cfg.ld3_args]
+        cell = where / f"{case.solver}{case.order}" / f"nfe{nfe}"
+        runs = {"ld3": train_ld3(args, cell / "ld3", where / "pairs", cfg.threads)}
+        if cfg.data_learned_solver:
+            runs["solver"] = train_ld3([*args, "learn=solver", f"init_schedule={cell / 'ld3' / 'schedule.json'}",
+                                        *cfg.solver_args], cell / "solver", where / "pairs", cfg.threads)
+        out_rows = []
+        for method, r in runs.items():
+            rows = judge(cell / method, *held[g])
+            hand = [x for x in rows[1:] if x["grid"] != "teacher"]
+            best = {k: min(hand, key=lambda x: x[k]) for k in ("rmse", "fid_teacher", "fid_data")}
+            teacher_row = rows[-1]
+            out_rows.append(dict(
+                guidance=g, solver=f"{case.solver}-{case.order}", nfe=nfe, seed=seed, method=method,
+                seconds=r["seconds"], **{k: rows[0][k] for k in ("rmse", "fid_teacher", "fid_data", "precision",
+                                                                    "recall")},
+                teacher_fid_data=teacher_row["fid_data"], teacher_recall=teacher_row["recall"],
+                **{f"hand_{k}": best[k][k] for k in best}, hand_fid_data_grid=best["fid_data"]["grid"],
+                hand_recall=best["fid_data"]["recall"]))
+            print(out_rows[-1], flush=True)
+        return out_rows
+
+    jobs = [(g, s, c, n) for g in cfg.data_guidances for s in cfg.data_seeds for c in cfg.data_solvers
+            for n in cfg.data_nfe]
+    rows = [r for rs in run_all(jobs, run, cfg.workers, first_of=lambda j: j[:2]) for r in rs]
+    write_csv(root / "data.csv", rows)
+    text = data_table(cfg, rows)
+    (root / "data.md").write_text(text)
+    return text
+
+
+def data_table(cfg: Config, rows: list[dict]) -> str:
+    """Per guidance x solver x NFE x method: medians (and ranges) over the seeds, beside the teacher's own FID and
+    the best hand grid's, and whether issue #33's targets hold: (a) FID (data) <= the best hand grid's and <= 1.1x the
+    teacher's, FID (teacher) <= 0.6x the best hand grid's; (b) where the best hand grid is >= 1.25x the teacher's FID
+    (data), <= 0.8x it."""
+    def med(vals):
+        return statistics.median(vals)
+
+    lines = ["| guidance | solver | NFE | method | FID (data): teacher / best hand (grid) / learned (range) | learned / "
+             "best hand | learned / teacher | FID (teacher): learned / best hand | recall: teacher / hand / learned | "
+             "RMSE / best hand | (a) | (b) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    keys = list(dict.fromkeys((r["guidance"], r["solver"], r["nfe"], r["method"]) for r in rows))
+    for g, solver, nfe, method in keys:
+        rs = [r for r in rows if (r["guidance"], r["solver"], r["nfe"], r["method"]) == (g, solver, nfe, method)]
+        teacher, hand, fd = (med([r[k] for r in rs]) for k in ("teacher_fid_data", "hand_fid_data", "fid_data"))
+        ft = med([r["fid_teacher"] / r["hand_fid_teacher"] for r in rs])
+        a = fd <= hand and fd <= 1.1 * teacher and ft <= 0.6
+        b = "–" if hand < 1.25 * teacher else ("yes" if fd <= 0.8 * hand else "no")
+        grid = max(set(r["hand_fid_data_grid"] for r in rs), key=[r["hand_fid_data_grid"] for r in rs].count)
+        lines.append(
+            f"| {g} | {solver} | {nfe} | {method} | {teacher:.2f} / {hand:.2f} ({grid}) / {fd:.2f} "
+            f"({min(r['fid_data'] for r in rs):.2f}–{max(r['fid_data'] for r in rs):.2f}) | {fd / hand:.3f} | "
+            f"{fd / teacher:.3f} | {ft:.3f} | {med([r['teacher_recall'] for r in rs]):.3f} / "
+            f"{med([r['hand_recall'] for r in rs]):.3f} / {med([r['recall'] for r in rs]):.3f} | "
+            f"{med([r['rmse'] / r['hand_rmse'] for r in rs]):.3f} | {'yes' if a else 'no'} | {b} |")
+    return (f"{cfg.data_teacher}, {len(cfg.data_seeds)} seeds (median, range), {cfg.bench_test} held-out pairs per "
+            f"guidance; LD3 args: {' '.join(cfg.ld3_args) or 'the defaults'}\n\n" + "\n".join(lines) + "\n")
+
+
 def main(argv):
     cfg = load_config(Config, [], argv)
     out = ROOT / cfg.out_dir
@@ -337,6 +448,8 @@ def main(argv):
         print(robustness(cfg, out))
     if cfg.part == "solver":
         print(learned_solver(cfg, out))
+    if cfg.part == "data":
+        print(against_data(cfg, out))
     (out / "config.json").write_text(json.dumps(dict(argv=argv), indent=2))
 
 

@@ -244,6 +244,32 @@ def test_a_sum_of_losses_weights_each_term_to_one_on_its_calibration_set():
         distance("l2+l2")
 
 
+def test_the_spread_term_measures_how_much_the_batch_contracts():
+    """Zero for the teacher's own batch moved anywhere (translation), c^2 - 2c + 1 = (1 - c)^2 for the batch
+    contracted by c towards any point (float64, closed form), and its gradient pushes a contracted batch apart."""
+    from learnsteps.quality.losses import distance
+
+    spread = distance("spread")
+    y = noise((12, 4, 3, 3))
+    assert float(spread(y + 0.7, y).abs().max()) < 1e-12
+    for c in (0.5, 0.9, 1.3):
+        x = 0.2 + c * (y - 0.2)
+        assert float(spread(x, y).mean()) == pytest.approx((1 - c) ** 2, rel=1e-12)
+    x = (0.5 * y).requires_grad_()
+    spread(x, y).mean().backward()
+    assert float((x.grad * y).sum()) < 0  # descending the gradient expands x along y
+    assert spread(y.float(), y.float()).dtype == torch.float32
+
+
+def test_precision_and_recall_see_a_collapse_in_diversity():
+    from learnsteps.quality.metrics import precision_recall
+
+    real = noise((400, 8), seed=3).float()
+    assert precision_recall(real, real) == {"precision": 1.0, "recall": 1.0}
+    collapsed = precision_recall(0.3 * noise((400, 8), seed=4).float(), real)
+    assert collapsed["precision"] > 0.9 and collapsed["recall"] < 0.5
+
+
 def test_auto_loss_and_remat_resolve_per_teacher():
     from learnsteps.ld3.config import REMAT_ABOVE, resolve_auto
     from learnsteps.teachers import load_teacher

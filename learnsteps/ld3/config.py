@@ -50,7 +50,7 @@ class LD3Config(RunConfig, TeacherOptions):
     decoupled: bool = True  # learn LD3's model-evaluation offsets xi in phase 2
     window: float = 0.5  # xi clip: this fraction of the smallest grid gap
     pairs: PairsConfig = field(default_factory=PairsConfig)
-    loss: str = "auto"  # auto | l2 | l1 | pseudo_huber | lpips | features, or a sum such as l2+features (see below)
+    loss: str = "auto"  # auto | l2 | l1 | pseudo_huber | lpips | features | spread, or a sum: l2+features
     feature_net: str = ""  # loss=features: a digits feature network directory (default: the shipped loss network)
     soft_forcing: bool = True
     gamma: float = 0.001  # ball radius r = gamma * d / NFE^2

@@ -16,11 +16,15 @@ from ..files import save_figure
 from .config import LD3Config, baseline_grid
 from .module import LD3, condition
 
+
 def evaluate_grids(cfg: LD3Config, teacher, learned: dict, test: TensorDataset) -> list[dict]:
     """On the held-out pairs, for the learned run (`solve` keywords: grid, eval_grid, solver, order, options) and
-    every baseline grid with the configured solver (same NFE): RMSE to the teacher and, for 1x8x8 teachers, FID
-    (digits feature network) against the teacher's samples and against the data."""
-    from ..quality.metrics import Features, fid_features, pixels, reference_features
+    every baseline grid with the configured solver (same NFE): RMSE to the teacher and, for digits teachers (1x8x8
+    images, a latent teacher's decoded), FID against the teacher's samples and against the data, with precision and
+    recall against the data (diversity: a sampler that pulls its samples together loses recall). The last row is
+    the teacher itself (its reference samples of the pairs): the FID against the data a sampler matching the
+    teacher exactly would have. `<metric>_vs_best` is each row's metric over the best hand grid's."""
+    from ..quality.metrics import Features, fid_features, pixels, precision_recall, reference_features
 
     _, x_T, target, cond = (v.to(device_of(teacher)) for v in test.tensors)
     steps = steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero)
@@ -34,18 +38,27 @@ def evaluate_grids(cfg: LD3Config, teacher, learned: dict, test: TensorDataset) 
     if digits:
         features = Features("digits")
         f_teacher, f_data = features(images.float()), reference_features("digits", features)
+
+    def judged(out, f):
+        row = dict(rmse=float((out - target).pow(2).mean().sqrt()))
+        if digits:
+            row.update(fid_teacher=fid_features(f, f_teacher), fid_data=fid_features(f, f_data),
+                       **precision_recall(f, f_data))
+        return row
+
     rows = []
     with torch.no_grad():
         for name, run in runs.items():
             out = solve(teacher, x_T, cond=condition(cond), **run).x
-            rows.append(dict(grid=name, rmse=float((out - target).pow(2).mean().sqrt())))
-            if digits:
-                f = features(pixels(teacher, out).float())
-                rows[-1].update(fid_teacher=fid_features(f, f_teacher), fid_data=fid_features(f, f_data))
-    for key in [k for k in rows[0] if k != "grid"]:
-        best = min(r[key] for r in rows[1:]) if len(rows) > 1 else math.nan
-        for r in rows:
-            r[f"{key}_vs_best"] = r[key] / best
+            rows.append(dict(grid=name, **judged(out, features(pixels(teacher, out).float()) if digits else None)))
+    if digits:
+        rows.append(dict(grid="teacher", **judged(target, f_teacher)))
+    hand = [r for r in rows[1:] if r["grid"] != "teacher"]
+    for key in ("rmse", "fid_teacher", "fid_data"):
+        if key in rows[0]:
+            best = min(r[key] for r in hand) if hand else math.nan
+            for r in rows:
+                r[f"{key}_vs_best"] = r[key] / best
     return rows
 
 
@@ -80,14 +93,16 @@ def results_table(cfg: LD3Config, rows: list[dict], n: int) -> list[str]:
     """The held-out comparison as markdown lines: each metric and its ratio to the best baseline grid."""
     fid = "fid_teacher" in rows[0]
     lines = [f"{cfg.solver} order {cfg.order}, NFE {cfg.nfe}, on {n} held-out teacher pairs: RMSE to the teacher"
-             + ("; FID (digits features) against the teacher's samples and against the data" if fid else ""),
-             "| grid | RMSE | / best baseline |" + (" FID (teacher) | / best | FID (data) | / best |" if fid else ""),
-             "|---|---|---|" + ("---|---|---|---|" if fid else "")]
+             + ("; FID (digits features) against the teacher's samples and against the data, precision and recall "
+                "against the data; the last row is the teacher's own samples" if fid else ""),
+             "| grid | RMSE | / best baseline |" + (" FID (teacher) | / best | FID (data) | / best | precision | "
+                                                    "recall |" if fid else ""),
+             "|---|---|---|" + ("---|---|---|---|---|---|" if fid else "")]
     for r in rows:
         cells = [r["grid"], f"{r['rmse']:.4g}", f"{r['rmse_vs_best']:.3f}"]
         if fid:
             cells += [f"{r['fid_teacher']:.2f}", f"{r['fid_teacher_vs_best']:.3f}", f"{r['fid_data']:.2f}",
-                      f"{r['fid_data_vs_best']:.3f}"]
+                      f"{r['fid_data_vs_best']:.3f}", f"{r['precision']:.3f}", f"{r['recall']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor
 
-LOSSES = ("l2", "l1", "pseudo_huber", "lpips", "features")
+LOSSES = ("l2", "l1", "pseudo_huber", "lpips", "features", "spread")
 PIXEL_LOSSES = ("lpips", "features")  # on a latent teacher, computed on the VAE's images
 
 
@@ -77,6 +77,8 @@ def distance(name: str, shape: tuple[int, ...] | None = None, feature_net: str =
         return _lpips()
     if name == "features":
         return _features(shape, feature_net)
+    if name == "spread":
+        return spread
     raise ValueError(f"unknown loss {name!r}: expected one of {LOSSES}")
 
 
@@ -126,3 +128,16 @@ def _features(shape: tuple[int, ...] | None, directory: str):
         return (net(x.float())[0] - net(y.float())[0]).pow(2).mean(1).to(x.dtype)
 
     return dist
+
+
+def spread(x: Tensor, y: Tensor) -> Tensor:
+    """How far the student's samples are from being as far apart from each other as the teacher's, sample by
+    sample: for sample i, the mean over the batch of (|x_i - x_j| - |y_i - y_j|)^2, over the batch's mean squared
+    teacher distance. A paired L2 loss is minimised, where the student cannot follow the teacher, by pulling its
+    samples towards their mean (less diversity, which FID against the data punishes); this term is zero for any
+    student whose batch has the teacher's pairwise geometry, and grows with that contraction."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    xf, yf = x.flatten(1).to(dtype), y.flatten(1).to(dtype)
+    dx, dy = torch.cdist(xf, xf), torch.cdist(yf, yf)
+    return ((dx - dy).pow(2).mean(1) / dy.pow(2).mean().clamp_min(1e-12)).to(x.dtype)
+

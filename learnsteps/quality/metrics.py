@@ -84,10 +84,17 @@ def fid_kid(f1: Tensor, f2: Tensor, kid_subsets: int = 50, seed: int = 0) -> dic
     against real features f2, computed by torch-fidelity."""
     kid = kid_features_to_metric(f1, f2, kid_subsets=kid_subsets, kid_subset_size=min(1000, len(f1), len(f2)),
                                  kid_degree=3, kid_gamma=None, kid_coef0=1, rng_seed=seed, verbose=False)
+    return dict(fid=fid_features(f1, f2), kid=kid["kernel_inception_distance_mean"],
+                kid_std=kid["kernel_inception_distance_std"], **precision_recall(f1, f2))
+
+
+def precision_recall(f1: Tensor, f2: Tensor) -> dict[str, float]:
+    """Precision (how many generated samples lie on the real manifold: sharpness, fidelity) and recall (how much
+    of the real manifold the generated samples cover: diversity) of f1 against f2, k = 3 neighbourhoods
+    (Kynkaanniemi et al. 2019, torch-fidelity's implementation)."""
     prc = prc_features_to_metric(f1.float(), f2.float(), prc_neighborhood=3, prc_batch_size=10000,
                                  save_cpu_ram=True, verbose=False)
-    return dict(fid=fid_features(f1, f2), kid=kid["kernel_inception_distance_mean"],
-                kid_std=kid["kernel_inception_distance_std"], precision=prc["precision"], recall=prc["recall"])
+    return dict(precision=prc["precision"], recall=prc["recall"])
 
 
 def cache_dir() -> Path:
