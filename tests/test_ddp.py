@@ -4,7 +4,10 @@ the ranks, BatchDraws gives every sample the same noise on any number of ranks, 
 gradients, so the runs differ only by the order of float sums. Tolerances: LD3's float64 grid 1e-12; float32
 networks 1e-5 after their few steps (measured: 4e-16, 1e-6 and 3e-8). LD3 runs without soft teacher forcing here:
 its keep-or-reject decision compares two losses per sample, and where they nearly tie the order of float sums picks
-a different side on 2 ranks (measured with it on: 1.4e-7), which is a rounding effect, not a DDP one."""
+a different side on 2 ranks (measured with it on: 1.4e-7), which is a rounding effect, not a DDP one. DSNO's
+training split is a whole number of global batches: a last, partial batch is split unevenly over the ranks and DDP
+averages the ranks' means, not the samples (with 61 training samples, 13 in the last batch: 5.5e-6 after that step,
+4e-5 at the end, where every full step agrees to 1e-8)."""
 import json
 import subprocess
 import sys
@@ -24,7 +27,7 @@ MODES = {  # args, the global batch, the output to compare
     "ld3": (["mode=ld3", "teacher=toy_mixture", "nfe=4", "solver=unipc", "order=2", "pairs.train=16", "pairs.val=8",
              "pairs.test=8", "pairs.solver=reference", "soft_forcing=false", "rounds_theta=2", "rounds_joint=2", "val_every_n_steps=2"],
             4, "schedule.json"),
-    "dsno": (["mode=dsno", "teacher=gmm_digits", "unet.channels=8", "trajectories.n=64",
+    "dsno": (["mode=dsno", "teacher=gmm_digits", "unet.channels=8", "trajectories.n=67",  # 64 train + 3 validation
               "trajectories.steps_per_interval=3", "trainer.max_steps=12", "trainer.val_check_interval=6"],
              16, "student/model.safetensors"),
     "teacher": (["mode=teacher", "unet.channels=8", "unet.blocks_per_level=1", "trainer.max_steps=12",
