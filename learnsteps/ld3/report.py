@@ -101,8 +101,10 @@ def results_table(cfg: LD3Config, rows: list[dict], n: int) -> list[str]:
     for r in rows:
         cells = [r["grid"], f"{r['rmse']:.4g}", f"{r['rmse_vs_best']:.3f}"]
         if fid:
-            cells += [f"{r['fid_teacher']:.2f}", f"{r['fid_teacher_vs_best']:.3f}", f"{r['fid_data']:.2f}",
-                      f"{r['fid_data_vs_best']:.3f}", f"{r['precision']:.3f}", f"{r['recall']:.3f}"]
+            # (the teacher's FID against its own samples is 0 up to the matrix square root's rounding: no "-0.00")
+            cells += [f"{max(r['fid_teacher'], 0.0):.2f}", f"{max(r['fid_teacher_vs_best'], 0.0):.3f}",
+                      f"{r['fid_data']:.2f}", f"{r['fid_data_vs_best']:.3f}", f"{r['precision']:.3f}",
+                      f"{r['recall']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
