@@ -554,6 +554,13 @@ def test_solver_options_are_its_keyword_parameters_not_a_catch_all():
 
     assert solver_options("dpm_solver++") == {"method", "variant", "lower_order_final", "plan"}
     assert "options" not in solver_options("dpm_solver")
+    # the method picks the function whose names count (found by the schedule-file fuzzer: a singlestep file with
+    # multistep's lower_order_final reached dpm_singlestep as a TypeError)
+    from learnsteps.core.sample import check_options
+
+    check_options("dpm_solver++", dict(method="singlestep", plan=[2, 1]))
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['lower_order_final'\] for solver dpm_solver\+\+"):
+        check_options("dpm_solver++", dict(method="singlestep", lower_order_final=True))
 
 
 # ---------------------------------------------------------------------------------------- diverged runs

@@ -88,11 +88,14 @@ def check_order(solver: str, order: int | None, steps: int | None = None) -> int
 
 
 @lru_cache(maxsize=None)
-def solver_options(solver: str) -> frozenset[str]:
+def solver_options(solver: str, method: str | None = None) -> frozenset[str]:
     """The option names `solver` accepts: the keyword parameters of its function(s), not a `**options` catch-all
-    (DPM-Solver's wrapper passes that on to the multistep or singlestep function, whose names are listed)."""
+    (DPM-Solver's wrapper passes that on to the multistep or singlestep function: `method` picks one, None lists
+    the names of both)."""
     spec = get_solver(solver)
-    fns = [spec.fn] + ([S.dpm_multistep, S.dpm_singlestep] if spec.fn is _dpm_solver else [])
+    dpm = {"multistep": [S.dpm_multistep], "singlestep": [S.dpm_singlestep]}.get(method, [S.dpm_multistep,
+                                                                                       S.dpm_singlestep])
+    fns = [spec.fn] + (dpm if spec.fn is _dpm_solver else [])
     params = {name for fn in fns for name, p in inspect.signature(fn).parameters.items()
               if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
     return frozenset(params - {"model", "x", "g", "order"} - set(spec.fixed))
@@ -113,7 +116,8 @@ def _is_table(v) -> bool:
 
 def check_options(solver: str, options: dict) -> None:
     """ValueError naming the first option `solver` does not have, or a value it does not take."""
-    known = solver_options(solver)
+    method = options.get("method", "multistep")  # DPM-Solver: singlestep has no lower_order_final
+    known = solver_options(solver, method if method in ("multistep", "singlestep") else None)
     unknown = set(options) - known
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)} for solver {solver}: accepted {sorted(known)}")
