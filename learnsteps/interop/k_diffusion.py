@@ -28,6 +28,12 @@ from ..core.steps import LOWER_ORDER_FINAL_BELOW
 from ..schedule import Schedule, ScheduleError
 
 
+def is_euler(schedule: Schedule) -> bool:
+    """Whether the schedule's solver is the first-order deterministic step (DDIM = Euler in sigma~)."""
+    name, o = schedule.solver, schedule.options
+    return name in ("euler", "ddim") and not o.get("eta") or name == "dpm_solver++" and schedule.order == 1
+
+
 def recipe(schedule: Schedule) -> dict:
     """{"sampler": name in k_diffusion.sampling, "kwargs": its arguments} reproducing `schedule`, or ScheduleError."""
     if schedule.coefficients is not None:
@@ -46,7 +52,7 @@ def recipe(schedule: Schedule) -> dict:
     why_lowered = (f"this schedule lowers the order of its last steps (lower_order_final on {steps} < "
                    f"{LOWER_ORDER_FINAL_BELOW} steps) and k-diffusion's samplers do not; learn it with "
                    f"options={{lower_order_final: false}}")
-    if name in ("euler", "ddim") and not o.get("eta") or name == "dpm_solver++" and order == 1:
+    if is_euler(schedule):
         return dict(sampler="sample_euler", kwargs={})
     if name == "heun":
         return dict(sampler="sample_heun", kwargs={})

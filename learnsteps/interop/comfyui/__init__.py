@@ -61,7 +61,7 @@ def recipe(schedule: Schedule) -> dict:
     (`sigma_to_half_log_snr` knows CONST), so DPM-Solver++(2M) is `dpmpp_2m_sde` with eta 0 (solver_type midpoint,
     or heun for our variant taylor) and 3M is `dpmpp_3m_sde` with eta 0; `dpmpp_2m`, `heun` and `lms` step in
     log t or t and compute something else."""
-    from ..k_diffusion import recipe as k_recipe
+    from ..k_diffusion import is_euler, recipe as k_recipe
 
     kind = schedule.noise_schedule.get("kind")
     if kind not in SUPPORTED:
@@ -72,9 +72,7 @@ def recipe(schedule: Schedule) -> dict:
         raise ScheduleError(f"this schedule calls the model at times of its own (LD3's evaluation times), which a "
                             f"SIGMAS list cannot carry: {USE_THE_NODE}")
     if math.isinf(schedule.sigmas[0]):  # a flow file from t = 1 (alpha = 0): no sigma~ list, but ComfyUI takes t
-        o = schedule.options
-        if schedule.solver in ("euler", "ddim") and not o.get("eta") or schedule.solver == "dpm_solver++" and \
-                schedule.order == 1:
+        if is_euler(schedule):
             return dict(sigmas="t", sampler="euler", node="KSamplerSelect", kwargs={})
         raise ScheduleError(f"this schedule starts at t = 1, which ComfyUI's multistep samplers move to the model's "
                             f"percent_to_sigma(1e-4) (offset_first_sigma_for_snr): only its euler is exact from there; "
