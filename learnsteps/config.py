@@ -102,10 +102,11 @@ class TeacherOptions:
     height: int = 0  # the sampled size in pixels (0: the pipeline's default); it sets the latent shape
     width: int = 0
     frames: int = 0  # video pipelines (Wan): frames (0: the pipeline's default)
-    teacher_dtype: str = "float32"  # the network's dtype: float32 | bfloat16 | float16 (the sampler stays float32)
+    teacher_dtype: str = "float32"  # the network's dtype: float32 | bfloat16 | float16 | auto (bfloat16 for a pipeline
+    # of 200 M denoiser parameters or more); the sampler stays float32
     RULES: ClassVar = dict(conditions=conditions_value, guidance=guidance_scale, true_cfg=guidance_scale,
                            guidance_rescale=between(0, 1), max_sequence_length=at_least(0), height=at_least(0),
-                           width=at_least(0), frames=at_least(0), teacher_dtype=one_of("float32", "bfloat16", "float16"))
+                           width=at_least(0), frames=at_least(0), teacher_dtype=one_of("float32", "bfloat16", "float16", "auto"))
 
     def teacher_options(self) -> dict:
         """load_teacher's keywords."""

@@ -244,3 +244,17 @@ def test_evaluation_grid_must_match_the_grid(teacher):
     grid = ls.grids.make("logsnr", 5, teacher.noise_schedule)
     with pytest.raises(ValueError, match="evaluation grid has 5 times"):
         ls.sample(teacher, noise((2, 6)), grid, eval_grid=grid[:-1])
+
+
+def test_solve_in_batches_is_solve_per_sample():
+    """What LD3 and eval.py run a large teacher with: batches of any size give `solve`'s samples (float64, exact
+    mixture: the same to rounding), conditions sliced with their samples, `then` applied per batch."""
+    from learnsteps.core.sample import solve_in_batches
+
+    teacher = toy_mixture()
+    grid = ls.grids.make("logsnr", 5, teacher.noise_schedule)
+    x_T = noise((7, *teacher.shape), seed=3) * teacher.noise_schedule.init_noise_std()
+    whole = ls.solve(teacher, x_T, grid, "dpm_solver++", 2).x
+    for size in (1, 3, 7, 50):
+        got = solve_in_batches(teacher, x_T, grid, size, solver="dpm_solver++", order=2, then=lambda x: 2 * x)
+        torch.testing.assert_close(got, 2 * whole, rtol=1e-12, atol=1e-12)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import solvers as S
-from .denoiser import Denoiser
+from .denoiser import Denoiser, device_of
 from .schedules import NoiseSchedule
 from .steps import Grid, Model
 
@@ -212,3 +212,16 @@ def sample(teacher: Denoiser, x_T: Tensor, grid, solver: str = "dpm_solver++", o
     """The samples at the end of `grid` (and the (N+1, ...) trajectory when return_trajectory); see `solve`."""
     sol = solve(teacher, x_T, grid, solver, order, return_trajectory=return_trajectory, **kwargs)
     return (sol.x, sol.trajectory) if return_trajectory else sol.x
+
+
+def solve_in_batches(teacher: Denoiser, x_T: Tensor, grid, batch_size: int, cond=None, then=None, **kwargs) -> Tensor:
+    """`solve`'s final states (or then(states) per batch, e.g. decoded) for x_T in batches of `batch_size`, each
+    moved to the teacher's device, without gradients: what fits a large teacher's memory. cond: per-sample
+    conditions (or None); kwargs: `solve`'s."""
+    out, device = [], device_of(teacher)
+    with torch.no_grad():
+        for b in range(0, len(x_T), batch_size):
+            c = None if cond is None else cond[b: b + batch_size].to(device)
+            x = solve(teacher, x_T[b: b + batch_size].to(device), grid, cond=c, **kwargs).x
+            out.append(x if then is None else then(x))
+    return torch.cat(out)

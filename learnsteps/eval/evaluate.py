@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ..config import SolverChoice, TeacherOptions, at_least, between, each, not_a_file, one_of
 from ..core.denoiser import device_of, dtype_of
 from ..core.grids import applicable, make as make_grid
-from ..core.sample import check_options, check_order, solve, start_time, steps_for_nfe
+from ..core.sample import check_options, check_order, solve_in_batches, start_time, steps_for_nfe
 from ..dsno.student import load_student, read_student_info
 from ..files import save_figure, write_csv, write_text
 from ..core.schedules import make_schedule
@@ -66,15 +66,8 @@ class EvalConfig(TeacherOptions):
 
 def sample_in_batches(teacher, x_T, grid, solver, order, batch_size, eval_grid=None, cond=None, **options):
     """Samples in batches, as images: a latent teacher's are decoded by its VAE."""
-    out = []
-    with torch.no_grad():
-        for b in range(0, len(x_T), batch_size):
-            c = None if cond is None else cond[b: b + batch_size]
-            x = x_T[b: b + batch_size].to(device_of(teacher))
-            c = None if c is None else c.to(x.device)
-            out.append(pixels(teacher, solve(teacher, x, grid, solver, order, eval_grid=eval_grid, cond=c, **options).x)
-                       .float().cpu())
-    return torch.cat(out)
+    return solve_in_batches(teacher, x_T, grid, batch_size, cond, solver=solver, order=order,
+                            eval_grid=eval_grid, then=lambda x: pixels(teacher, x).float().cpu(), **options)
 
 
 

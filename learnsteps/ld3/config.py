@@ -3,7 +3,7 @@ for a teacher, and the hand grids LD3 starts from and is compared with."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -12,6 +12,7 @@ from ..config import (TeacherOptions, at_least, between, each, existing_dir, exi
 from ..core.denoiser import device_of, dtype_of
 from ..core.grids import make as make_grid
 from ..quality.losses import check_loss_name
+from ..teachers.model_index import HUGE_TEACHER, LARGE_TEACHER
 from ..trajectories import sample_noise
 from ..training.common import RunConfig
 
@@ -21,19 +22,26 @@ BASELINES = ("time_uniform", "time_quadratic", "logsnr", "edm", "shifted", "gits
 DEFAULT_BASELINES = BASELINES[:-1]
 
 
+def or_auto(rule):
+    """`rule`, or the value "auto" (chosen by the teacher's size: AUTO_SETTINGS)."""
+    return lambda v: None if v == "auto" else rule(v)
+
+
 @dataclass
 class PairsConfig:
-    train: int = 50
-    val: int = 50
-    test: int = 200  # held-out pairs for the final comparison with the baseline grids
+    train: Any = 50  # auto: AUTO_SETTINGS
+    val: Any = 50
+    test: Any = 200  # held-out pairs for the final comparison with the baseline grids
     seed: int = 0
     solver: str = "unipc"  # the teacher's solver: a solver of the core, or "reference" (adaptive dopri5)
     order: int = 3
-    steps: int = 40  # its steps from t_max to t_min (LD3's own teachers use UniPC-3 with 20)
+    steps: Any = 40  # its steps from t_max to t_min (LD3's own teachers use UniPC-3 with 20)
     rtol: float = 1e-5  # tolerance of the reference solver
     directory: str = ""  # default <run_dir>/pairs; reusable across runs with the same teacher
-    RULES: ClassVar = dict(train=at_least(1), val=at_least(1), test=at_least(2), order=at_least(1),
-                           steps=between(1, 10_000), rtol=positive, directory=not_a_file)
+    batch_size: Any = 128  # the teacher's batch when it makes pairs and LD3 scores grids without gradients
+    RULES: ClassVar = dict(train=or_auto(at_least(1)), val=or_auto(at_least(1)), test=or_auto(at_least(2)),
+                           order=at_least(1), steps=or_auto(between(1, 10_000)), rtol=positive, directory=not_a_file,
+                           batch_size=or_auto(at_least(1)))
 
 
 @dataclass
@@ -55,7 +63,7 @@ class LD3Config(RunConfig, TeacherOptions):
     soft_forcing: bool = True
     gamma: float = 0.001  # ball radius r = gamma * d / NFE^2
     shift_lr: float = 0.0  # step of x'_T; 0: the official 12 / NFE
-    batch_size: int = 2
+    batch_size: Any = 2  # auto: AUTO_SETTINGS
     rounds_theta: int = 2  # phase 1 epochs (grid only)
     rounds_joint: int = 5  # phase 2 epochs (grid and offsets)
     restarts: int = 1  # train this many times, from the best `restarts` baseline grids (init=best); export the best
@@ -66,7 +74,7 @@ class LD3Config(RunConfig, TeacherOptions):
     lr_decay: float = 0.8
     min_lr_theta: float = 5e-5
     min_lr_xi: float = 1e-6
-    val_every_n_steps: int = 5
+    val_every_n_steps: Any = 5
     remat: str = "auto"  # recompute each network call in the backward pass: true | false | auto (REMAT_ABOVE)
     baselines: list[str] = field(default_factory=lambda: list(DEFAULT_BASELINES))
     # learn=solver: the solver's coefficients too (the generalized multistep solver, initialised as `solver`)
@@ -78,10 +86,10 @@ class LD3Config(RunConfig, TeacherOptions):
         RunConfig.RULES, **TeacherOptions.RULES, order=at_least(1), nfe=between(1, 100), time_mode=one_of("lambda", "time"),
         init=one_of("uniform", "best", *BASELINES), window=between(0, 0.5),
         loss=lambda v: None if v == "auto" else check_loss_name(v), remat=one_of("auto", "True", "False", "true", "false"),
-        feature_net=existing_dir, gamma=at_least(0), shift_lr=at_least(0), batch_size=at_least(1),
+        feature_net=existing_dir, gamma=at_least(0), shift_lr=at_least(0), batch_size=or_auto(at_least(1)),
         rounds_theta=at_least(0), rounds_joint=at_least(0), restarts=between(1, 10), lr_theta=positive,
         optimizer=one_of("rmsprop", "adam"), lr_xi=at_least(0), patience=at_least(1),
-        lr_decay=between(1e-6, 1), min_lr_theta=at_least(0), min_lr_xi=at_least(0), val_every_n_steps=at_least(1),
+        lr_decay=between(1e-6, 1), min_lr_theta=at_least(0), min_lr_xi=at_least(0), val_every_n_steps=or_auto(at_least(1)),
         baselines=each(one_of(*BASELINES), non_empty=True), learn=one_of("grid", "solver"),
         lr_coefficients=positive, coefficient_penalty=at_least(0), init_schedule=existing_file)
 
@@ -94,13 +102,45 @@ AUTO_LOSS = {(1, 8, 8): "l2+features"}
 REMAT_ABOVE = 5_000_000
 
 
+# The settings `auto` stands for (configs/ld3.yaml), by the teacher's size. Small (the digits models): the recipe of
+# issue #21's robustness table. Large (LARGE_TEACHER parameters or more: SD1.5, SDXL) and huge (HUGE_TEACHER or more:
+# FLUX.1, Wan, Qwen-Image): what learns a schedule in about an hour on one 80 GB GPU, from the per-call costs of
+# docs/scaling.md (issue #31): LD3's own batch 2, 100 (huge: 32) training pairs, its teachers' UniPC-3 with 20 steps
+# for the pairs, fewer validations, a few pairs per no-gradient batch (pair making, validation, the report).
+AUTO_SETTINGS = {
+    "small": dict(batch_size=32, val_every_n_steps=10,
+                  pairs=dict(train=200, val=200, test=200, steps=40, batch_size=128)),
+    "large": dict(batch_size=2, val_every_n_steps=25, pairs=dict(train=100, val=50, test=50, steps=20, batch_size=4)),
+    "huge": dict(batch_size=2, val_every_n_steps=25, pairs=dict(train=32, val=16, test=32, steps=20, batch_size=2)),
+}
+
+
+def size_of(params: int) -> str:
+    """A teacher's size class (AUTO_SETTINGS' key) by its parameter count."""
+    return "huge" if params >= HUGE_TEACHER else "large" if params >= LARGE_TEACHER else "small"
+
+
 def resolve_auto(cfg: LD3Config, teacher) -> None:
-    """Replace loss=auto and remat=auto by what they mean for this teacher (recorded so in config.yaml)."""
+    """Replace every `auto` by what it means for this teacher (recorded so in config.yaml): loss, remat, and the
+    AUTO_SETTINGS of its size, saying so for a large teacher."""
     if cfg.loss == "auto":
         cfg.loss = AUTO_LOSS.get(tuple(getattr(teacher, "shape", ())), "l2")
+    params = sum(p.numel() for p in teacher.parameters())
     if cfg.remat == "auto":
-        cfg.remat = str(sum(p.numel() for p in teacher.parameters()) >= REMAT_ABOVE).lower()
+        cfg.remat = str(params >= REMAT_ABOVE).lower()
     cfg.remat = str(cfg.remat).lower()
+    size = size_of(params)
+    chosen = []
+    for owner, values in ((cfg, AUTO_SETTINGS[size]), (cfg.pairs, AUTO_SETTINGS[size]["pairs"])):
+        for k, v in values.items():
+            if getattr(owner, k) == "auto" and k != "pairs":
+                setattr(owner, k, v)
+                chosen.append(f"{'pairs.' if owner is cfg.pairs else ''}{k}={v}")
+    if size != "small" and chosen:
+        dtype = getattr(teacher, "config", {}).get("dtype", "")
+        print(f"LD3: a {size} teacher ({params / 1e6:.0f} M parameters{', ' + dtype if dtype else ''}): auto settings "
+              f"{' '.join(chosen)} remat={cfg.remat} (docs/scaling.md: about an hour on one GPU; set any of them to "
+              f"override)", flush=True)
 
 
 def baseline_grid(cfg: LD3Config, teacher, kind: str, steps: int) -> torch.Tensor:

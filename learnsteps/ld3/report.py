@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset
 
 from ..core.denoiser import device_of
 from ..core.grids import applicable
-from ..core.sample import solve, steps_for_nfe
+from ..core.sample import solve_in_batches, steps_for_nfe
 from ..files import save_figure
 from .config import LD3Config, baseline_grid
 from .module import LD3, condition
@@ -32,9 +32,9 @@ def evaluate_grids(cfg: LD3Config, teacher, learned: dict, test: TensorDataset) 
     for kind in applicable(cfg.baselines, teacher.noise_schedule):
         runs[kind] = dict(grid=baseline_grid(cfg, teacher, kind, steps), solver=cfg.solver, order=cfg.order,
                           **cfg.options)
-    with torch.no_grad():
-        images = pixels(teacher, target)  # a latent teacher's decoded by its VAE
-    digits = tuple(images.shape[1:]) == (1, 8, 8) and len(target) >= 2
+    with torch.no_grad():  # a latent teacher's decoded by its VAE (one first: only digits images are scored)
+        digits = tuple(pixels(teacher, target[:1]).shape[1:]) == (1, 8, 8) and len(target) >= 2
+        images = pixels(teacher, target) if digits else None
     if digits:
         features = Features("digits")
         f_teacher, f_data = features(images.float()), reference_features("digits", features)
@@ -47,9 +47,10 @@ def evaluate_grids(cfg: LD3Config, teacher, learned: dict, test: TensorDataset) 
         return row
 
     rows = []
-    with torch.no_grad():
-        for name, run in runs.items():
-            out = solve(teacher, x_T, cond=condition(cond), **run).x
+    for name, run in runs.items():
+        run = dict(run)
+        out = solve_in_batches(teacher, x_T, run.pop("grid"), cfg.pairs.batch_size, condition(cond), **run)
+        with torch.no_grad():
             rows.append(dict(grid=name, **judged(out, features(pixels(teacher, out).float()) if digits else None)))
     if digits:
         rows.append(dict(grid="teacher", **judged(target, f_teacher)))
@@ -114,11 +115,12 @@ def log_outputs(logger, run_dir: Path, module: LD3, teacher, test, learned, rows
 
     _, x_T, target, cond = (v.to(device_of(teacher)) for v in test.tensors)
     n = min(32 if x_T.dim() == 4 else 8, len(x_T))  # videos: 8 clips, a row of frames each
-    with torch.no_grad():
-        student = solve(teacher, x_T[:n], cond=condition(cond[:n]), **learned).x
     decode = getattr(teacher, "decode", None)  # a latent teacher: the VAE's images, decoded only here
+    run, bs = dict(learned), module.cfg.pairs.batch_size
+    student = solve_in_batches(teacher, x_T[:n], run.pop("grid"), bs, condition(cond[:n]), then=decode, **run)
     if decode is not None:
-        student, target = decode(student), decode(target[:n])
+        with torch.no_grad():
+            target = torch.cat([decode(target[b: min(b + bs, n)]) for b in range(0, n, bs)])
     if x_T.dim() in (4, 5) and (x_T.shape[1] == 1 or decode is not None):  # each student sample beside its teacher's
         both = torch.stack([student.clamp(-1, 1), target[:n].clamp(-1, 1)], 1).flatten(0, 1).float()
         save_image_grid(both, run_dir / "samples.png", nrow=16)

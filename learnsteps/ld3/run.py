@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..core.denoiser import device_of, dtype_of
 from ..core.grids import applicable
-from ..core.sample import check_options, check_order, get_solver, solve, start_time, steps_for_nfe
+from ..core.sample import check_options, check_order, get_solver, solve_in_batches, start_time, steps_for_nfe
 from ..core.steps import Grid
 from ..files import write_csv, write_text
 from ..loaders import train_loader
@@ -83,7 +83,8 @@ def train_ld3(cfg: LD3Config) -> Path:
                            max_epochs=module.epochs_per_start * max(1, len(module.starts)),
                            val_check_interval=min(cfg.val_every_n_steps, max(1, p.train // cfg.batch_size)),
                            num_sanity_val_steps=-1)  # the sanity pass scores the initial (uniform) grid
-    fit(trainer, module, train_loader(train_set, cfg.batch_size, cfg.seed), DataLoader(val_set, batch_size=64),
+    fit(trainer, module, train_loader(train_set, cfg.batch_size, cfg.seed),
+        DataLoader(val_set, batch_size=min(64, p.batch_size)),
         run_dir=run_dir)
     if trainer.global_rank != 0:
         return run_dir
@@ -129,9 +130,8 @@ def initial_grids(cfg: LD3Config, teacher, module: LD3, val_set) -> list[torch.T
     outs = {}
     for kind, g in grids.items():
         t, t_eval = g if isinstance(g, tuple) else (g, None)
-        with torch.no_grad():
-            outs[kind] = solve(teacher, x_T, t, cfg.solver, cfg.order, eval_grid=t_eval, cond=condition(cond),
-                               **cfg.options).x
+        outs[kind] = solve_in_batches(teacher, x_T, t, cfg.pairs.batch_size, condition(cond), solver=cfg.solver,
+                                      order=cfg.order, eval_grid=t_eval, **cfg.options)
     if hasattr(module.dist, "calibrate"):  # a sum of losses: each term normalised over all candidates' outputs
         module.dist.calibrate(torch.cat(list(outs.values())), target.repeat(len(outs), *[1] * (target.dim() - 1)))
     if cfg.init == "uniform" and not cfg.init_schedule:
@@ -169,7 +169,7 @@ def pairs_spec(cfg: LD3Config, teacher, n: int, seed: int) -> TrajectorySpec:
     s, p = teacher.noise_schedule, cfg.pairs
     times = [s.t_max, s.t_min] + ([s.t_zero] if cfg.to_zero else [])
     return TrajectorySpec(n=n, shard_size=max(1, min(n, 256)), seed=seed, output_times=times, solver=p.solver,
-                          order=p.order, steps_per_interval=p.steps, rtol=p.rtol, batch_size=128)
+                          order=p.order, steps_per_interval=p.steps, rtol=p.rtol, batch_size=p.batch_size)
 
 
 def pairs_path(cfg: LD3Config) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..files import parse_json
 from ..hf import hub_reachable
 from . import gmm
-from .model_index import read_model_index
+from .model_index import LARGE_TEACHER, denoiser_parameters, read_model_index
 from .network import TeacherLoadError, diffusers_teacher, learnsteps_teacher
 from .pipelines import SUPPORTED, pipeline_teacher
 from .pipelines.base import DTYPES
@@ -40,12 +40,15 @@ def load_teacher(spec: str | Path, *, check: bool = True, conditions=None, guida
       true_cfg, negative_prompt, guidance_rescale, max_sequence_length, height, width, frames: a local directory
       or a hub id;
     - a diffusers UNet2DModel: a local directory or a Hugging Face hub id (see `diffusers_teacher`).
-    `teacher_dtype`: the network's dtype for diffusers teachers (float32, bfloat16, float16); the sampler's own
-    arithmetic stays in float32 / float64."""
+    `teacher_dtype`: the network's dtype for diffusers teachers (float32, bfloat16, float16; auto: bfloat16 for a
+    pipeline whose denoiser has LARGE_TEACHER parameters or more, float32 otherwise); the sampler's own arithmetic
+    stays in float32 / float64."""
     name = str(spec)
     if name == "digits_latent_flow":
         name = str(ASSETS / name)
     kind = _pipeline_class(name)
+    if teacher_dtype == "auto":
+        teacher_dtype = auto_dtype(name)
     options = {k: v for k, v in kwargs.items() if k in PIPELINE_OPTIONS}
     given = sorted(k for k, v in options.items() if v != PIPELINE_OPTIONS[k])
     conditional_hub_id = kind is None and (conditions or guidance != 1.0 or given) and HUB_ID.match(name) \
@@ -82,6 +85,13 @@ def load_teacher(spec: str | Path, *, check: bool = True, conditions=None, guida
         return diffusers_teacher(name, **diffusers_kwargs)
     raise TeacherLoadError(f"unknown teacher {name!r}: not one of {', '.join(BUILT_IN)}, no such directory, and "
                            f"not a Hugging Face hub id (org/name)")
+
+
+def auto_dtype(name: str) -> str:
+    """teacher_dtype=auto: bfloat16 for a large pipeline teacher (its denoiser's parameters counted from its
+    safetensors headers), float32 for every other teacher."""
+    n = denoiser_parameters(Path(name))
+    return "bfloat16" if n is not None and n >= LARGE_TEACHER else "float32"
 
 
 def _pipeline_class(name: str) -> str | None:

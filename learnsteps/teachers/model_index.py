@@ -64,3 +64,40 @@ def check_components(pipe, index: dict, where, skipped=()) -> None:
             raise TeacherLoadError(f"{where}: {name} is declared as {declared!r}, but the weights in {name}/ do not "
                                    f"fit it ({empty} of {len(tensors)} tensors not loaded): a wrong class in "
                                    f"model_index.json, or damaged weights")
+
+
+# A teacher whose denoiser has at least LARGE_TEACHER parameters is large (SD1.5's UNet has 860 M, DiT-XL/2 675 M,
+# SDXL 2.6 B; the shipped digits models 1-2 M): `teacher_dtype=auto` loads it in bfloat16 and LD3's `auto` settings are
+# the large-teacher ones; from HUGE_TEACHER (FLUX.1 11.9 B, Wan 2.1 14 B, Qwen-Image 20 B) the huge-teacher ones
+# (ld3/config.py, docs/scaling.md).
+LARGE_TEACHER = 200_000_000
+HUGE_TEACHER = 5_000_000_000
+DENOISERS = ("transformer", "unet", "prior")
+
+
+def denoiser_parameters(directory: Path) -> int | None:
+    """The parameter count of a pipeline directory's denoiser, read from its safetensors headers (no weights
+    loaded), or None where it cannot be told (no such directory, no safetensors)."""
+    import json
+    import struct
+
+    index = directory / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        name = next((k for k in DENOISERS if k in read_model_index(index)), None)
+        files = sorted((directory / name).glob("*.safetensors")) if name else []
+        total = 0
+        for f in files:
+            with open(f, "rb") as fh:
+                (size,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(min(size, 100 * 2**20)))
+            for key, entry in header.items():
+                if key != "__metadata__":
+                    n = 1
+                    for d in entry["shape"]:
+                        n *= int(d)
+                    total += n
+        return total or None
+    except (OSError, ValueError, KeyError, TypeError, struct.error, TeacherLoadError):
+        return None  # what load_teacher then reads says what is wrong with the directory
