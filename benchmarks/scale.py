@@ -1,8 +1,9 @@
 """Real size (issue #31): LD3, the learned solver, teacher pairs and DSNO on networks of SD1.5, SDXL, DiT-XL/2 and
 FLUX.1 size, on the device it runs on.
 
-    python benchmarks/scale.py                       # this machine's CPU: SD1.5 in full, the others' calls (~45 min)
-    python benchmarks/scale.py device=cuda           # one GPU: every model at full size, every setting (< 10 min)
+    python benchmarks/scale.py                       # this CPU: SD1.5 in full, the others in part (~75 min)
+    python benchmarks/scale.py device=cuda           # one GPU: every model, every setting (sized for 10 min;
+                                                     # written for a GPU, not yet run on one)
     python benchmarks/scale.py toy=true              # a toy-size pass of every measurement (CI's test runs it)
     python benchmarks/scale.py part=bf16             # LD3 with a bfloat16 teacher against float32 (digits size)
     python benchmarks/scale.py part=profile          # where an LD3 step's time goes besides the network (SD1.5)
@@ -49,6 +50,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from families import FLUX_DEV, SDXL_UNET  # noqa: E402  (the published configs, as families.py's memory part reads them)
 from learnsteps.config import load_config  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------- the networks
@@ -58,18 +60,9 @@ SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block
                  block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, attention_head_dim=(5, 10, 20),
-                 block_out_channels=(320, 640, 1280), cross_attention_dim=2048, transformer_layers_per_block=(1, 2, 10),
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), use_linear_projection=True,
-                 addition_embed_type="text_time", addition_time_embed_dim=256,
-                 projection_class_embeddings_input_dim=2816)
 DIT_XL = dict(sample_size=32, num_layers=28, patch_size=2, attention_head_dim=72, num_attention_heads=16, in_channels=4,
               out_channels=8, activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_zero",
               norm_elementwise_affine=False)
-FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=[16, 56, 56])
 DDPM_SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                       max_image_seq_len=4096)
