@@ -630,8 +630,7 @@ def bf16(cfg: Config) -> None:
             # the float32 run's held-out pairs (made first, by the float32 teacher) judge every run
             test = pairs_dataset(TrajectoryDataset(out / f"float32-seed{seed}" / "pairs" / "test").tensors)
             _, x_T, target, cond = test.tensors
-            kwargs = dict(load_schedule(run / "schedule.json").solve_kwargs)
-            x = solve_in_batches(teacher, x_T, kwargs.pop("grid"), 256, cond, **kwargs)
+            x = solve_in_batches(teacher, x_T, 256, cond, **load_schedule(run / "schedule.json").solve_kwargs)
             rmse[name] = float((x - target).pow(2).mean().sqrt())
         rows.append((seed, *rmse.values()))
         print(f"seed {seed}: held-out RMSE " + ", ".join(f"{k} {v:.5f}" for k, v in rmse.items()), flush=True)

@@ -256,5 +256,5 @@ def test_solve_in_batches_is_solve_per_sample():
     x_T = noise((7, *teacher.shape), seed=3) * teacher.noise_schedule.init_noise_std()
     whole = ls.solve(teacher, x_T, grid, "dpm_solver++", 2).x
     for size in (1, 3, 7, 50):
-        got = solve_in_batches(teacher, x_T, grid, size, solver="dpm_solver++", order=2, then=lambda x: 2 * x)
+        got = solve_in_batches(teacher, x_T, size, grid=grid, solver="dpm_solver++", order=2, then=lambda x: 2 * x)
         torch.testing.assert_close(got, 2 * whole, rtol=1e-12, atol=1e-12)

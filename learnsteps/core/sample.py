@@ -214,14 +214,14 @@ def sample(teacher: Denoiser, x_T: Tensor, grid, solver: str = "dpm_solver++", o
     return (sol.x, sol.trajectory) if return_trajectory else sol.x
 
 
-def solve_in_batches(teacher: Denoiser, x_T: Tensor, grid, batch_size: int, cond=None, then=None, **kwargs) -> Tensor:
+def solve_in_batches(teacher: Denoiser, x_T: Tensor, batch_size: int, cond=None, then=None, **kwargs) -> Tensor:
     """`solve`'s final states (or then(states) per batch, e.g. decoded) for x_T in batches of `batch_size`, each
     moved to the teacher's device, without gradients: what fits a large teacher's memory. cond: per-sample
-    conditions (or None); kwargs: `solve`'s."""
+    conditions (or None); kwargs: `solve`'s (grid, solver, ...)."""
     out, device = [], device_of(teacher)
     with torch.no_grad():
         for b in range(0, len(x_T), batch_size):
             c = None if cond is None else cond[b: b + batch_size].to(device)
-            x = solve(teacher, x_T[b: b + batch_size].to(device), grid, cond=c, **kwargs).x
+            x = solve(teacher, x_T[b: b + batch_size].to(device), cond=c, **kwargs).x
             out.append(x if then is None else then(x))
     return torch.cat(out)

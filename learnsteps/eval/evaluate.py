@@ -66,7 +66,7 @@ class EvalConfig(TeacherOptions):
 
 def sample_in_batches(teacher, x_T, grid, solver, order, batch_size, eval_grid=None, cond=None, **options):
     """Samples in batches, as images: a latent teacher's are decoded by its VAE."""
-    return solve_in_batches(teacher, x_T, grid, batch_size, cond, solver=solver, order=order,
+    return solve_in_batches(teacher, x_T, batch_size, cond, grid=grid, solver=solver, order=order,
                             eval_grid=eval_grid, then=lambda x: pixels(teacher, x).float().cpu(), **options)
 
 

@@ -133,7 +133,7 @@ def resolve_auto(cfg: LD3Config, teacher) -> None:
     chosen = []
     for owner, values in ((cfg, AUTO_SETTINGS[size]), (cfg.pairs, AUTO_SETTINGS[size]["pairs"])):
         for k, v in values.items():
-            if getattr(owner, k) == "auto" and k != "pairs":
+            if getattr(owner, k) == "auto":  # (cfg.pairs itself is a PairsConfig, never "auto")
                 setattr(owner, k, v)
                 chosen.append(f"{'pairs.' if owner is cfg.pairs else ''}{k}={v}")
     if size != "small" and chosen:

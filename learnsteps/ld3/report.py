@@ -48,8 +48,7 @@ def evaluate_grids(cfg: LD3Config, teacher, learned: dict, test: TensorDataset) 
 
     rows = []
     for name, run in runs.items():
-        run = dict(run)
-        out = solve_in_batches(teacher, x_T, run.pop("grid"), cfg.pairs.batch_size, condition(cond), **run)
+        out = solve_in_batches(teacher, x_T, cfg.pairs.batch_size, condition(cond), **run)
         with torch.no_grad():
             rows.append(dict(grid=name, **judged(out, features(pixels(teacher, out).float()) if digits else None)))
     if digits:
@@ -116,8 +115,8 @@ def log_outputs(logger, run_dir: Path, module: LD3, teacher, test, learned, rows
     _, x_T, target, cond = (v.to(device_of(teacher)) for v in test.tensors)
     n = min(32 if x_T.dim() == 4 else 8, len(x_T))  # videos: 8 clips, a row of frames each
     decode = getattr(teacher, "decode", None)  # a latent teacher: the VAE's images, decoded only here
-    run, bs = dict(learned), module.cfg.pairs.batch_size
-    student = solve_in_batches(teacher, x_T[:n], run.pop("grid"), bs, condition(cond[:n]), then=decode, **run)
+    bs = module.cfg.pairs.batch_size
+    student = solve_in_batches(teacher, x_T[:n], bs, condition(cond[:n]), then=decode, **learned)
     if decode is not None:
         with torch.no_grad():
             target = torch.cat([decode(target[b: min(b + bs, n)]) for b in range(0, n, bs)])

@@ -130,7 +130,7 @@ def initial_grids(cfg: LD3Config, teacher, module: LD3, val_set) -> list[torch.T
     outs = {}
     for kind, g in grids.items():
         t, t_eval = g if isinstance(g, tuple) else (g, None)
-        outs[kind] = solve_in_batches(teacher, x_T, t, cfg.pairs.batch_size, condition(cond), solver=cfg.solver,
+        outs[kind] = solve_in_batches(teacher, x_T, cfg.pairs.batch_size, condition(cond), grid=t, solver=cfg.solver,
                                       order=cfg.order, eval_grid=t_eval, **cfg.options)
     if hasattr(module.dist, "calibrate"):  # a sum of losses: each term normalised over all candidates' outputs
         module.dist.calibrate(torch.cat(list(outs.values())), target.repeat(len(outs), *[1] * (target.dim() - 1)))
