@@ -8,6 +8,7 @@ the outcome is to the seed and to the CPU's kernel path.
     python benchmarks/ld3.py part=robustness                  # seeds x CPU kernel paths x NFE (about 30 min)
     python benchmarks/ld3.py part=solver                      # learned solver vs LD3 (about 70 min)
     python benchmarks/ld3.py part=data                        # judged against the data (issue #33)
+    python benchmarks/ld3.py part=frontier                    # every 4-NFE grid of a lattice against the data
 
 paired: `train.py mode=ld3` (its defaults) for every teacher x solver x NFE (pairs shared per teacher, 2000
 held-out), each reporting, for the learned grid against the best baseline grid on those held-out pairs, the
@@ -25,6 +26,11 @@ data: LD3 (its defaults, or `ld3_args`) and the learned solver warm-started from
 pairs and one held-out set of `bench_test` teacher pairs per guidance shared by every run: paired RMSE, FID against
 the teacher's samples and against the data, precision / recall against the data, for the learned schedule, every
 hand grid and the teacher itself; data.md / data.csv: medians and ranges over the seeds, the targets of issue #33.
+frontier: what any grid of one solver at NFE 4 can reach on `data_teacher` (first of `data_guidances`): every grid
+(1, a, b, t_min, 0) of the `frontier_*` lattices, the hand grids and `frontier_schedules` (schedule files, e.g. LD3
+runs of part=data), on that guidance's held-out pairs of part=data: paired RMSE, FID against the teacher's samples
+and the data, recall, and the contraction of the samples in the digits features (mean distance to their k = 3
+nearest teacher neighbours, learned over teacher); frontier.csv and frontier.png (FID against the data over RMSE).
 solver: the learned solver (learn=solver) against LD3 on the same pairs, for every teacher x NFE x seed: LD3 with
 its defaults (DPM-Solver++(3M)), then the learned solver started from LD3's schedule (grid, offsets and 3M's table;
 `solver_args`), both scored on the 2000 held-out pairs (paired RMSE, FID against the teacher's samples and the
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -52,7 +59,7 @@ from learnsteps.files import save_figure, write_csv  # noqa: E402
 
 @dataclass
 class Config:
-    part: str = "all"  # all (paired and memory) | paired | memory | robustness
+    part: str = "all"  # all (paired and memory) | paired | memory | robustness | solver | data | frontier
     teachers: list[str] = field(default_factory=lambda: ["gmm_digits", "digits_unet"])
     solvers: list[SolverChoice] = field(default_factory=lambda: [
         SolverChoice("dpm_solver++", 3), SolverChoice("unipc", 3, {"variant": "bh1"}), SolverChoice("ipndm", 4)])
@@ -80,6 +87,12 @@ class Config:
     data_nfe: list[int] = field(default_factory=lambda: [4, 6])
     data_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     data_learned_solver: bool = True  # also the learned solver, warm-started from each LD3 schedule
+    # part=frontier: grids (1, a, b, t_min, 0) for a in frontier_a, b in frontier_b (b < a), t_min in frontier_t_min
+    frontier_solver: SolverChoice = field(default_factory=lambda: SolverChoice("dpm_solver++", 2))
+    frontier_a: list[float] = field(default_factory=lambda: [0.98, 0.9, 0.8, 0.7, 0.6])
+    frontier_b: list[float] = field(default_factory=lambda: [0.6, 0.45, 0.3, 0.2])
+    frontier_t_min: list[float] = field(default_factory=lambda: [0.001, 0.015, 0.03, 0.06])
+    frontier_schedules: list[str] = field(default_factory=list)
     workers: int = 2  # runs at a time (paired, robustness and solver)
     threads: int = 1  # torch threads per run (OMP_NUM_THREADS)
 
@@ -346,12 +359,14 @@ def heldout_pairs(cfg: Config, guidance: float, root: Path):
     """The teacher at `guidance` and its held-out pairs (made once, shared by every run of that guidance)."""
     from learnsteps.core.denoiser import dtype_of
     from learnsteps.ld3 import LD3Config
+    from learnsteps.ld3.config import resolve_auto
     from learnsteps.ld3.run import pairs_dataset, pairs_spec
     from learnsteps.teachers import load_teacher
     from learnsteps.trajectories import TrajectoryDataset, generate
 
     ld3 = load_config(LD3Config, [ROOT / "configs" / "ld3.yaml"], [f"teacher={cfg.data_teacher}", f"guidance={guidance}"])
     teacher = load_teacher(ld3.teacher, guidance=guidance)
+    resolve_auto(ld3, teacher)  # pairs.steps and the rest of the `auto` settings, as train.py's runs resolve them
     spec = pairs_spec(ld3, teacher, cfg.bench_test, HELDOUT_SEED)
     generate(teacher, root / "heldout", spec, teacher_name=ld3.teacher, progress=True)
     return teacher, pairs_dataset(TrajectoryDataset(root / "heldout", dtype=dtype_of(teacher)).tensors)
@@ -407,6 +422,87 @@ def against_data(cfg: Config, out: Path) -> str:
     return text
 
 
+def frontier(cfg: Config, out: Path) -> str:
+    import torch
+
+    from learnsteps.core.sample import solve_in_batches
+    from learnsteps.ld3 import LD3Config
+    from learnsteps.ld3.config import baseline_grid, resolve_auto
+    from learnsteps.quality.losses import log_scale
+    from learnsteps.quality.metrics import Features, fid_features, pixels, precision_recall, reference_features
+    from learnsteps.schedule import load_schedule
+
+    g, case = cfg.data_guidances[0], cfg.frontier_solver
+    teacher, held = heldout_pairs(cfg, g, out / "data" / f"guidance{g}")
+    _, x_T, target, cond = held.tensors
+    features = Features("digits")
+    f_data = reference_features("digits", features)
+    with torch.no_grad():
+        f_teacher = features(pixels(teacher, target).float())
+    ld3 = load_config(LD3Config, [ROOT / "configs" / "ld3.yaml"],
+                      [f"teacher={cfg.data_teacher}", f"guidance={g}", f"solver={case.solver}", f"order={case.order}",
+                       "nfe=4"])
+    resolve_auto(ld3, teacher)
+    hand = ("time_uniform", "logsnr", "edm", "gits")
+    grids = {name: ("hand", dict(grid=baseline_grid(ld3, teacher, name, 4))) for name in hand}
+    for path in cfg.frontier_schedules:
+        schedule = load_schedule(path)
+        p = schedule.provenance
+        name = f"{'learned solver' if p.get('learn') == 'solver' else p.get('method', '?')}, {p.get('loss', '?')}"
+        grids[f"{name}, t_min {schedule.times[-2]:g} ({path})"] = ("schedule", schedule.solve_kwargs)
+    for c in cfg.frontier_t_min:
+        for a in cfg.frontier_a:
+            for b in (b for b in cfg.frontier_b if b < a):
+                grids[f"{a},{b},{c}"] = ("lattice", dict(grid=torch.tensor([1.0, a, b, c, 0.0], dtype=torch.float64)))
+    rows = []
+    for name, (kind, kw) in grids.items():
+        x = solve_in_batches(teacher, x_T, 256, cond, **dict(dict(solver=case.solver, order=case.order,
+                                                                  **case.options), **kw))
+        with torch.no_grad():
+            f = features(pixels(teacher, x).float())
+        scale = math.exp(float(log_scale(f.double(), f_teacher.double())))  # > 1: spread out, < 1: contracted
+        rmse = float((x - target).pow(2).mean().sqrt())
+        rows.append(dict(grid=name, kind=kind, t_min=float(kw["grid"][-2]), rmse=rmse,
+                         fid_teacher=fid_features(f, f_teacher), fid_data=fid_features(f, f_data),
+                         recall=precision_recall(f, f_data)["recall"], feature_scale=scale))
+        print(rows[-1], flush=True)
+    teacher_fid = fid_features(f_teacher, f_data)
+    write_csv(out / "frontier.csv", rows)
+    plot_frontier(rows, teacher_fid, out / "frontier.png", f"{cfg.data_teacher} guidance {g}, {case.solver}-"
+                  f"{case.order}, NFE 4, {len(target)} held-out pairs")
+    best = min((r for r in rows if r["kind"] == "lattice"), key=lambda r: r["fid_data"])
+    best_hand = min((r for r in rows if r["kind"] == "hand"), key=lambda r: r["fid_data"])
+    return (f"teacher FID (data) {teacher_fid:.2f}; best hand grid {best_hand['grid']} {best_hand['fid_data']:.2f}; "
+            f"best lattice grid {best['grid']} {best['fid_data']:.2f} (RMSE {best['rmse']:.4f}); frontier.png")
+
+
+def plot_frontier(rows: list[dict], teacher_fid: float, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    lattice = [r for r in rows if r["kind"] == "lattice"]
+    ends = sorted({r["t_min"] for r in lattice})
+    for i, end in enumerate(ends):
+        rs = [r for r in lattice if r["t_min"] == end]
+        ax.scatter([r["rmse"] for r in rs], [r["fid_data"] for r in rs], s=18, alpha=0.7,
+                   color=plt.cm.viridis(i / max(1, len(ends) - 1)), label=f"grids ending at t = {end:g}")
+    for r in rows:
+        if r["kind"] != "lattice":
+            star = r["kind"] == "schedule"
+            ax.scatter([r["rmse"]], [r["fid_data"]], marker="*" if star else "s", s=120 if star else 40,
+                       color="crimson" if star else "k", zorder=3)
+            label = r["grid"].split(" (")[0]
+            ax.annotate(label, (r["rmse"], r["fid_data"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.axhline(teacher_fid, color="k", ls="--", lw=1, label="the teacher's own samples")
+    ax.set(xlabel="paired RMSE to the teacher", ylabel="FID against the data (digits features)", yscale="log",
+           title=title, ylim=(0.8 * teacher_fid, 8 * teacher_fid))  # the grids that matter, not the far outliers
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
 def data_table(cfg: Config, rows: list[dict]) -> str:
     """Per guidance x solver x NFE x method: medians (and ranges) over the seeds, beside the teacher's own FID and
     the best hand grid's, and whether issue #33's targets hold: (a) FID (data) <= the best hand grid's and <= 1.1x the
@@ -450,6 +546,8 @@ def main(argv):
         print(learned_solver(cfg, out))
     if cfg.part == "data":
         print(against_data(cfg, out))
+    if cfg.part == "frontier":
+        print(frontier(cfg, out))
     (out / "config.json").write_text(json.dumps(dict(argv=argv), indent=2))
 
 

@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -147,6 +148,30 @@ def test_ld3_end_to_end_on_an_exact_teacher(tmp_path):
     assert learned == pytest.approx(val, rel=1e-6) and learned <= initial
 
 
+def test_a_grid_that_stops_at_its_own_t_min_starts_from_hand_grids_that_stop_there(tmp_path):
+    """t_min: the learned grid's last time before the step to zero (LD3 keeps both ends, so it stops exactly
+    there); it starts from the hand grids re-made to stop there, and never exports worse than the best of them."""
+    from learnsteps.ld3.config import baseline_grid, learned_ends
+
+    cfg = tiny(tmp_path, t_min=0.05)
+    schedule = load_schedule(train_ld3(cfg) / "schedule.json", solver="unipc", order=2, nfe=4)
+    assert schedule.times[-2] == 0.05 and schedule.times[-1] == 0.0 and schedule.times[0] == 1.0
+    teacher = toy_mixture()
+    assert learned_ends(cfg, teacher.noise_schedule).t_min == 0.05 and teacher.noise_schedule.t_min == 1e-3
+    assert float(baseline_grid(cfg, teacher, "edm", 4, learned_end=True)[-2]) == pytest.approx(0.05, rel=1e-12)
+    assert float(baseline_grid(cfg, teacher, "edm", 4)[-2]) == pytest.approx(1e-3, rel=1e-12)  # users' grid
+    from learnsteps.trajectories import TrajectoryDataset
+    ds = TrajectoryDataset(tmp_path / "pairs" / "train", dtype=F64)
+    x_T, target = ds.tensors["x_T"][8:], ds.tensors["trajectory"][8:, -1]
+
+    def val(grid, eval_grid=None):
+        out = ls.sample(teacher, x_T, grid, "unipc", 2, eval_grid=eval_grid)
+        return float((out - target).pow(2).flatten(1).mean(1).mean())
+
+    starts = [val(baseline_grid(cfg, teacher, k, 4, learned_end=True)) for k in ("time_uniform", "logsnr", "edm")]
+    assert val(schedule.grid, schedule.eval_grid) <= min(starts) * (1 + 1e-9)
+
+
 def test_soft_forcing_stays_inside_the_ball(tmp_path):
     from learnsteps.ld3.module import LD3
     from torch.utils.data import DataLoader, TensorDataset
@@ -196,6 +221,8 @@ def test_feature_loss_is_the_squared_distance_of_the_digits_features_and_has_gra
     (["learn=solver", "solver=heun", "order=2", "nfe=5"], "learn=solver needs a multistep solver"),
     (["learn=solver", "init_schedule=/no/such.json"], "init_schedule='/no/such.json': does not exist"),
     (["learn=everything"], "learn='everything': must be one of 'grid', 'solver'"),
+    (["t_min=2"], "t_min = 2.0 must lie between the schedule's t_zero"),
+    (["loss=l2+2*nope"], "each with an optional positive factor"),
     (["teacher=digits_latent_flow", "guidance=1.15", "solver=ipndm", "order=2"],
      "ipndm cannot start at t = 1.0, where this teacher's sampling starts"),
 ])
@@ -231,17 +258,48 @@ def test_restarts_run_from_the_best_baselines_and_export_the_best_on_validation(
     assert learned <= min(scores.values())
 
 
-def test_a_sum_of_losses_weights_each_term_to_one_on_its_calibration_set():
-    from learnsteps.quality.losses import distance
+def test_a_sum_of_losses_weights_each_term_to_its_factor_on_its_calibration_set():
+    """Each term's weight is its factor over its mean across the candidates, each candidate scored on its own (a
+    batch term must not find another candidate's copy of a sample as its neighbour); a term without units
+    (contraction) keeps its factor as it is."""
+    from learnsteps.quality.losses import check_loss_name, distance
 
     x, y = noise((16, 1, 8, 8)).float().clamp(-1, 1), noise((16, 1, 8, 8), seed=1).float().clamp(-1, 1)
-    both = distance("l2+features", (1, 8, 8))
-    both.calibrate(x, y)
-    for name, d in both.parts.items():
-        assert float((both.weights[name] * d(x, y)).mean()) == pytest.approx(1.0, rel=1e-5)
-    assert float(both(x, y).mean()) == pytest.approx(2.0, rel=1e-5)
+    x2 = (0.5 * x).clamp(-1, 1)
+    both = distance("l2+3*features+40*contraction", (1, 8, 8))
+    both.calibrate([x, x2], y)
+    for name, factor in (("l2", 1.0), ("features", 3.0)):
+        d = both.parts[name]
+        mean = (float(d(x, y).mean()) + float(d(x2, y).mean())) / 2
+        assert both.weights[name] * mean == pytest.approx(factor, rel=1e-5)
+    assert both.weights["contraction"] == 40.0
     with pytest.raises(ValueError, match="several joined by"):
         distance("l2+l2")
+    for bad in ("3*l2", "l2+0*features", "l2+x*features", "l2+-1*features", "l2+nan*features", "l2+2*nope"):
+        assert check_loss_name(bad) is not None, bad
+    assert check_loss_name("l2+0.5*features+100*feature_contraction") is None
+
+
+def test_the_contraction_term_is_the_squared_log_scale_of_the_batch():
+    """(log s)^2 for the teacher's batch scaled by s about any point and moved anywhere (float64, closed form),
+    whatever each sample's pairing; its gradient expands a contracted batch; on a latent teacher it is computed on
+    the decoded images and stays unweighted by calibration."""
+    from learnsteps.quality.losses import distance
+
+    contraction = distance("contraction")
+    y = noise((12, 4, 3, 3))
+    for s in (0.5, 0.9, 1.0, 1.3):
+        x = 0.2 + s * (y - 0.2) - 1.1
+        assert float(contraction(x, y).max()) == pytest.approx(math.log(s) ** 2, abs=1e-12)
+        assert float(contraction(x.flip(0), y.flip(0)).max()) == pytest.approx(math.log(s) ** 2, abs=1e-12)
+    x = (0.5 * y).requires_grad_()
+    contraction(x, y).mean().backward()
+    assert float((x.grad * y).sum()) < 0  # descending the gradient expands x
+    assert contraction(y[:1], y[:1]).tolist() == [0.0]  # a batch of one has no neighbours
+    decode = lambda z: z.repeat_interleave(2, -1)  # noqa: E731  a stand-in VAE: (4, 3, 3) -> (4, 3, 6)
+    on_images = distance("contraction", decode=decode, image_shape=(4, 3, 6))
+    assert getattr(on_images, "scale_free", False)
+    assert float(on_images(0.8 * y, y).max()) == pytest.approx(math.log(0.8) ** 2, abs=1e-12)
 
 
 def test_the_spread_term_measures_how_much_the_batch_contracts():
@@ -268,6 +326,8 @@ def test_precision_and_recall_see_a_collapse_in_diversity():
     assert precision_recall(real, real) == {"precision": 1.0, "recall": 1.0}
     collapsed = precision_recall(0.3 * noise((400, 8), seed=4).float(), real)
     assert collapsed["precision"] > 0.9 and collapsed["recall"] < 0.5
+    few = precision_recall(real[:3], real)  # a report on a handful of pairs: no 3rd neighbour, NaN (not a crash)
+    assert math.isnan(few["precision"]) and math.isnan(few["recall"])
 
 
 def test_auto_loss_and_remat_resolve_per_teacher():

@@ -86,7 +86,8 @@ class Grid:
                            instead: str = "euler, dpm_solver++ or unipc (data form)") -> None:
         """ValueError (one line) for a solver that cannot start where alpha = 0, if this grid does."""
         if self.from_noise:
-            raise ValueError(f"{solver} {why}, and this grid starts at t = {float(self.t[0])} (alpha = 0, pure "
+            start = float(self.t[0].detach())
+            raise ValueError(f"{solver} {why}, and this grid starts at t = {start} (alpha = 0, pure "
                              f"noise): use {instead}, or start the grid at the schedule's t_cap = "
                              f"{self.schedule.t_cap:.6g} (grids.make(..., t_max=schedule.t_cap))")
 

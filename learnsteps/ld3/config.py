@@ -2,6 +2,7 @@
 for a teacher, and the hand grids LD3 starts from and is compared with."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -11,6 +12,7 @@ from ..config import (TeacherOptions, at_least, between, each, existing_dir, exi
                       positive)
 from ..core.denoiser import device_of, dtype_of
 from ..core.grids import make as make_grid
+from ..core.schedules import NoiseSchedule
 from ..quality.losses import check_loss_name
 from ..teachers.model_index import HUGE_TEACHER, LARGE_TEACHER
 from ..trajectories import sample_noise
@@ -57,8 +59,10 @@ class LD3Config(RunConfig, TeacherOptions):
     # (the baseline with the lowest validation loss; LD3 then starts from, and never exports worse than, it)
     decoupled: bool = True  # learn LD3's model-evaluation offsets xi in phase 2
     window: float = 0.5  # xi clip: this fraction of the smallest grid gap
+    t_min: float = 0.0  # the learned grid's last time before its step to zero; 0: the schedule's own (docs/ld3.md)
     pairs: PairsConfig = field(default_factory=PairsConfig)
-    loss: str = "auto"  # auto | l2 | l1 | pseudo_huber | lpips | features | spread, or a sum: l2+features
+    loss: str = "auto"  # auto | l2 | l1 | pseudo_huber | lpips | features | spread | contraction |
+    # feature_contraction, or a sum with optional factors: l2+features, l2+300*feature_contraction
     feature_net: str = ""  # loss=features: a digits feature network directory (default: the shipped loss network)
     soft_forcing: bool = True
     gamma: float = 0.001  # ball radius r = gamma * d / NFE^2
@@ -84,7 +88,7 @@ class LD3Config(RunConfig, TeacherOptions):
     init_schedule: str = ""  # start from this schedule file's grid and model times (an LD3 run's schedule.json)
     RULES: ClassVar = dict(
         RunConfig.RULES, **TeacherOptions.RULES, order=at_least(1), nfe=between(1, 100), time_mode=one_of("lambda", "time"),
-        init=one_of("uniform", "best", *BASELINES), window=between(0, 0.5),
+        init=one_of("uniform", "best", *BASELINES), window=between(0, 0.5), t_min=at_least(0),
         loss=lambda v: None if v == "auto" else check_loss_name(v), remat=one_of("auto", "True", "False", "true", "false"),
         feature_net=existing_dir, gamma=at_least(0), shift_lr=at_least(0), batch_size=or_auto(at_least(1)),
         rounds_theta=at_least(0), rounds_joint=at_least(0), restarts=between(1, 10), lr_theta=positive,
@@ -143,9 +147,24 @@ def resolve_auto(cfg: LD3Config, teacher) -> None:
               f"override)", flush=True)
 
 
-def baseline_grid(cfg: LD3Config, teacher, kind: str, steps: int) -> torch.Tensor:
-    """A hand grid of `kind`; GITS' is found on the teacher's trajectories from 64 noises of their own seed."""
-    s = teacher.noise_schedule
+def learned_ends(cfg: LD3Config, schedule: NoiseSchedule) -> NoiseSchedule:
+    """The schedule whose ends the learned grid spans: the teacher's, with its last time t_min = cfg.t_min where set
+    (the grid then stops there and steps to zero from it, as diffusers' flow pipelines stop at 1 / steps)."""
+    if not cfg.t_min:
+        return schedule
+    if not schedule.t_zero < cfg.t_min < getattr(schedule, "t_cap", schedule.t_max):
+        raise ValueError(f"t_min = {cfg.t_min} must lie between the schedule's t_zero = {schedule.t_zero} and its "
+                         f"noisiest time of finite log-SNR, {getattr(schedule, 't_cap', schedule.t_max)}")
+    ends = copy.copy(schedule)
+    ends.t_min = float(cfg.t_min)
+    return ends
+
+
+def baseline_grid(cfg: LD3Config, teacher, kind: str, steps: int, learned_end: bool = False) -> torch.Tensor:
+    """A hand grid of `kind` (to the learned grid's t_min with learned_end, as a start for it; else to the
+    schedule's own, the grid users have); GITS' is found on the teacher's trajectories from 64 noises of their
+    own seed."""
+    s = learned_ends(cfg, teacher.noise_schedule) if learned_end else teacher.noise_schedule
     if kind != "gits":
         return make_grid(kind, steps, s, to_zero=cfg.to_zero)
     x_T = sample_noise(range(64), tuple(teacher.shape), cfg.seed + 7919, s.init_noise_std())

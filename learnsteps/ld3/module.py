@@ -23,7 +23,7 @@ import torch
 from ..core.sample import check_order, solve, steps_for_nfe
 from ..core.steps import Grid
 from ..quality.losses import distance, pixel_space
-from .config import LD3Config, resolve_auto
+from .config import LD3Config, learned_ends, resolve_auto
 from .grid import LD3Grid
 from .solver import LearnedTable, base_form
 
@@ -45,7 +45,8 @@ class LD3(L.LightningModule):
         self.__dict__["teacher"] = teacher  # frozen and not ours: kept out of the state dict and the optimisers
         self.steps = steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero)
         check_order(cfg.solver, cfg.order, self.steps)
-        self.grid = LD3Grid(teacher.noise_schedule, self.steps, cfg.time_mode, cfg.to_zero, cfg.window)
+        self.grid = LD3Grid(learned_ends(cfg, teacher.noise_schedule), self.steps, cfg.time_mode, cfg.to_zero,
+                           cfg.window)
         self.table = None
         if cfg.learn == "solver":
             form, width = base_form(cfg.solver, cfg.order, cfg.options, Grid(teacher.noise_schedule, *self.grid(False)))

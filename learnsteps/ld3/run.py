@@ -18,7 +18,7 @@ from ..schedule import Schedule, ScheduleError, load_schedule, save_schedule
 from ..teachers import load_teacher
 from ..trajectories import TrajectoryDataset, TrajectorySpec, check_directory, generate
 from ..training.common import fit, make_logger, make_trainer, prepare_run, run_path, teacher_device
-from .config import LD3Config, baseline_grid, resolve_auto
+from .config import LD3Config, baseline_grid, learned_ends, resolve_auto
 from .grid import LD3Grid
 from .module import LD3, NO_CONDITION, condition
 from .report import evaluate_grids, log_outputs, plot_grids, results_table
@@ -52,7 +52,7 @@ def check_ld3(cfg: LD3Config):
         raise ValueError(f"{named} cannot start at t = {s.t_max}, where this teacher's sampling starts (alpha = 0, "
                          f"pure noise: its pipelines start there too); learn the schedule for a data-form solver: "
                          f"dpm_solver++, unipc (bh2) or euler")
-    grid = LD3Grid(teacher.noise_schedule, steps, cfg.time_mode, cfg.to_zero, cfg.window)  # a point to learn
+    grid = LD3Grid(learned_ends(cfg, s), steps, cfg.time_mode, cfg.to_zero, cfg.window)  # a point to learn
     if cfg.learn == "solver":
         base_form(cfg.solver, cfg.order, cfg.options, Grid(teacher.noise_schedule, *grid(False)))
     if cfg.init_schedule:
@@ -122,7 +122,7 @@ def initial_grids(cfg: LD3Config, teacher, module: LD3, val_set) -> list[torch.T
     else:
         kinds = applicable(cfg.baselines, teacher.noise_schedule) if cfg.init == "best" else [] \
             if cfg.init == "uniform" else [cfg.init]
-        grids = {kind: baseline_grid(cfg, teacher, kind, module.steps) for kind in kinds}
+        grids = {kind: baseline_grid(cfg, teacher, kind, module.steps, learned_end=True) for kind in kinds}
     if cfg.init == "uniform" and not cfg.init_schedule:
         grids["uniform"] = module.grid(False)[0].detach()
     device = device_of(teacher)
@@ -133,7 +133,7 @@ def initial_grids(cfg: LD3Config, teacher, module: LD3, val_set) -> list[torch.T
         outs[kind] = solve_in_batches(teacher, x_T, cfg.pairs.batch_size, condition(cond), grid=t, solver=cfg.solver,
                                       order=cfg.order, eval_grid=t_eval, **cfg.options)
     if hasattr(module.dist, "calibrate"):  # a sum of losses: each term normalised over all candidates' outputs
-        module.dist.calibrate(torch.cat(list(outs.values())), target.repeat(len(outs), *[1] * (target.dim() - 1)))
+        module.dist.calibrate(list(outs.values()), target)
     if cfg.init == "uniform" and not cfg.init_schedule:
         return []
     scores = {kind: float(module.dist(out, target).mean()) for kind, out in outs.items()}
@@ -156,8 +156,8 @@ def init_schedule(cfg: LD3Config, teacher) -> Schedule:
     if made_for and made_for != teacher.fingerprint():
         raise ValueError(f"init_schedule {cfg.init_schedule}: learned for another teacher "
                          f"({s.teacher.get('name') or 'fingerprint ' + str(made_for)[:12]}), not {cfg.teacher}")
-    grid = LD3Grid(teacher.noise_schedule, steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero), cfg.time_mode,
-                   cfg.to_zero, cfg.window)
+    grid = LD3Grid(learned_ends(cfg, teacher.noise_schedule), steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero),
+                   cfg.time_mode, cfg.to_zero, cfg.window)
     if s.to_zero != cfg.to_zero or s.times[0] != grid.t_max or s.times[-1 - cfg.to_zero] != grid.t_min:
         raise ValueError(f"init_schedule {cfg.init_schedule}: its grid runs from {s.times[0]} to {s.times[-1]}, the "
                          f"learned one from {grid.t_max} to {grid.t_min}{' and then to sigma = 0' if cfg.to_zero else ''}")

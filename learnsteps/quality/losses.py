@@ -6,8 +6,8 @@ import math
 import torch
 from torch import Tensor
 
-LOSSES = ("l2", "l1", "pseudo_huber", "lpips", "features", "spread")
-PIXEL_LOSSES = ("lpips", "features")  # on a latent teacher, computed on the VAE's images
+LOSSES = ("l2", "l1", "pseudo_huber", "lpips", "features", "spread", "contraction", "feature_contraction")
+PIXEL_LOSSES = ("lpips", "features", "contraction", "feature_contraction")  # on a latent teacher: on its images
 
 
 def pixel_space(teacher, loss: str = "lpips") -> dict:
@@ -15,7 +15,7 @@ def pixel_space(teacher, loss: str = "lpips") -> dict:
     the teacher's images: the decoder and the image shape ((C, F, H, W) for video); {} for a teacher that samples
     images directly, or a loss that stays in latent space (the VAE is then never run)."""
     decode = getattr(teacher, "decode", None)
-    if decode is None or not set(str(loss).split("+")) & set(PIXEL_LOSSES):
+    if decode is None or not {split_term(t)[1] for t in str(loss).split("+")} & set(PIXEL_LOSSES):
         return {}
     with torch.no_grad():
         image = decode(torch.zeros(1, *teacher.shape))
@@ -23,25 +23,46 @@ def pixel_space(teacher, loss: str = "lpips") -> dict:
 
 
 def check_loss_name(name) -> str | None:
-    """A config rule: one of LOSSES, or several joined by "+" (e.g. "l2+features")."""
-    parts = name.split("+") if isinstance(name, str) else [None]
-    ok = all(p in LOSSES for p in parts) and len(set(parts)) == len(parts)
-    return None if ok else f"must be one of {', '.join(LOSSES)}, or several joined by '+' (e.g. 'l2+features')"
+    """A config rule: one of LOSSES, or several joined by "+", each with an optional positive factor
+    (e.g. "l2+features", "l2+10*contraction")."""
+    terms = [split_term(p) for p in name.split("+")] if isinstance(name, str) else [(1.0, None)]
+    names = [n for _, n in terms]
+    ok = (all(n in LOSSES and f > 0 and math.isfinite(f) for f, n in terms) and len(set(names)) == len(names)
+          and (len(terms) > 1 or terms[0][0] == 1.0))
+    return None if ok else (f"must be one of {', '.join(LOSSES)}, or several joined by '+', each with an optional "
+                            f"positive factor (e.g. 'l2+features', 'l2+10*contraction')")
 
 
 class Sum:
-    """Several distances added, each weighted by 1 / its mean on a calibration set (`calibrate`, e.g. the initial
-    grid's validation outputs), so that every term starts at 1 whatever its units (features are ~20x l2 here)."""
+    """Several distances added, each weighted by its factor (`3*features`: 3; default 1) over its mean on a
+    calibration set (`calibrate`, e.g. the candidate grids' validation outputs), so that every term starts at its
+    factor whatever its units (features are ~20x l2 here). A term without units (`contraction`, a squared
+    log-ratio that a good start may already have near zero) is weighted by its factor alone."""
 
-    def __init__(self, parts: dict):
-        self.parts, self.weights = parts, {k: 1.0 for k in parts}
+    def __init__(self, parts: dict, factors: dict | None = None):
+        self.parts = parts
+        self.factors = factors or {k: 1.0 for k in parts}
+        self.weights = dict(self.factors)
 
     @torch.no_grad()
-    def calibrate(self, x: Tensor, y: Tensor) -> None:
-        self.weights = {k: 1.0 / max(float(d(x, y).mean()), 1e-12) for k, d in self.parts.items()}
+    def calibrate(self, outputs: list[Tensor], y: Tensor) -> None:
+        """outputs: each candidate's samples of the same targets y, scored apart (a batch term such as
+        `contraction` compares a sample with its neighbours among y, which must not be another candidate's)."""
+        self.weights = {k: self.factors[k] if getattr(d, "scale_free", False) else
+                        self.factors[k] / max(sum(float(d(x, y).mean()) for x in outputs) / len(outputs), 1e-12)
+                        for k, d in self.parts.items()}
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
         return sum(self.weights[k] * d(x, y) for k, d in self.parts.items())
+
+
+def split_term(term: str) -> tuple[float, str]:
+    """"3*contraction" -> (3.0, "contraction"); "l2" -> (1.0, "l2")."""
+    factor, _, name = term.rpartition("*")
+    try:
+        return (float(factor) if factor else 1.0), name
+    except ValueError:
+        return math.nan, term
 
 
 def distance(name: str, shape: tuple[int, ...] | None = None, feature_net: str = "", decode=None,
@@ -51,19 +72,25 @@ def distance(name: str, shape: tuple[int, ...] | None = None, feature_net: str =
     Dhariwal 2023); lpips: LPIPS-VGG (needs the lpips package and its weights on disk); features: mean squared
     distance in a digits classifier's feature space (`feature_net`, a directory written by `train.py
     mode=features`; default the shipped loss network, trained apart from FID's; 1x8x8 images), a perceptual loss
-    that needs no download; "a+b": the Sum of both, each normalised by calibration. With `decode` (a latent
-    teacher's VAE, see `pixel_space`) lpips and features compare the decoded images (of `image_shape`); the
-    others stay in latent space, where no decoding is paid."""
+    that needs no download; contraction: the batch's squared mean log-ratio of neighbour distances, student over
+    teacher (`contraction`); feature_contraction: the same in the digits features; "a+b": the Sum of both, each
+    normalised by calibration (`10*a`: weighted 10). With `decode` (a latent teacher's VAE, see `pixel_space`)
+    the PIXEL_LOSSES compare the decoded images (of `image_shape`); the others stay in latent space, where no
+    decoding is paid."""
     if "+" in name:
         if (problem := check_loss_name(name)) is not None:
             raise ValueError(f"unknown loss {name!r}: {problem}")
-        return Sum({part: distance(part, shape, feature_net, decode, image_shape) for part in name.split("+")})
+        terms = {n: f for f, n in map(split_term, name.split("+"))}
+        return Sum({n: distance(n, shape, feature_net, decode, image_shape) for n in terms}, terms)
     if name in PIXEL_LOSSES and decode is not None:
         if image_shape is not None and len(image_shape) == 4:  # video: the loss of each frame, averaged per clip
             on_frames = distance(name, (image_shape[0], *image_shape[2:]), feature_net)
-            return lambda x, y: per_frame(on_frames, decode(x), decode(y)).to(x.dtype)
-        on_images = distance(name, image_shape, feature_net)
-        return lambda x, y: on_images(decode(x), decode(y)).to(x.dtype)
+            on_images = lambda x, y: per_frame(on_frames, x, y)  # noqa: E731
+            on_images.scale_free = getattr(on_frames, "scale_free", False)
+        else:
+            on_images = distance(name, image_shape, feature_net)
+        decoded = lambda x, y: on_images(decode(x), decode(y)).to(x.dtype)  # noqa: E731
+        return scale_free(decoded) if getattr(on_images, "scale_free", False) else decoded
     if name == "l2":
         return lambda x, y: (x - y).pow(2).flatten(1).mean(1)
     if name == "l1":
@@ -79,7 +106,18 @@ def distance(name: str, shape: tuple[int, ...] | None = None, feature_net: str =
         return _features(shape, feature_net)
     if name == "spread":
         return spread
+    if name == "contraction":
+        return scale_free(lambda x, y: contraction(x, y))
+    if name == "feature_contraction":
+        net = _feature_net(shape, feature_net)
+        return scale_free(lambda x, y: contraction(net(x.float()), net(y.float())).to(x.dtype))
     raise ValueError(f"unknown loss {name!r}: expected one of {LOSSES}")
+
+
+def scale_free(dist):
+    """Mark a distance that has no units (a log-ratio): a Sum weighs it by its factor alone, not calibrated."""
+    dist.scale_free = True
+    return dist
 
 
 def per_frame(dist, x: Tensor, y: Tensor) -> Tensor:
@@ -110,24 +148,30 @@ def _lpips():
     return dist
 
 
-def _features(shape: tuple[int, ...] | None, directory: str):
+def _feature_net(shape: tuple[int, ...] | None, directory: str):
+    """The digits feature network of loss=features (1x8x8 images -> 128-d features), checking the images' shape."""
     from .features import LOSS_ASSET, load_feature_net
 
     def check(shape):
         if tuple(shape) != (1, 8, 8):
-            raise ValueError(f"loss=features uses the digits feature network, which reads 1x8x8 images, not "
-                             f"{tuple(shape)}: choose loss=l2, l1, pseudo_huber or lpips")
+            raise ValueError(f"loss=features and feature_contraction use the digits feature network, which reads "
+                             f"1x8x8 images, not {tuple(shape)}: choose loss=l2, l1, pseudo_huber or lpips (and "
+                             f"contraction, on the images)")
 
     if shape is not None:
         check(shape)
     net = load_feature_net(directory or LOSS_ASSET)
 
-    def dist(x: Tensor, y: Tensor) -> Tensor:
+    def features(x: Tensor) -> Tensor:
         check(x.shape[1:])
-        net.to(x.device)
-        return (net(x.float())[0] - net(y.float())[0]).pow(2).mean(1).to(x.dtype)
+        return net.to(x.device)(x)[0]
 
-    return dist
+    return features
+
+
+def _features(shape: tuple[int, ...] | None, directory: str):
+    net = _feature_net(shape, directory)
+    return lambda x, y: (net(x.float()) - net(y.float())).pow(2).mean(1).to(x.dtype)
 
 
 def spread(x: Tensor, y: Tensor) -> Tensor:
@@ -141,3 +185,25 @@ def spread(x: Tensor, y: Tensor) -> Tensor:
     dx, dy = torch.cdist(xf, xf), torch.cdist(yf, yf)
     return ((dx - dy).pow(2).mean(1) / dy.pow(2).mean().clamp_min(1e-12)).to(x.dtype)
 
+
+
+def log_scale(x: Tensor, y: Tensor, k: int = 3) -> Tensor:
+    """How much larger the student's batch is than the teacher's, near each sample: the mean over samples i and
+    their k nearest neighbours j in the teacher's batch of log(|x_i - x_j| / |y_i - y_j|); log s for the teacher's
+    batch scaled by s about any point; 0 for a batch of one."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    xf, yf = x.flatten(1).to(dtype), y.flatten(1).to(dtype)
+    k = min(k, len(y) - 1)
+    if k < 1:
+        return xf.new_zeros(())
+    dy = torch.cdist(yf, yf).fill_diagonal_(torch.inf)
+    near = dy.topk(k, dim=1, largest=False).indices
+    dx = (xf[:, None] - xf[near]).pow(2).sum(-1).clamp_min(1e-30).sqrt()
+    return (dx.log() - dy.gather(1, near).clamp_min(1e-30).log()).mean()
+
+
+def contraction(x: Tensor, y: Tensor) -> Tensor:
+    """The batch's contraction, squared, for every sample: log_scale(x, y)^2 (a few-step sampler pulls the
+    samples of a neighbourhood together where it cannot follow the teacher, which a paired loss rewards and FID
+    against the data punishes). Only the batch's mean scale is asked of the student, not each pair's distance."""
+    return log_scale(x, y).pow(2).expand(len(x)).to(x.dtype)

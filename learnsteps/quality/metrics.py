@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
 
@@ -91,7 +92,10 @@ def fid_kid(f1: Tensor, f2: Tensor, kid_subsets: int = 50, seed: int = 0) -> dic
 def precision_recall(f1: Tensor, f2: Tensor) -> dict[str, float]:
     """Precision (how many generated samples lie on the real manifold: sharpness, fidelity) and recall (how much
     of the real manifold the generated samples cover: diversity) of f1 against f2, k = 3 neighbourhoods
-    (Kynkaanniemi et al. 2019, torch-fidelity's implementation)."""
+    (Kynkaanniemi et al. 2019, torch-fidelity's implementation); NaN for a set of k samples or fewer, where a
+    sample has no k-th neighbour (a run's report on a handful of held-out pairs)."""
+    if min(len(f1), len(f2)) <= 3:
+        return dict(precision=math.nan, recall=math.nan)
     prc = prc_features_to_metric(f1.float(), f2.float(), prc_neighborhood=3, prc_batch_size=10000,
                                  save_cpu_ram=True, verbose=False)
     return dict(precision=prc["precision"], recall=prc["recall"])
