@@ -232,10 +232,11 @@ PATH_PROBE = "import torch; print(torch.backends.cpu.get_cpu_capability().lower(
 
 
 def cpu_paths() -> list[str]:
-    """The kernel paths torch really runs here, the native one first (a path the CPU lacks falls back)."""
+    """The kernel paths torch really runs here, the native one (the best this CPU has) first, then those below it
+    (torch takes a path above it too, and dies of SIGILL in its first kernel; a path it ignores falls back)."""
     native = subprocess.run([sys.executable, "-c", PATH_PROBE], capture_output=True, text=True).stdout.strip()
-    paths = [native]
-    for cap in ("default", "avx2", "avx512"):
+    paths, order = [native], ("default", "avx2", "avx512")
+    for cap in order[:order.index(native)] if native in order else ():
         env = dict(os.environ, ATEN_CPU_CAPABILITY=cap)
         got = subprocess.run([sys.executable, "-c", PATH_PROBE], env=env, capture_output=True, text=True).stdout.strip()
         if got == cap and cap not in paths:
