@@ -186,7 +186,6 @@ def spread(x: Tensor, y: Tensor) -> Tensor:
     return ((dx - dy).pow(2).mean(1) / dy.pow(2).mean().clamp_min(1e-12)).to(x.dtype)
 
 
-
 def log_scale(x: Tensor, y: Tensor, k: int = 3) -> Tensor:
     """How much larger the student's batch is than the teacher's, near each sample: the mean over samples i and
     their k nearest neighbours j in the teacher's batch of log(|x_i - x_j| / |y_i - y_j|); log s for the teacher's
