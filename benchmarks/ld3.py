@@ -5,6 +5,7 @@ the outcome is to the seed and to the CPU's kernel path.
     python benchmarks/ld3.py part=memory                      # peak memory only
     python benchmarks/ld3.py teachers=[gmm_digits] nfe=[4,6]  # a subset
     python benchmarks/ld3.py part=paired "ld3_args=[loss=features]" out_dir=runs/bench_ld3_features
+    python benchmarks/ld3.py part=demo                        # `make demo` over seeds x kernel paths x threads
     python benchmarks/ld3.py part=robustness                  # seeds x CPU kernel paths x NFE (about 30 min)
     python benchmarks/ld3.py part=solver                      # learned solver vs LD3 (about 70 min)
     python benchmarks/ld3.py part=data                        # judged against the data (issue #33)
@@ -16,7 +17,12 @@ paired RMSE to the teacher and, for the 8x8 teachers, FID against the teacher's 
 (digits feature network); paired.md / paired.csv.
 memory: peak resident memory of one forward + backward pass through the sampler (DPM-Solver++(3M), batch 4)
 with a 3x32x32 UNet of 64 channels, with and without per-step rematerialisation, each in a fresh process.
-robustness: `train.py mode=ld3` with its defaults (the demo's run) for every seed x CPU kernel path
+demo: `make demo`'s two runs (the Makefile's DEMO and DEMO_SOLVER arguments: LD3, then the learned solver from its
+schedule) for every seed x CPU kernel path x torch thread count (`demo_threads`), seed s with its own training and
+held-out pairs (pairs.seed = s), shared by the paths and thread counts; each run's own report on its 2000 held-out
+pairs: learned / best hand grid on paired RMSE, FID against the teacher's samples and against the data (median,
+worst, best) against the demo's bars; demo.md / demo.csv.
+robustness: `train.py mode=ld3` with its defaults (the digits UNet demo's run before issue #33) for every seed x CPU kernel path
 (ATEN_CPU_CAPABILITY: default, avx2, avx512 where the CPU has them) x NFE; seed s draws its own teacher pairs
 (pairs.seed = s), shared by the kernel paths. Each learned grid and every baseline grid is scored on the demo's
 200 held-out pairs (paired RMSE, as `make demo` prints it) and on 2000 (FID against the teacher's samples and
@@ -42,6 +48,8 @@ import csv
 import json
 import math
 import os
+import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -55,11 +63,12 @@ sys.path.insert(0, str(ROOT))
 
 from learnsteps.config import SolverChoice, load_config  # noqa: E402
 from learnsteps.files import save_figure, write_csv  # noqa: E402
+from learnsteps.ld3.config import BASELINES  # noqa: E402
 
 
 @dataclass
 class Config:
-    part: str = "all"  # all (paired and memory) | paired | memory | robustness | solver | data | frontier
+    part: str = "all"  # all (paired and memory) | paired | memory | demo | robustness | solver | data | frontier
     teachers: list[str] = field(default_factory=lambda: ["gmm_digits", "digits_unet"])
     solvers: list[SolverChoice] = field(default_factory=lambda: [
         SolverChoice("dpm_solver++", 3), SolverChoice("unipc", 3, {"variant": "bh1"}), SolverChoice("ipndm", 4)])
@@ -93,6 +102,8 @@ class Config:
     frontier_b: list[float] = field(default_factory=lambda: [0.6, 0.45, 0.3, 0.2])
     frontier_t_min: list[float] = field(default_factory=lambda: [0.001, 0.015, 0.03, 0.06])
     frontier_schedules: list[str] = field(default_factory=list)
+    # part=demo: `make demo`'s runs (the Makefile's own arguments) for every seed x kernel path x thread count
+    demo_threads: list[int] = field(default_factory=lambda: [1, 2])
     workers: int = 2  # runs at a time (paired, robustness and solver)
     threads: int = 1  # torch threads per run (OMP_NUM_THREADS)
 
@@ -141,9 +152,11 @@ def memory(cfg: Config, out: Path) -> str:
     return text
 
 
-def train_ld3(args: list[str], run_dir: Path, pairs_dir: Path, threads: int, cpu_path: str = "") -> dict:
+def train_ld3(args: list[str], run_dir: Path, pairs_dir: Path, threads: int, cpu_path: str = "", report: bool = True,
+              all_rows: bool = False) -> dict:
     """`train.py mode=ld3` in a subprocess (skipped when run_dir already holds a schedule); the learned grid's row of
-    the run's own results table, with the ratios to the best baseline as `<metric>_vs_best`, and the seconds."""
+    the run's own results table, with the ratios to the best baseline as `<metric>_vs_best`, and the seconds (with
+    all_rows: {"rows": the table's rows, "seconds"}; report=False: a run with pairs.test=0, only the seconds)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     if cpu_path:
         env["ATEN_CPU_CAPABILITY"] = cpu_path
@@ -154,12 +167,18 @@ def train_ld3(args: list[str], run_dir: Path, pairs_dir: Path, threads: int, cpu
                              capture_output=True, text=True, cwd=ROOT, env=env)
         if res.returncode != 0:
             raise SystemExit(f"ld3 run failed: {run_dir}\n{res.stderr[-3000:]}")
+    seconds = round(time.perf_counter() - t0, 1)
+    if not report:
+        return dict(seconds=seconds)
     with open(run_dir / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    learned = {k: float(v) for k, v in rows[0].items() if k != "grid"}
-    best = min((r for r in rows[1:] if r["grid"] != "teacher"), key=lambda r: float(r["rmse"]))
-    return dict(learned, best_baseline=best["grid"], best_rmse=float(best["rmse"]),
-                seconds=round(time.perf_counter() - t0, 1))
+    for i, r in enumerate(rows):  # a results.csv from before the report named each row's role
+        r.setdefault("role", "learned" if i == 0 else "teacher" if r["grid"] == "teacher" else "hand")
+    if all_rows:
+        return dict(rows=rows, seconds=seconds)
+    learned = {k: float(v) for k, v in rows[0].items() if k not in ("grid", "role")}
+    best = min((r for r in rows if r["role"] == "hand"), key=lambda r: float(r["rmse"]))
+    return dict(learned, best_baseline=best["grid"], best_rmse=float(best["rmse"]), seconds=seconds)
 
 
 def run_all(jobs: list, run, workers: int, first_of) -> list[dict]:
@@ -258,8 +277,7 @@ def score(run_dir: Path, pairs_dir: Path, n: int) -> dict:
     teacher = load_teacher(cfg.teacher, conditions=cfg.conditions, guidance=cfg.guidance)
     test = pairs_dataset(TrajectoryDataset(pairs_dir / "test", dtype=dtype_of(teacher)).tensors, n)
     s = load_schedule(run_dir / "schedule.json")
-    rows = evaluate_grids(cfg, teacher, s.solve_kwargs, test)
-    learned = rows[0]
+    learned = evaluate_grids(cfg, teacher, s.solve_kwargs, test)[0][0]
     return {k.removesuffix("_vs_best"): v for k, v in learned.items() if k.endswith("_vs_best")}
 
 
@@ -307,6 +325,63 @@ def robustness(cfg: Config, out: Path) -> str:
 
 
 METRICS = ("rmse", "fid_teacher", "fid_data")
+
+
+def demo_args() -> tuple[list[str], list[str]]:
+    """`make demo`'s arguments as the Makefile has them: DEMO + DEMO_LD3 (its LD3 run's), DEMO + DEMO_SOLVER (the
+    learned solver's)."""
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    found = {k: shlex.split(v) for k, v in re.findall(r"^(DEMO\w*) := (.*)$", text, re.M)}
+    return found["DEMO"] + found["DEMO_LD3"], found["DEMO"] + found["DEMO_SOLVER"]
+
+
+def demo(cfg: Config, out: Path) -> str:
+    """`make demo`'s two runs (LD3, then the learned solver from its schedule) for every seed x CPU kernel path x
+    torch thread count; each judged by its own report on its 2000 held-out pairs against the best hand grid."""
+    paths = cfg.cpu_paths or cpu_paths()
+    ld3_args, solver_args = (
+        [a for a in args if not a.startswith(("pairs.directory=", "init_schedule="))] for args in demo_args())
+    root = out / "demo"
+
+    def run(seed: int, path: str, threads: int) -> dict:
+        where = root / f"seed{seed}"
+        cell = where / path / f"threads{threads}"
+        seeds = [f"seed={seed}", f"pairs.seed={seed}"]
+        ld3 = train_ld3([*ld3_args, *seeds], cell / "ld3", where / "pairs", threads, path, report=False)
+        rows = train_ld3([*solver_args, *seeds, f"init_schedule={cell / 'ld3' / 'schedule.json'}"], cell / "solver",
+                         where / "pairs", threads, path, all_rows=True)
+        row = dict(seed=seed, path=path, threads=threads, seconds=ld3["seconds"] + rows["seconds"])
+        by_role = {r["role"]: r for r in rows["rows"]}  # the learned solver, LD3 (its start), the teacher
+        for m in METRICS:
+            row.update({f"hand_{m}": min(float(r[m]) for r in rows["rows"] if r["role"] == "hand"),
+                        f"ld3_{m}": float(by_role["start"][m]), f"solver_{m}": float(by_role["learned"][m])})
+        row["teacher_fid_data"] = float(by_role["teacher"]["fid_data"])
+        print(row, flush=True)
+        return row
+
+    jobs = [(s, p, t) for s in cfg.seeds for p in paths for t in cfg.demo_threads]
+    rows = run_all(jobs, run, cfg.workers, first_of=lambda j: j[0])
+    rows.sort(key=lambda r: (r["seed"], paths.index(r["path"]), r["threads"]))
+    write_csv(root / "demo.csv", rows)
+    n = len(rows)
+    lines = [f"`make demo` ({' '.join(ld3_args)}; then {' '.join(solver_args)}) over seeds {cfg.seeds} x kernel paths "
+             f"{paths} x threads {cfg.demo_threads}: {n} runs, each judged on its own 2000 held-out pairs", "",
+             "| method | measure | / best hand grid: median | worst | best | the demo's bar (worst) | met |",
+             "|---|---|---|---|---|---|---|"]
+    bars = dict(rmse=0.85, fid_teacher=0.85, fid_data=1.0)
+    for method in ("ld3", "solver"):
+        for m in METRICS:
+            ratios = [r[f"{method}_{m}"] / r[f"hand_{m}"] for r in rows]
+            lines.append(f"| {'LD3' if method == 'ld3' else 'learned solver'} | {m.replace('_', ' ')} | "
+                         f"{statistics.median(ratios):.3f} | {max(ratios):.3f} | {min(ratios):.3f} | <= {bars[m]} | "
+                         f"{'yes' if max(ratios) <= bars[m] else 'no'} |")
+    med = {k: statistics.median(r[k] for r in rows) for k in ("teacher_fid_data", "hand_fid_data", "ld3_fid_data",
+                                                              "solver_fid_data")}
+    lines += ["", f"FID against the data (median over the runs): teacher {med['teacher_fid_data']:.2f}, best hand grid "
+              f"{med['hand_fid_data']:.2f}, LD3 {med['ld3_fid_data']:.2f}, learned solver {med['solver_fid_data']:.2f}"]
+    text = "\n".join(lines) + "\n"
+    (root / "demo.md").write_text(text)
+    return text
 
 
 def learned_solver(cfg: Config, out: Path) -> str:
@@ -380,7 +455,7 @@ def judge(run_dir: Path, teacher, heldout) -> list[dict]:
     from learnsteps.schedule import load_schedule
 
     ld3 = load_config(LD3Config, [run_dir / "config.yaml"])
-    return evaluate_grids(ld3, teacher, load_schedule(run_dir / "schedule.json").solve_kwargs, heldout)
+    return evaluate_grids(ld3, teacher, load_schedule(run_dir / "schedule.json").solve_kwargs, heldout)[0]
 
 
 def against_data(cfg: Config, out: Path) -> str:
@@ -391,7 +466,7 @@ def against_data(cfg: Config, out: Path) -> str:
         where = root / f"guidance{g}" / f"seed{seed}"
         args = [f"teacher={cfg.data_teacher}", f"guidance={g}", f"solver={case.solver}", f"order={case.order}",
                 f"nfe={nfe}", f"seed={seed}", f"pairs.seed={seed}", "pairs.test=2",
-                "baselines=[time_uniform,shifted,logsnr,edm,gits]",
+                f"baselines=[{','.join(BASELINES)}]",  # every hand grid, GITS' included
                 *[f"options.{k}={v}" for k, v in case.options.items()], *cfg.ld3_args]
         cell = where / f"{case.solver}{case.order}" / f"nfe{nfe}"
         runs = {"ld3": train_ld3(args, cell / "ld3", where / "pairs", cfg.threads)}
@@ -401,7 +476,7 @@ def against_data(cfg: Config, out: Path) -> str:
         out_rows = []
         for method, r in runs.items():
             rows = judge(cell / method, *held[g])
-            hand = [x for x in rows[1:] if x["grid"] != "teacher"]
+            hand = [x for x in rows if x["role"] == "hand"]
             best = {k: min(hand, key=lambda x: x[k]) for k in ("rmse", "fid_teacher", "fid_data")}
             teacher_row = rows[-1]
             out_rows.append(dict(
@@ -541,6 +616,8 @@ def main(argv):
         print(memory(cfg, out))
     if cfg.part in ("all", "paired"):
         print(paired(cfg, out))
+    if cfg.part == "demo":
+        print(demo(cfg, out))
     if cfg.part == "robustness":
         print(robustness(cfg, out))
     if cfg.part == "solver":

@@ -408,6 +408,13 @@ def test_a_learned_solver_starts_from_an_ld3_schedule(tmp_path):
     run_dir = train_ld3(cfg)
     assert load_schedule(run_dir / "schedule.json").provenance["validation"]["l2"] <= \
         ld3.provenance["validation"]["l2"] * (1 + 1e-9)
+    # its report has the schedule it started from as a row: the LD3 run's own figures on the same held-out pairs
+    import csv
+
+    rows = [list(csv.DictReader(open(d / "results.csv"))) for d in (first, run_dir)]
+    assert [(r["grid"], r["role"]) for r in rows[1][:2]] == [("ld3 (learned solver)", "learned"), ("ld3 (learned)", "start")]
+    assert float(rows[1][1]["rmse"]) == pytest.approx(float(rows[0][0]["rmse"]), rel=1e-9)
+    assert {r["role"] for r in rows[1][2:]} == {"hand"}
 
 
 def test_an_init_schedule_for_another_solver_or_nfe_is_refused(tmp_path):
@@ -451,3 +458,49 @@ def test_a_flow_grid_keeps_its_start_at_t_1_and_gradchecks_through_it(time_mode)
     baseline = ls.grids.make("logsnr", 4, s, to_zero=True)
     g.init_from(baseline)
     torch.testing.assert_close(g()[0], baseline, rtol=1e-9, atol=1e-12)
+
+
+def test_the_report_judges_each_distinct_grid_once_and_draws_the_comparison(tmp_path):
+    """evaluate_grids on the shipped latent flow teacher: the learned run first, then the schedule it started from,
+    then the hand grids (a flow model's `shifted` at shift 1 is time_uniform: one row, both names), the teacher
+    last; ratios are to the best hand grid only; the samples are each row's first outputs, and the comparison
+    figure shows the best hand grid, the start, the learned schedule and the teacher."""
+    from torch.utils.data import TensorDataset
+
+    from learnsteps.ld3.report import best_hand_grid, evaluate_grids, hand_grids, plot_comparison
+    from learnsteps.teachers import load_teacher
+
+    teacher = load_teacher("digits_latent_flow", guidance=1.0)
+    s = teacher.noise_schedule
+    n = 24
+    x_T = torch.randn(n, *teacher.shape, generator=torch.Generator().manual_seed(0))
+    cond = torch.arange(n) % 10
+    target = ls.sample(teacher, x_T, ls.grids.make("logsnr", 12, s, to_zero=True), "unipc", 3, cond=cond)
+    cfg = LD3Config(teacher="digits_latent_flow", solver="unipc", order=2, nfe=4,
+                    baselines=["time_uniform", "shifted", "edm"])
+    learned = dict(grid=ls.grids.make("time_quadratic", 4, s, to_zero=True), eval_grid=None, solver="unipc", order=2)
+    start = dict(grid=ls.grids.make("logsnr", 4, s, to_zero=True), eval_grid=None, solver="unipc", order=2)
+    rows, samples = evaluate_grids(cfg, teacher, learned, TensorDataset(torch.arange(n), x_T, target, cond),
+                                   {"ld3 (init_schedule)": start}, keep=8)
+    assert [(r["grid"], r["role"]) for r in rows] == [
+        ("ld3 (learned)", "learned"), ("ld3 (init_schedule)", "start"), ("time_uniform = shifted", "hand"),
+        ("edm", "hand"), ("teacher", "teacher")]
+    out = ls.sample(teacher, x_T, **learned, cond=cond)
+    assert rows[0]["rmse"] == pytest.approx(float((out - target).pow(2).mean().sqrt()), rel=1e-5)
+    torch.testing.assert_close(samples["ld3 (learned)"], out[:8], rtol=1e-5, atol=1e-5)
+    best = {k: min(r[k] for r in rows[2:4]) for k in ("rmse", "fid_data")}
+    assert rows[1]["rmse_vs_best"] == pytest.approx(rows[1]["rmse"] / best["rmse"], rel=1e-12)
+    assert best_hand_grid(rows)["fid_data"] == best["fid_data"] and rows[-1]["rmse"] == 0
+    plot_comparison(cfg, teacher, learned, hand_grids(cfg, teacher), rows, samples, tmp_path / "comparison.png")
+    assert (tmp_path / "comparison.png").stat().st_size > 20_000
+
+
+def test_a_run_without_held_out_pairs_exports_and_leaves_the_comparison_to_the_next(tmp_path, capsys):
+    """pairs.test=0 (make demo's LD3 run, which the learned solver's run reports on): the schedule and its plot,
+    no held-out pairs made and no comparison; the test set of a later run in the same pairs directory is its own."""
+    run_dir = train_ld3(tiny(tmp_path, **{"pairs.test": 0}))
+    assert (run_dir / "schedule.json").is_file() and (run_dir / "grid.png").is_file()
+    assert not (run_dir / "results.csv").exists() and not (run_dir / "pairs" / "test").exists()
+    assert "pairs.test=0: not compared with the hand grids" in capsys.readouterr().out
+    with pytest.raises(Exception, match="pairs.test"):
+        tiny(tmp_path / "b", **{"pairs.test": 1})

@@ -380,3 +380,40 @@ def test_pipeline_grid_refuses_what_the_core_does_not_compute():
                              (diffusers.FlowMatchEulerDiscreteScheduler(stochastic_sampling=True), "stochastic")]:
         with pytest.raises(ScheduleError, match=match):
             pipeline_grid(scheduler, 10)
+
+
+@pytest.mark.parametrize("learned_solver", [False, True], ids=["ld3-grid", "learned-solver"])
+def test_the_line_an_ld3_run_prints_runs_its_file_in_the_shipped_pipeline(tmp_path, learned_solver):
+    """The run's last line, `pipe(..., **apply_schedule(pipe, "<file>"))`, on the shipped digits_latent_flow
+    (diffusers' own DiTPipeline, from its directory): a grid file gets the pinned diffusers scheduler, a learned
+    solver's (version 2) learnsteps' TabulatedScheduler, and the pipeline's images are our core's, decoded."""
+    import diffusers
+    from test_tabulated import learned_schedule
+
+    from learnsteps.interop.diffusers import apply_schedule
+    from learnsteps.ld3.run import how_to_use
+    from learnsteps.schedule import save_schedule
+    from learnsteps.teachers.load import ASSETS
+
+    teacher = load_teacher("digits_latent_flow", guidance=1.0)
+    s = teacher.noise_schedule
+    if learned_solver:
+        schedule = learned_schedule(s, steps=4, teacher=teacher.record())
+    else:
+        grid = ls.grids.make("time_quadratic", 4, s, to_zero=True)
+        schedule = Schedule.from_grid(grid, s, "unipc", 2, eval_grid=grid * 0.98 + 0.01 * (grid > 0),
+                                      teacher=teacher.record())
+    path = save_schedule(tmp_path / "schedule.json", schedule)
+    line = how_to_use(path, schedule)
+    assert line.startswith("in your DiTPipeline:") and f'**apply_schedule(pipe, "{path}")' in line
+    pipe = diffusers.DiTPipeline.from_pretrained(ASSETS / "digits_latent_flow")
+    pipe.set_progress_bar_config(disable=True)
+    cond = torch.tensor([3, 7])
+    labels = teacher.class_ids(cond).tolist()  # DiT's label ids of the conditions
+    theirs = pipe(labels, guidance_scale=1.0, output_type="np", generator=torch.Generator().manual_seed(4),
+                  **apply_schedule(pipe, str(path))).images
+    noise = torch.randn(2, *teacher.shape, generator=torch.Generator().manual_seed(4))
+    ours = ls.sample(teacher, noise, cond=cond, **schedule.solve_kwargs)
+    ours = (teacher.decode(ours) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    assert type(pipe.scheduler).__name__ == ("TabulatedScheduler" if learned_solver else "UniPCMultistepScheduler")
+    assert relative(ours, torch.from_numpy(theirs)) <= 1e-5

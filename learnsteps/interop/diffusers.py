@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..core.schedules import DiscreteDDPM, NoiseSchedule
 from ..core.solvers import singlestep_plan
-from ..schedule import Schedule, ScheduleError
+from ..schedule import Schedule, ScheduleError, load_schedule
 
 # Schedulers whose state is x~ = x / alpha (k-diffusion's), not the VP state x: they start from noise * sigma~_max
 # scaled up by init_noise_sigma, and scale the model input back down.
@@ -147,10 +147,12 @@ def scheduler_for(schedule: Schedule, **base_config):
     return apply_schedule(scheduler, schedule)
 
 
-def apply_schedule(target, schedule: Schedule, device: str | torch.device = "cpu"):
-    """Put the schedule's grid into a configured diffusers scheduler (see the module docstring), or make a
-    pipeline sample on it (`apply_to_pipeline`); ScheduleError if the scheduler's beta table is not the
-    schedule's, or if it would sample the grid wrongly."""
+def apply_schedule(target, schedule: Schedule | str, device: str | torch.device = "cpu"):
+    """Put the schedule's grid (a Schedule, or a schedule file's path) into a configured diffusers scheduler (see
+    the module docstring), or make a pipeline sample on it (`apply_to_pipeline`); ScheduleError if the scheduler's
+    beta table is not the schedule's, or if it would sample the grid wrongly."""
+    if not isinstance(schedule, Schedule):
+        schedule = load_schedule(schedule)
     if hasattr(target, "components") and hasattr(target, "scheduler"):
         return apply_to_pipeline(target, schedule)
     return _put_grid(target, schedule, device, target.set_timesteps)
@@ -164,13 +166,19 @@ def apply_to_pipeline(pipe, schedule: Schedule) -> dict:
     noise by, so `pipe(..., latents=noise)` starts where our core's x_T = noise * init_noise_std() does in both
     conventions of diffusers' pipelines: those that scale given latents by init_noise_sigma (StableDiffusion-
     Pipeline's prepare_latents) and those that take them as they are (StableDiffusion3Pipeline, FLUX), whose
-    schedules (flow, from t = 1, std 1) have init_noise_sigma = 1. (DiTPipeline draws its own noise, unscaled.)"""
+    schedules (flow, from t = 1, std 1) have init_noise_sigma = 1. (DiTPipeline draws its own noise, unscaled.)
+    A learned solver's file (its coefficient table) gets learnsteps' TabulatedScheduler, the same way."""
     import diffusers
 
     wanted = schedule.teacher.get("pipeline")
     if wanted and type(pipe).__name__ != wanted:
         raise ScheduleError(f"the schedule was learned for a {wanted}, not a {type(pipe).__name__}")
     check_prediction(schedule, type(pipe.scheduler).__name__, pipe.scheduler.config)
+    if schedule.coefficients is not None:  # a learned solver's table, which no diffusers class runs: ours
+        from .scheduler import TabulatedScheduler
+
+        pipe.scheduler = TabulatedScheduler.from_schedule(schedule)
+        return dict(num_inference_steps=len(schedule.times) - 1)
     r = recipe(schedule)
     base = getattr(diffusers, r["scheduler"])
     n = len(schedule.times) - 1

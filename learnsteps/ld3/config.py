@@ -33,7 +33,8 @@ def or_auto(rule):
 class PairsConfig:
     train: Any = 50  # auto: AUTO_SETTINGS
     val: Any = 50
-    test: Any = 200  # held-out pairs for the final comparison with the baseline grids
+    test: Any = 200  # held-out pairs for the final comparison with the baseline grids; 0: none (a run whose
+                     # schedule another run starts from and compares, as `make demo`'s LD3 run)
     seed: int = 0
     solver: str = "unipc"  # the teacher's solver: a solver of the core, or "reference" (adaptive dopri5)
     order: int = 3
@@ -41,7 +42,7 @@ class PairsConfig:
     rtol: float = 1e-5  # tolerance of the reference solver
     directory: str = ""  # default <run_dir>/pairs; reusable across runs with the same teacher
     batch_size: Any = 128  # the teacher's batch when it makes pairs and LD3 scores grids without gradients
-    RULES: ClassVar = dict(train=or_auto(at_least(1)), val=or_auto(at_least(1)), test=or_auto(at_least(2)),
+    RULES: ClassVar = dict(train=or_auto(at_least(1)), val=or_auto(at_least(1)), test=or_auto(lambda v: None if v == 0 else at_least(2)(v)),
                            order=at_least(1), steps=or_auto(between(1, 10_000)), rtol=positive, directory=not_a_file,
                            batch_size=or_auto(at_least(1)))
 

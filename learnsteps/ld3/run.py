@@ -21,7 +21,8 @@ from ..training.common import fit, make_logger, make_trainer, prepare_run, run_p
 from .config import LD3Config, baseline_grid, learned_ends, resolve_auto
 from .grid import LD3Grid
 from .module import LD3, NO_CONDITION, condition
-from .report import evaluate_grids, log_outputs, plot_grids, results_table
+from .report import (evaluate_grids, hand_grids, images_of, learned_label, log_outputs, plot_comparison, plot_grids,
+                     results_table)
 from .solver import base_form
 
 def check_ld3(cfg: LD3Config):
@@ -72,7 +73,7 @@ def train_ld3(cfg: LD3Config) -> Path:
     p = cfg.pairs
     specs = pair_sets(cfg, teacher)
     pairs = teacher_pairs(teacher, cfg, pairs_dir, specs["train"], "train")
-    test = teacher_pairs(teacher, cfg, pairs_dir, specs["test"], "test")
+    test = teacher_pairs(teacher, cfg, pairs_dir, specs["test"], "test") if "test" in specs else None
     train_set = torch.utils.data.Subset(pairs, range(p.train))
     val_set = torch.utils.data.Subset(pairs, range(p.train, p.train + p.val))
     module = LD3(cfg, teacher, pairs.tensors[1])
@@ -101,15 +102,38 @@ def train_ld3(cfg: LD3Config) -> Path:
         options=options, provenance=provenance,
         teacher=dict(fingerprint=teacher.fingerprint(), name=cfg.teacher, **teacher.record(steps=module.steps)))
     save_schedule(run_dir / "schedule.json", schedule)
-    plot_grids(cfg, teacher, learned, run_dir / "grid.png")
-    rows = evaluate_grids(cfg, teacher, learned, test)
+    hand = hand_grids(cfg, teacher)
+    plot_grids(cfg, teacher, learned, hand, run_dir / "grid.png")
+    if test is None:  # pairs.test=0: no comparison here
+        print(f"schedule: {run_dir / 'schedule.json'}   grid plot: {run_dir / 'grid.png'}   (pairs.test=0: not "
+              f"compared with the hand grids)")
+        return run_dir
+    start = {}
+    if cfg.init_schedule:  # the schedule the run started from: one row more
+        began = init_schedule(cfg, teacher).solve_kwargs
+        start = {learned_label(began) if began["solver"] != learned["solver"] else "ld3 (init_schedule)": began}
+    rows, samples = evaluate_grids(cfg, teacher, learned, test, start, hand)
     write_csv(run_dir / "results.csv", rows)
     table = results_table(cfg, rows, p.test)
     write_text(run_dir / "results.md", "\n".join(table) + "\n")
-    log_outputs(logger, run_dir, module, teacher, test, learned, rows)
+    pictures = images_of(teacher, samples["teacher"][:1])
+    if pictures:
+        plot_comparison(cfg, teacher, learned, hand, rows, samples, run_dir / "comparison.png", start)
+    log_outputs(logger, run_dir, module, teacher, samples, rows)
     print("\n".join(table))
-    print(f"schedule: {run_dir / 'schedule.json'}   grid plot: {run_dir / 'grid.png'}")
+    print(f"schedule: {run_dir / 'schedule.json'}   grid plot: {run_dir / 'grid.png'}"
+          + (f"   samples side by side: {run_dir / 'comparison.png'}" if pictures else ""))
+    print(how_to_use(run_dir / "schedule.json", schedule))
     return run_dir
+
+
+def how_to_use(path: Path, schedule: Schedule) -> str:
+    """The one line that samples with the file where its teacher lives: its diffusers pipeline, or our core."""
+    if schedule.teacher.get("pipeline"):
+        return (f"in your {schedule.teacher['pipeline']}:  from learnsteps.interop.diffusers import apply_schedule; "
+                f"images = pipe(..., **apply_schedule(pipe, \"{path}\")).images")
+    return (f"with learnsteps' core:  from learnsteps.schedule import load_schedule; "
+            f"x = learnsteps.sample(teacher, x_T, **load_schedule(\"{path}\").solve_kwargs)")
 
 
 def initial_grids(cfg: LD3Config, teacher, module: LD3, val_set) -> list[torch.Tensor]:
@@ -179,7 +203,10 @@ def pairs_path(cfg: LD3Config) -> Path:
 
 def pair_sets(cfg: LD3Config, teacher) -> dict[str, TrajectorySpec]:
     p = cfg.pairs
-    return {"train": pairs_spec(cfg, teacher, p.train + p.val, p.seed), "test": pairs_spec(cfg, teacher, p.test, p.seed + 1)}
+    sets = {"train": pairs_spec(cfg, teacher, p.train + p.val, p.seed)}
+    if p.test:
+        sets["test"] = pairs_spec(cfg, teacher, p.test, p.seed + 1)
+    return sets
 
 
 def teacher_pairs(teacher, cfg: LD3Config, directory: Path, spec: TrajectorySpec, name: str) -> TensorDataset:

@@ -19,11 +19,10 @@ def as_frames(video: torch.Tensor) -> tuple[torch.Tensor, int]:
     return video[:, :, idx].transpose(1, 2).flatten(0, 1), len(idx)
 
 
-def save_image_grid(images: torch.Tensor, path: Path, nrow: int = 8, scale: int = 4) -> None:
-    """Images in [-1, 1], shape (N, C, H, W) with C = 1 (grey) or 3 (RGB), as one PNG: small images
-    nearest-neighbour upscaled by `scale`, large ones downsampled to MAX_TILE; videos (N, C, F, H, W) one per row."""
-    from PIL import Image
-
+def tile(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
+    """Images in [-1, 1], shape (N, C, H, W) with C = 1 (grey) or 3 (RGB), as one (C, H', W') canvas in [0, 1] with
+    a one-pixel white border around each: large images (SDXL's, FLUX's 1024) downsampled to MAX_TILE, videos
+    (N, C, F, H, W) one per row."""
     if images.dim() == 5:
         images, nrow = as_frames(images)
     images = images.detach().float().cpu()
@@ -31,13 +30,21 @@ def save_image_grid(images: torch.Tensor, path: Path, nrow: int = 8, scale: int 
         f = MAX_TILE / max(images.shape[-2:])
         images = F.interpolate(images, size=[max(1, round(s * f)) for s in images.shape[-2:]], mode="area")
     n, c, h, w = images.shape
-    scale = scale if max(h, w) * scale <= 128 else 1
     rows = (n + nrow - 1) // nrow
     canvas = torch.ones(c, rows * (h + 1) + 1, nrow * (w + 1) + 1)
     for i, img in enumerate(images):
         r, col = divmod(i, nrow)
         canvas[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = (img + 1) / 2
-    pixels = (canvas.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    image = Image.fromarray(pixels[..., 0] if c == 1 else pixels)
+    return canvas.clamp(0, 1)
+
+
+def save_image_grid(images: torch.Tensor, path: Path, nrow: int = 8, scale: int = 4) -> None:
+    """`tile(images, nrow)` as one PNG, small images nearest-neighbour upscaled by `scale`."""
+    from PIL import Image
+
+    canvas = tile(images, nrow)
+    scale = scale if max(images.shape[-2:]) * scale <= 128 else 1
+    pixels = (canvas * 255).round().byte().permute(1, 2, 0).numpy()
+    image = Image.fromarray(pixels[..., 0] if canvas.shape[0] == 1 else pixels)
     image = image.resize((canvas.shape[2] * scale, canvas.shape[1] * scale), Image.NEAREST)
     write_atomically(Path(path), lambda tmp: image.save(tmp, format="PNG"))
