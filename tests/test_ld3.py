@@ -504,3 +504,19 @@ def test_a_run_without_held_out_pairs_exports_and_leaves_the_comparison_to_the_n
     assert "pairs.test=0: not compared with the hand grids" in capsys.readouterr().out
     with pytest.raises(Exception, match="pairs.test"):
         tiny(tmp_path / "b", **{"pairs.test": 1})
+
+
+def test_make_demos_two_runs_are_valid_ld3_configs():
+    """The Makefile's demo lines parse as train.py parses them: LD3 without held-out pairs, then the learned solver
+    from its schedule, on the same teacher, solver and pairs, judged on 2000 held-out pairs."""
+    import re
+    import shlex
+
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    found = {k: shlex.split(v) for k, v in re.findall(r"^(DEMO\w*) := (.*)$", text, re.M)}
+    ld3, solver = (load_config(LD3Config, [ROOT / "configs" / "ld3.yaml"], found["DEMO"] + found[k])
+                   for k in ("DEMO_LD3", "DEMO_SOLVER"))
+    assert (ld3.teacher, ld3.solver, ld3.nfe, ld3.pairs.test, ld3.learn) == ("digits_latent_flow", "unipc", 4, 0, "grid")
+    assert (solver.learn, solver.pairs.test, solver.pairs.directory) == ("solver", 2000, ld3.pairs.directory)
+    assert solver.init_schedule == "runs/demo/ld3/schedule.json" and "gits" in solver.baselines
+    assert "run_dir=runs/demo/ld3" in text and "run_dir=runs/demo/solver" in text
