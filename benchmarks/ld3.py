@@ -17,15 +17,15 @@ paired RMSE to the teacher and, for the 8x8 teachers, FID against the teacher's 
 (digits feature network); paired.md / paired.csv.
 memory: peak resident memory of one forward + backward pass through the sampler (DPM-Solver++(3M), batch 4)
 with a 3x32x32 UNet of 64 channels, with and without per-step rematerialisation, each in a fresh process.
-demo: `make demo`'s two runs (the Makefile's DEMO and DEMO_SOLVER arguments: LD3, then the learned solver from its
-schedule) for every seed x CPU kernel path x torch thread count (`demo_threads`), seed s with its own training and
-held-out pairs (pairs.seed = s), shared by the paths and thread counts; each run's own report on its 2000 held-out
-pairs: learned / best hand grid on paired RMSE, FID against the teacher's samples and against the data (median,
-worst, best) against the demo's bars; demo.md / demo.csv.
-robustness: `train.py mode=ld3` with its defaults (the digits UNet demo's run before issue #33) for every seed x CPU kernel path
-(ATEN_CPU_CAPABILITY: default, avx2, avx512 where the CPU has them) x NFE; seed s draws its own teacher pairs
-(pairs.seed = s), shared by the kernel paths. Each learned grid and every baseline grid is scored on the demo's
-200 held-out pairs (paired RMSE, as `make demo` prints it) and on 2000 (FID against the teacher's samples and
+demo: `make demo`'s two runs (the Makefile's DEMO with DEMO_LD3, then with DEMO_SOLVER: LD3, then the learned solver
+from its schedule) for every seed x CPU kernel path x torch thread count (`demo_threads`), seed s with its own
+training and held-out pairs (pairs.seed = s), shared by the paths and thread counts; each run's own report on its
+2000 held-out pairs: learned / best hand grid on paired RMSE, FID against the teacher's samples and against the data
+(median, worst, best) against the demo's bars; demo.md / demo.csv.
+robustness: `train.py mode=ld3` with its defaults (the digits UNet: `make demo`'s run before issue #33) for every
+seed x CPU kernel path (ATEN_CPU_CAPABILITY: default, avx2, avx512 where the CPU has them) x NFE; seed s draws its
+own teacher pairs (pairs.seed = s), shared by the kernel paths. Each learned grid and every baseline grid is scored
+on that run's 200 held-out pairs (paired RMSE, as it prints it) and on 2000 (FID against the teacher's samples and
 against the data, digits feature network): median, worst and best of learned / best baseline; robustness.md.
 data: LD3 (its defaults, or `ld3_args`) and the learned solver warm-started from it, judged against the data
 (issue #33): for every guidance x solver x NFE x seed of `data_*` on `data_teacher`, with each seed's own training

@@ -201,23 +201,25 @@ def results_table(cfg: LD3Config, rows: list[dict], n: int) -> list[str]:
     return lines
 
 
-def log_outputs(logger, run_dir: Path, module: LD3, teacher, samples: dict, rows) -> None:
-    """samples.png (each learned sample beside the teacher's, from the report's samples) and W&B."""
+def log_outputs(logger, run_dir: Path, module: LD3, teacher, samples: dict | None, rows: list | None) -> None:
+    """samples.png (each learned sample beside the teacher's, from the report's samples) and W&B (without a report,
+    pairs.test=0: the grid plot and the schedule only)."""
     from ..quality.images import save_image_grid
     from ..quality.metrics import pixels
 
-    learned = rows[0]["grid"]
-    n = min(32 if samples[learned].dim() == 4 else 8, len(samples[learned]))  # videos: 8 clips, a row of frames each
-    if samples[learned].dim() in (4, 5):
+    learned = samples[rows[0]["grid"]] if rows else None
+    if learned is not None and learned.dim() in (4, 5):
+        n = min(32 if learned.dim() == 4 else 8, len(learned))  # videos: 8 clips, a row of frames each
         with torch.no_grad():
-            both = [pixels(teacher, samples[k][:n]).clamp(-1, 1).float() for k in (learned, "teacher")]
-        if both[0].dim() in (4, 5) and both[0].shape[1] in (1, 3):
+            both = [pixels(teacher, x[:n]).clamp(-1, 1).float() for x in (learned, samples["teacher"])]
+        if both[0].shape[1] in (1, 3):
             save_image_grid(torch.stack(both, 1).flatten(0, 1), run_dir / "samples.png", nrow=16)
     if logger is None:
         return
     import wandb
 
-    logger.log_table("results", columns=list(rows[0]), data=[list(r.values()) for r in rows])
+    if rows:
+        logger.log_table("results", columns=list(rows[0]), data=[list(r.values()) for r in rows])
     logger.log_image("ld3/grid", [str(run_dir / "grid.png")])
     for name in ("comparison", "samples"):
         if (run_dir / f"{name}.png").exists():

@@ -105,8 +105,10 @@ def train_ld3(cfg: LD3Config) -> Path:
     hand = hand_grids(cfg, teacher)
     plot_grids(cfg, teacher, learned, hand, run_dir / "grid.png")
     if test is None:  # pairs.test=0: no comparison here
+        log_outputs(logger, run_dir, module, teacher, None, None)
         print(f"schedule: {run_dir / 'schedule.json'}   grid plot: {run_dir / 'grid.png'}   (pairs.test=0: not "
               f"compared with the hand grids)")
+        print(how_to_use(run_dir / "schedule.json", schedule))
         return run_dir
     start = {}
     if cfg.init_schedule:  # the schedule the run started from: one row more
