@@ -506,12 +506,15 @@ def test_a_run_without_held_out_pairs_exports_and_leaves_the_comparison_to_the_n
         tiny(tmp_path / "b", **{"pairs.test": 1})
 
 
-def test_make_demos_two_runs_are_valid_ld3_configs():
+def test_make_demos_two_runs_are_valid_ld3_configs(tmp_path, monkeypatch):
     """The Makefile's demo lines parse as train.py parses them: LD3 without held-out pairs, then the learned solver
     from its schedule, on the same teacher, solver and pairs, judged on 2000 held-out pairs."""
     import re
     import shlex
 
+    monkeypatch.chdir(tmp_path)  # where the first run has written its schedule, as `make demo` runs the second
+    (tmp_path / "runs" / "demo" / "ld3").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "ld3" / "schedule.json").write_text("{}")
     text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
     found = {k: shlex.split(v) for k, v in re.findall(r"^(DEMO\w*) := (.*)$", text, re.M)}
     ld3, solver = (load_config(LD3Config, [ROOT / "configs" / "ld3.yaml"], found["DEMO"] + found[k])
