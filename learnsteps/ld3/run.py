@@ -104,27 +104,24 @@ def train_ld3(cfg: LD3Config) -> Path:
     save_schedule(run_dir / "schedule.json", schedule)
     hand = hand_grids(cfg, teacher)
     plot_grids(cfg, teacher, learned, hand, run_dir / "grid.png")
-    if test is None:  # pairs.test=0: no comparison here
-        log_outputs(logger, run_dir, module, teacher, None, None)
-        print(f"schedule: {run_dir / 'schedule.json'}   grid plot: {run_dir / 'grid.png'}   (pairs.test=0: not "
-              f"compared with the hand grids)")
-        print(how_to_use(run_dir / "schedule.json", schedule))
-        return run_dir
-    start = {}
-    if cfg.init_schedule:  # the schedule the run started from: one row more
-        began = init_schedule(cfg, teacher).solve_kwargs
-        start = {learned_label(began) if began["solver"] != learned["solver"] else "ld3 (init_schedule)": began}
-    rows, samples = evaluate_grids(cfg, teacher, learned, test, start, hand)
-    write_csv(run_dir / "results.csv", rows)
-    table = results_table(cfg, rows, p.test)
-    write_text(run_dir / "results.md", "\n".join(table) + "\n")
-    pictures = images_of(teacher, samples["teacher"][:1])
-    if pictures:
-        plot_comparison(cfg, teacher, learned, hand, rows, samples, run_dir / "comparison.png", start)
+    rows = samples = None
+    where = "   (pairs.test=0: not compared with the hand grids)"
+    if test is not None:
+        start = {}
+        if cfg.init_schedule:  # the schedule the run started from: one row more
+            began = init_schedule(cfg, teacher).solve_kwargs
+            start = {learned_label(began) if began["solver"] != learned["solver"] else "ld3 (init_schedule)": began}
+        rows, samples = evaluate_grids(cfg, teacher, learned, test, start, hand)
+        write_csv(run_dir / "results.csv", rows)
+        table = results_table(cfg, rows, p.test)
+        write_text(run_dir / "results.md", "\n".join(table) + "\n")
+        print("\n".join(table))
+        where = ""
+        if images_of(teacher, samples["teacher"][:1]):
+            plot_comparison(cfg, teacher, learned, hand, rows, samples, run_dir / "comparison.png", start)
+            where = f"   samples side by side: {run_dir / 'comparison.png'}"
     log_outputs(logger, run_dir, module, teacher, samples, rows)
-    print("\n".join(table))
-    print(f"schedule: {run_dir / 'schedule.json'}   grid plot: {run_dir / 'grid.png'}"
-          + (f"   samples side by side: {run_dir / 'comparison.png'}" if pictures else ""))
+    print(f"schedule: {run_dir / 'schedule.json'}   grid plot: {run_dir / 'grid.png'}{where}")
     print(how_to_use(run_dir / "schedule.json", schedule))
     return run_dir
 
