@@ -30,10 +30,10 @@ test: setup
 	done
 
 # The demo: LD3, then the learned solver started from its schedule, for the shipped latent flow-matching DiT (a
-# diffusers DiTPipeline) with UniPC-2 at NFE 4; the second run judges both on 2000 held-out teacher pairs against
+# diffusers DiTPipeline) with UniPC-2 at NFE 3; the second run judges both on 2000 held-out teacher pairs against
 # every hand grid (README; benchmarks/ld3.py part=demo runs these lines over seeds, kernel paths and threads).
-DEMO := teacher=digits_latent_flow guidance=1.0 solver=unipc order=2 nfe=4 t_min=0.015 \
-	'loss=l2+300*feature_contraction' 'baselines=[time_uniform,time_quadratic,logsnr,edm,shifted,gits]' \
+DEMO := teacher=digits_latent_flow guidance=1.0 solver=unipc order=2 nfe=3 t_min=0.015 \
+	'loss=l2+30*feature_contraction' 'baselines=[time_uniform,time_quadratic,logsnr,edm,shifted,gits]' \
 	pairs.steps=20 pairs.directory=runs/demo/pairs
 DEMO_LD3 := pairs.test=0
 DEMO_SOLVER := learn=solver init_schedule=runs/demo/ld3/schedule.json rounds_theta=0 rounds_joint=6 pairs.test=2000

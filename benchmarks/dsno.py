@@ -40,17 +40,19 @@ class Variant:
     temporal: bool = True
     backbone: str = "auto"  # auto (the teacher's own network) | unet (a fresh UNet)
     placement: str = "every"
+    loss: str = "l2"  # train.py mode=dsno's loss, e.g. l2+3*feature_contraction
 
     @property
     def name(self) -> str:
         dsno = self.temporal and self.num_times > 1
         return ((f"dsno-M{self.num_times}" if dsno else f"one-step-M{self.num_times}")
                 + ("-fresh-unet" if self.backbone == "unet" else "")
-                + (f"-{self.placement}" if dsno and self.placement != "every" else ""))
+                + (f"-{self.placement}" if dsno and self.placement != "every" else "")
+                + (f"-{self.loss.replace('+', '_').replace('*', 'x')}" if self.loss != "l2" else ""))
 
     def args(self) -> list[str]:
         return [f"num_times={self.num_times}", f"temporal={str(self.temporal).lower()}", f"backbone={self.backbone}",
-                f"placement={self.placement}"]
+                f"placement={self.placement}", f"loss={self.loss}"]
 
 
 @dataclass

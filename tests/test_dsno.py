@@ -1,4 +1,5 @@
 import json
+import math
 import re
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from learnsteps.config import load_config
 from learnsteps.core.denoiser import NetworkDenoiser, convert
 from learnsteps.core.schedules import DiscreteDDPM, FlowMatching, VPLinear
 from learnsteps.dsno.backbones import TemporalConv, place, sites
-from learnsteps.dsno.module import DSNOConfig, make_student, student_times, time_weights, train_dsno
+from learnsteps.dsno.module import DSNOConfig, loss_of, make_student, student_times, time_weights, train_dsno
 from learnsteps.dsno.student import READ_GAIN, StudentError, load_student, read_time, save_student
 from learnsteps.teachers.network import DiffusersUNet, NetworkTeacher
 from learnsteps.teachers.unet import UNet, UNetConfig
@@ -316,6 +317,42 @@ def test_the_documented_loop_gives_eval_s_samples(pipelines, guided_run):
 
 
 # ---- the data, the loss, the run ---------------------------------------------------------------------------------
+def test_a_loss_sum_weighs_its_terms_by_their_factors_on_a_latent_teacher_s_images():
+    """loss=l2+3*feature_contraction on the shipped latent teacher: L2 on the latents plus 3 x the contraction of
+    the decoded images' digits features, as computed by hand, with gradients reaching the latents through the VAE."""
+    from learnsteps.config import ConfigError
+    from learnsteps.quality.features import LOSS_ASSET, load_feature_net
+    from learnsteps.quality.losses import contraction
+    from learnsteps.teachers import load_teacher
+
+    teacher = load_teacher("digits_latent_flow", guidance=1.0)
+    d = loss_of(DSNOConfig(teacher="digits_latent_flow", loss="l2+3*feature_contraction"), teacher)
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(8, *teacher.shape, generator=g)
+    x = (0.8 * y + 0.1 * torch.randn(8, *teacher.shape, generator=g)).requires_grad_(True)  # contracted
+    net = load_feature_net(LOSS_ASSET)
+    with torch.no_grad():
+        by_hand = (x - y).pow(2).flatten(1).mean(1) + 3 * contraction(net(teacher.decode(x))[0],
+                                                                          net(teacher.decode(y))[0])
+    loss = d(x, y)
+    torch.testing.assert_close(loss, by_hand, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        assert float(contraction(net(teacher.decode(x))[0], net(teacher.decode(y))[0])[0]) > 1e-4  # the term is on
+    batch_term = loss_of(DSNOConfig(teacher="digits_latent_flow", loss="feature_contraction"), teacher)
+    (grad,) = torch.autograd.grad(batch_term(x, y).mean(), x)
+    assert float(grad.abs().max()) > 0  # through the VAE and the feature network to the latents
+    with pytest.raises(ConfigError, match="loss"):
+        load_config(DSNOConfig, [ROOT / "configs" / "dsno.yaml"], ["loss=l2+nope"])
+
+
+def test_a_student_trains_on_a_loss_sum_with_a_batch_term(pipelines, tmp_path):
+    """A few steps of a guided pipeline teacher's student on l2 + contraction of the decoded images."""
+    run = train_dsno(small_run(pipelines, tmp_path, "loss=l2+3*contraction"))
+    info = json.loads((run / "student" / "student.json").read_text())
+    assert info["training"]["loss"] == "l2+3*contraction" and info["training"]["steps"] == 3
+    assert math.isfinite(info["training"]["validation"]["val/loss"])
+
+
 def test_the_ema_warms_up_and_copies_integer_buffers():
     from learnsteps.dsno.module import ema_update
 

@@ -519,7 +519,7 @@ def test_make_demos_two_runs_are_valid_ld3_configs(tmp_path, monkeypatch):
     found = {k: shlex.split(v) for k, v in re.findall(r"^(DEMO\w*) := (.*)$", text, re.M)}
     ld3, solver = (load_config(LD3Config, [ROOT / "configs" / "ld3.yaml"], found["DEMO"] + found[k])
                    for k in ("DEMO_LD3", "DEMO_SOLVER"))
-    assert (ld3.teacher, ld3.solver, ld3.nfe, ld3.pairs.test, ld3.learn) == ("digits_latent_flow", "unipc", 4, 0, "grid")
+    assert (ld3.teacher, ld3.solver, ld3.nfe, ld3.pairs.test, ld3.learn) == ("digits_latent_flow", "unipc", 3, 0, "grid")
     assert (solver.learn, solver.pairs.test, solver.pairs.directory) == ("solver", 2000, ld3.pairs.directory)
     assert solver.init_schedule == "runs/demo/ld3/schedule.json" and "gits" in solver.baselines
     assert "run_dir=runs/demo/ld3" in text and "run_dir=runs/demo/solver" in text

@@ -21,7 +21,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from ..config import TeacherOptions, all_of, at_least, between, fraction, not_a_file, one_of, positive
-from ..quality.losses import LOSSES, distance
+from ..quality.losses import check_loss_name, distance, pixel_space
 from ..teachers import load_teacher
 from ..teachers.network import NetworkTeacher
 from ..teachers.unet import UNetConfig, check_unet
@@ -48,7 +48,11 @@ class DSNOConfig(RunConfig, TeacherOptions):
     placement: str = "every"  # temporal layers after every block | every_other | one_per_level (dsno/backbones.py)
     backbone: str = "auto"  # auto (the teacher's own network when it has one) | teacher | unet (a fresh UNet)
     unet: UNetConfig = field(default_factory=UNetConfig)  # the fresh UNet's (backbone=unet, or a teacher without one)
-    loss: str = "l2"  # l2 | l1 | pseudo_huber | lpips
+    # l2 | l1 | pseudo_huber | lpips | features | contraction | feature_contraction, or a sum such as
+    # "l2+3*feature_contraction": each term weighted by its factor as it is (no calibration; pixel terms on a latent
+    # teacher's decoded images, as LD3's); a batch term (contraction) keeps the student's samples as far apart as
+    # the teacher's where a paired loss alone pulls them together (docs/dsno.md)
+    loss: str = "l2"
     weighting: str = "snr"  # snr (DSNO's clamp(alpha/sigma, 1, 1e4)) | uniform
     batch_size: int = 64
     lr: float = 2e-4
@@ -57,7 +61,7 @@ class DSNOConfig(RunConfig, TeacherOptions):
     val_fraction: float = 0.05
     RULES: ClassVar = dict(
         RunConfig.RULES, **TeacherOptions.RULES, times=one_of("quadratic", "uniform", "logsnr"), num_times=between(1, 64),
-        targets=one_of("x0", "states"), data_dir=not_a_file, modes=at_least(1), loss=one_of(*LOSSES),
+        targets=one_of("x0", "states"), data_dir=not_a_file, modes=at_least(1), loss=check_loss_name,
         placement=one_of(*PLACEMENTS), export_every=at_least(0), backbone=one_of("auto", "teacher", "unet"),
         weighting=one_of("snr", "uniform"), batch_size=at_least(1), lr=positive, warmup_steps=at_least(0),
         ema_decay=fraction, val_fraction=all_of(positive, fraction))
@@ -86,14 +90,15 @@ class DSNOModule(L.LightningModule):
 
     LR_KEYS = {"lr": 0}  # the configuration's learning rate -> its optimizer (applied anew on a resume that changes it)
 
-    def __init__(self, cfg: DSNOConfig, student: DSNOStudent, weights: torch.Tensor, index: torch.Tensor):
+    def __init__(self, cfg: DSNOConfig, student: DSNOStudent, weights: torch.Tensor, index: torch.Tensor,
+                 dist=None):
         super().__init__()
         self.cfg, self.student = cfg, student
         self.ema = AveragedModel(student, multi_avg_fn=ema_update(cfg.ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)  # updated by hand, not by gradients (and DDP must not wait for them)
         self.register_buffer("weights", weights / weights.sum())
         self.register_buffer("index", index)
-        self.dist = distance(cfg.loss)
+        self.dist = dist or distance(cfg.loss)  # (a pixel loss on a latent teacher: loss_of(cfg, teacher))
 
     def _loss(self, net, batch):
         target = batch["x0" if self.cfg.targets == "x0" else "trajectory"][:, self.index].float()
@@ -183,6 +188,12 @@ def time_weights(cfg: DSNOConfig, schedule, times: torch.Tensor) -> torch.Tensor
     return torch.clamp(torch.nan_to_num(ratio, posinf=1e4), 1.0, 1e4).float()
 
 
+def loss_of(cfg: DSNOConfig, teacher):
+    """d(pred, target) -> (B,): cfg.loss, its pixel terms on a latent teacher's decoded images. A sum is not
+    calibrated (Sum.calibrate): its factors are its weights, the paired terms in the model's own units."""
+    return distance(cfg.loss, getattr(teacher, "shape", None), **pixel_space(teacher, cfg.loss))
+
+
 def own_network(cfg: DSNOConfig, teacher) -> bool:
     """Whether the student is the teacher's own network (else a fresh UNet): backbone=auto takes one if there is."""
     has = isinstance(teacher, NetworkTeacher)
@@ -215,7 +226,7 @@ def check_dsno(cfg: DSNOConfig):
     """Everything that can be wrong with a DSNO run's input, found before anything is written: (teacher, the
     student's times, the trajectory spec, the data directory, where the times sit among the stored ones)."""
     teacher = load_teacher(cfg.teacher, **cfg.teacher_options())
-    distance(cfg.loss, getattr(teacher, "shape", None))  # fail now, not after generating trajectories
+    loss_of(cfg, teacher)  # fail now, not after generating trajectories
     shape = tuple(getattr(teacher, "shape", ()))
     if own_network(cfg, teacher):
         if cfg.temporal and cfg.num_times > 1:
@@ -256,7 +267,7 @@ def train_dsno(cfg: DSNOConfig) -> Path:
     data = TrajectoryDataModule(data_dir, batch_size=cfg.batch_size, val_fraction=cfg.val_fraction, seed=cfg.seed,
                                 teacher=teacher, spec=spec, teacher_name=cfg.teacher)
     student = make_student(cfg, teacher, times)
-    module = DSNOModule(cfg, student, time_weights(cfg, sched, times), index)
+    module = DSNOModule(cfg, student, time_weights(cfg, sched, times), index, loss_of(cfg, teacher))
     logger = make_logger(cfg, run_dir)
     guidance = float(getattr(teacher, "cfg", getattr(teacher, "guidance", 1.0)))  # a pipeline's CFG scale
     meta = dict(teacher=dict(fingerprint=teacher.fingerprint(), name=cfg.teacher, **teacher.record()),
