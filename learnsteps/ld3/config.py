@@ -43,7 +43,8 @@ class PairsConfig:
     directory: str = ""  # default <run_dir>/pairs; reusable across runs with the same teacher
     batch_size: Any = 128  # the teacher's batch when it makes pairs and LD3 scores grids without gradients
     RULES: ClassVar = dict(train=or_auto(at_least(1)), val=or_auto(at_least(1)),
-                           test=or_auto(lambda v: None if v == 0 else at_least(2)(v)), order=at_least(1), steps=or_auto(between(1, 10_000)), rtol=positive, directory=not_a_file,
+                           test=or_auto(lambda v: None if v == 0 else at_least(2)(v)), order=at_least(1),
+                           steps=or_auto(between(1, 10_000)), rtol=positive, directory=not_a_file,
                            batch_size=or_auto(at_least(1)))
 
 
