@@ -41,6 +41,9 @@ class Variant:
     backbone: str = "auto"  # auto (the teacher's own network) | unet (a fresh UNet)
     placement: str = "every"
     loss: str = "l2"  # train.py mode=dsno's loss, e.g. l2+3*feature_contraction
+    weighting: str = "snr"  # snr | uniform
+    lr_schedule: str = "constant"  # constant | cosine
+    lr: float = 2e-4
 
     @property
     def name(self) -> str:
@@ -48,11 +51,15 @@ class Variant:
         return ((f"dsno-M{self.num_times}" if dsno else f"one-step-M{self.num_times}")
                 + ("-fresh-unet" if self.backbone == "unet" else "")
                 + (f"-{self.placement}" if dsno and self.placement != "every" else "")
-                + (f"-{self.loss.replace('+', '_').replace('*', 'x')}" if self.loss != "l2" else ""))
+                + (f"-{self.loss.replace('+', '_').replace('*', 'x')}" if self.loss != "l2" else "")
+                + (f"-{self.weighting}" if self.weighting != "snr" else "")
+                + (f"-{self.lr_schedule}" if self.lr_schedule != "constant" else "")
+                + (f"-lr{self.lr:g}" if self.lr != 2e-4 else ""))
 
     def args(self) -> list[str]:
         return [f"num_times={self.num_times}", f"temporal={str(self.temporal).lower()}", f"backbone={self.backbone}",
-                f"placement={self.placement}", f"loss={self.loss}"]
+                f"placement={self.placement}", f"loss={self.loss}", f"weighting={self.weighting}",
+                f"lr_schedule={self.lr_schedule}", f"lr={self.lr}"]
 
 
 @dataclass

@@ -416,6 +416,21 @@ def test_dsno_end_to_end_on_the_exact_digits_teacher(tmp_path):
         one = load_student(train_dsno(more) / "student")
         assert one.cfg.output_times == info["student"]["output_times"][4 // one.num_times - 1::4 // one.num_times]
     assert not (tmp_path / "num_times=2" / "trajectories").exists()
+    # the learning rate after the warm-up: constant (as run above), or a cosine decay that is 0 at max_steps
+    for schedule in ("constant", "cosine"):
+        more = load_config(DSNOConfig, [ROOT / "configs" / "dsno.yaml"], [
+            "teacher=gmm_digits", f"run_dir={tmp_path / schedule}", f"data_dir={run_dir / 'trajectories'}",
+            "trainer.max_steps=4", "trainer.val_check_interval=2", "unet.channels=8", "batch_size=16",
+            "warmup_steps=2", "trainer.checkpoint_every=1", "trainer.progress_bar=false", "wandb.mode=disabled",
+            f"lr_schedule={schedule}"])
+        train_dsno(more)
+        ckpt = torch.load(tmp_path / schedule / "checkpoints" / "last.ckpt", weights_only=False)
+        lr = ckpt["optimizer_states"][0]["param_groups"][0]["lr"]
+        assert lr == (2e-4 if schedule == "constant" else pytest.approx(0.0, abs=1e-12)), (schedule, lr)
+    with pytest.raises(ValueError, match="lr_schedule=cosine decays to 0 at trainer.max_steps"):
+        train_dsno(load_config(DSNOConfig, [ROOT / "configs" / "dsno.yaml"], [
+            "teacher=gmm_digits", f"run_dir={tmp_path / 'bad'}", "lr_schedule=cosine", "trainer.max_steps=-1",
+            "wandb.mode=disabled"]))
     with pytest.raises(ValueError, match="do not hold output time"):
         train_dsno(load_config(DSNOConfig, [ROOT / "configs" / "dsno.yaml"], [
             "teacher=gmm_digits", f"run_dir={tmp_path / 'bad'}", f"data_dir={run_dir / 'trajectories'}",
@@ -425,3 +440,23 @@ def test_dsno_end_to_end_on_the_exact_digits_teacher(tmp_path):
         train_dsno(load_config(DSNOConfig, [ROOT / "configs" / "dsno.yaml"], [
             "teacher=gmm_digits", f"run_dir={tmp_path / 'bad'}", "backbone=teacher", "wandb.mode=disabled"]))
     assert not (tmp_path / "bad").exists()
+
+
+def test_benchmark_variants_name_their_settings_and_pass_them_to_train_py(monkeypatch):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("bench_dsno", ROOT / "benchmarks" / "dsno.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_dsno", bench)  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    V = bench.Variant
+    variants = [V(), V(1, False), V(4, weighting="uniform"), V(4, lr_schedule="cosine"), V(4, lr=6e-4),
+                V(4, backbone="unet"), V(4, loss="l2+3*feature_contraction"), V(4, placement="every_other")]
+    names = [v.name for v in variants]
+    assert names[:5] == ["dsno-M4", "one-step-M1", "dsno-M4-uniform", "dsno-M4-cosine", "dsno-M4-lr0.0006"]
+    assert len(set(names)) == len(names)  # each its own run directory
+    for v in variants:
+        cfg = load_config(DSNOConfig, [ROOT / "configs" / "dsno.yaml"], v.args())
+        assert (cfg.num_times, cfg.temporal, cfg.weighting, cfg.lr_schedule, cfg.lr, cfg.loss) == (
+            v.num_times, v.temporal, v.weighting, v.lr_schedule, v.lr, v.loss)

@@ -3,8 +3,9 @@
 Data: teacher trajectories from seeded noise (learnsteps.trajectories) at M output times, with the teacher's
 x0-predictions there (DSNO's targets; `targets=states` uses the states). Loss: sum over the M points of
 w(t_m) d(pred_m, target_m) with DSNO's clamped sqrt-SNR weight w = clamp(alpha/sigma, 1, 1e4) (the clean end gets
-1e4) or uniform weights. Adam with warm-up, EMA of the weights with warm-up (what is exported), mixed precision on
-GPUs by `trainer.precision`, resumable from the run's last checkpoint.
+1e4) or uniform weights. Adam with warm-up, then a constant rate or a cosine decay to 0; EMA of the weights with
+warm-up (what is exported), mixed precision on GPUs by `trainer.precision`, resumable from the run's last
+checkpoint.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from ..teachers.network import NetworkTeacher
 from ..teachers.unet import UNetConfig, check_unet
 from ..files import read_json
 from ..trajectories import TrajectoryDataModule, TrajectoryError, TrajectorySpec, check_directory
-from ..training.common import RunConfig, fit, make_logger, make_trainer, prepare_run, run_path, teacher_device
+from ..training.common import (RunConfig, cosine_warmup, fit, make_logger, make_trainer, prepare_run, run_path,
+                               teacher_device)
 from .backbones import PLACEMENTS, place, sites
 from .student import DSNOStudent, StudentConfig, build_student, fresh_unet, read_time, save_student
 
@@ -56,6 +58,7 @@ class DSNOConfig(RunConfig, TeacherOptions):
     weighting: str = "snr"  # snr (DSNO's clamp(alpha/sigma, 1, 1e4)) | uniform
     batch_size: int = 64
     lr: float = 2e-4
+    lr_schedule: str = "constant"  # constant after the warm-up | cosine (to 0 at trainer.max_steps)
     warmup_steps: int = 100
     ema_decay: float = 0.999
     val_fraction: float = 0.05
@@ -63,7 +66,8 @@ class DSNOConfig(RunConfig, TeacherOptions):
         RunConfig.RULES, **TeacherOptions.RULES, times=one_of("quadratic", "uniform", "logsnr"), num_times=between(1, 64),
         targets=one_of("x0", "states"), data_dir=not_a_file, modes=at_least(1), loss=check_loss_name,
         placement=one_of(*PLACEMENTS), export_every=at_least(0), backbone=one_of("auto", "teacher", "unet"),
-        weighting=one_of("snr", "uniform"), batch_size=at_least(1), lr=positive, warmup_steps=at_least(0),
+        weighting=one_of("snr", "uniform"), batch_size=at_least(1), lr=positive,
+        lr_schedule=one_of("constant", "cosine"), warmup_steps=at_least(0),
         ema_decay=fraction, val_fraction=all_of(positive, fraction))
 
 
@@ -125,8 +129,12 @@ class DSNOModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.student.parameters(), lr=self.cfg.lr)
-        warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / max(1, self.cfg.warmup_steps)))
-        return dict(optimizer=opt, lr_scheduler=dict(scheduler=warm, interval="step"))
+        if self.cfg.lr_schedule == "cosine":
+            schedule = cosine_warmup(opt, self.cfg.warmup_steps, self.trainer.max_steps)
+        else:
+            schedule = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda k: min(1.0, (k + 1) / max(1, self.cfg.warmup_steps)))
+        return dict(optimizer=opt, lr_scheduler=dict(scheduler=schedule, interval="step"))
 
 
 class ExportCurve(L.Callback):
@@ -225,6 +233,9 @@ def make_student(cfg: DSNOConfig, teacher, times: torch.Tensor) -> DSNOStudent:
 def check_dsno(cfg: DSNOConfig):
     """Everything that can be wrong with a DSNO run's input, found before anything is written: (teacher, the
     student's times, the trajectory spec, the data directory, where the times sit among the stored ones)."""
+    if cfg.lr_schedule == "cosine" and cfg.trainer.max_steps < 1:
+        raise ValueError(f"lr_schedule=cosine decays to 0 at trainer.max_steps, which is {cfg.trainer.max_steps}: "
+                         f"give the run a length")
     teacher = load_teacher(cfg.teacher, **cfg.teacher_options())
     loss_of(cfg, teacher)  # fail now, not after generating trajectories
     shape = tuple(getattr(teacher, "shape", ()))
