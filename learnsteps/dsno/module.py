@@ -28,8 +28,8 @@ from ..teachers.network import NetworkTeacher
 from ..teachers.unet import UNetConfig, check_unet
 from ..files import read_json
 from ..trajectories import TrajectoryDataModule, TrajectoryError, TrajectorySpec, check_directory
-from ..training.common import (RunConfig, cosine_warmup, fit, make_logger, make_trainer, prepare_run, run_path,
-                               teacher_device)
+from ..training.common import (RunConfig, fit, make_logger, make_trainer, prepare_run, run_path,
+                               teacher_device, warmup_schedule)
 from .backbones import PLACEMENTS, place, sites
 from .student import DSNOStudent, StudentConfig, build_student, fresh_unet, read_time, save_student
 
@@ -129,11 +129,8 @@ class DSNOModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.student.parameters(), lr=self.cfg.lr)
-        if self.cfg.lr_schedule == "cosine":
-            schedule = cosine_warmup(opt, self.cfg.warmup_steps, self.trainer.max_steps)
-        else:
-            schedule = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda k: min(1.0, (k + 1) / max(1, self.cfg.warmup_steps)))
+        decay_at = self.trainer.max_steps if self.cfg.lr_schedule == "cosine" else 0
+        schedule = warmup_schedule(opt, self.cfg.warmup_steps, decay_at)
         return dict(optimizer=opt, lr_scheduler=dict(scheduler=schedule, interval="step"))
 
 

@@ -540,8 +540,17 @@ class LossCurve(Callback):
         plt.close(fig)
 
 
-def cosine_warmup(opt, warmup: int, total: int):
-    """Linear warm-up over `warmup` steps, then a cosine decay to 0 at step `total` (the teacher modes' schedule)."""
+def warmup_schedule(opt, warmup: int, decay_at: int = 0):
+    """Linear warm-up over `warmup` steps, then a constant rate (decay_at = 0) or a cosine decay to 0 at step
+    `decay_at` (the teacher modes' schedule)."""
     def factor(k):
-        return min(1.0, (k + 1) / max(1, warmup)) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * min(k, total) / total)).item())
+        warm = min(1.0, (k + 1) / max(1, warmup))
+        if decay_at <= 0:
+            return warm
+        return warm * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * min(k, decay_at) / decay_at)).item())
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def cosine_warmup(opt, warmup: int, total: int):
+    """Linear warm-up over `warmup` steps, then a cosine decay to 0 at step `total`."""
+    return warmup_schedule(opt, warmup, total)
