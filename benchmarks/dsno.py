@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from learnsteps.config import SolverChoice, load_config  # noqa: E402
+from learnsteps.dsno.student import read_student_info  # noqa: E402
 
 
 @dataclass
@@ -109,7 +110,7 @@ def train(cfg: Config, out: Path) -> None:
         for v in variants_for(cfg, teacher):
             run_dir = out / teacher / v.name
             done = run_dir / "student" / "student.json"
-            if done.is_file() and json.loads(done.read_text())["training"]["steps"] >= cfg.steps:
+            if done.is_file() and read_student_info(done.parent)["training"]["steps"] >= cfg.steps:
                 continue  # a shorter run is continued from its last checkpoint to `steps`
             cmd = [sys.executable, str(ROOT / "train.py"), "mode=dsno", f"teacher={teacher}", *v.args(),
                    f"run_dir={run_dir}", f"data_dir={out / teacher / 'trajectories'}",
@@ -384,9 +385,12 @@ def summary(cfg: Config, out: Path, cost_rows: list[dict]) -> str:
                          + (f"; FID / best 4-NFE sampler = {r['fid_data'] / best4['fid_data']:.2f}" if best4 else ""))
         lines.append("")
         for v in variants_for(cfg, teacher):
-            info = json.loads((out / teacher / v.name / "student" / "student.json").read_text())["training"]
+            info = read_student_info(out / teacher / v.name / "student")["training"]
             took = f" in {info['seconds']:.0f} s" if "seconds" in info else ""  # a curve export has no time
-            lines.append(f"- {v.name}: {info['steps']} steps{took}")
+            val = info.get("validation", {})
+            gap = (f"; validation loss on held-out / on seen trajectories {val['val/loss'] / val['val/loss_seen']:.2f}x"
+                   if val.get("val/loss_seen") and "val/loss" in val else "")  # students before the seen loss: none
+            lines.append(f"- {v.name}: {info['steps']} steps{took}{gap}")
         lines.append("")
     if cost_rows:
         lines += ["| teacher | model | MFLOPs per sample | FLOPs / one network evaluation | CPU us per sample | "

@@ -297,12 +297,15 @@ class TrajectoryDataset(torch.utils.data.Dataset):
 
 class TrajectoryDataModule(L.LightningDataModule):
     """A trajectory directory as train and validation sets (a seeded permutation). Given a teacher and a spec
-    and no manifest yet, prepare_data (rank 0) generates the trajectories first."""
+    and no manifest yet, prepare_data (rank 0) generates the trajectories first. With `seen`, validation also runs
+    on as many training trajectories as held-out ones (its second loader): the gap between the two losses says
+    whether a student memorises its trajectories."""
 
     def __init__(self, directory, batch_size: int = 64, val_fraction: float = 0.1, seed: int = 0, teacher=None,
-                 spec: TrajectorySpec | None = None, teacher_name: str = ""):
+                 spec: TrajectorySpec | None = None, teacher_name: str = "", seen: bool = False):
         super().__init__()
         self.directory, self.batch_size, self.val_fraction, self.seed = Path(directory), batch_size, val_fraction, seed
+        self.seen = seen
         self.teacher, self.spec, self.teacher_name = teacher, spec, teacher_name
 
     def prepare_data(self):
@@ -316,9 +319,11 @@ class TrajectoryDataModule(L.LightningDataModule):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
         self.val_set = torch.utils.data.Subset(self.dataset, perm[:n_val])
         self.train_set = torch.utils.data.Subset(self.dataset, perm[n_val:])
+        self.seen_set = torch.utils.data.Subset(self.dataset, perm[n_val:2 * n_val])
 
     def train_dataloader(self):
         return train_loader(self.train_set, self.batch_size, self.seed)
 
     def val_dataloader(self):
-        return torch.utils.data.DataLoader(self.val_set, batch_size=self.batch_size)
+        loader = lambda data: torch.utils.data.DataLoader(data, batch_size=self.batch_size)  # noqa: E731
+        return [loader(self.val_set), loader(self.seen_set)] if self.seen else loader(self.val_set)

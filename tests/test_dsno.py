@@ -347,7 +347,17 @@ def test_a_student_trains_on_a_loss_sum_with_a_batch_term(pipelines, tmp_path):
     run = train_dsno(small_run(pipelines, tmp_path, "loss=l2+3*contraction"))
     info = json.loads((run / "student" / "student.json").read_text())
     assert info["training"]["loss"] == "l2+3*contraction" and info["training"]["steps"] == 3
-    assert math.isfinite(info["training"]["validation"]["val/loss"])
+    val = info["training"]["validation"]
+    assert math.isfinite(val["val/loss"]) and math.isfinite(val["val/loss_seen"]) and val["val/loss_seen"] > 0
+
+
+def test_a_student_that_memorises_its_trajectories_is_told_so():
+    from learnsteps.dsno.module import memorising
+
+    note = memorising({"val/loss": 0.0068, "val/loss_seen": 0.0014}, 4096)
+    assert note is not None and "4.9x" in note and "4096 trajectories" in note and "trajectories.n" in note
+    assert memorising({"val/loss": 0.0027, "val/loss_seen": 0.0014}, 4096) is None  # 1.9x: learning the map
+    assert memorising({"val/loss": 0.0068}, 4096) is None and memorising({}, 4096) is None
 
 
 def test_the_ema_warms_up_and_copies_integer_buffers():

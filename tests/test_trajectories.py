@@ -108,3 +108,13 @@ def test_datamodule_generates_then_splits(tmp_path, teacher):
     batch = next(iter(dm.train_dataloader()))
     assert batch["trajectory"].shape == (4, 4, 6)
     assert not set(dm.train_set.indices) & set(dm.val_set.indices)
+    assert isinstance(dm.val_dataloader(), torch.utils.data.DataLoader)  # one loader unless asked for the seen one
+
+
+def test_datamodule_validates_on_seen_trajectories_too(tmp_path, teacher):
+    dm = TrajectoryDataModule(tmp_path / "d", batch_size=4, val_fraction=0.2, teacher=teacher, spec=spec(), seen=True)
+    dm.prepare_data()
+    dm.setup()
+    held_out, seen = dm.val_dataloader()
+    assert held_out.dataset.indices == dm.val_set.indices and len(seen.dataset) == len(dm.val_set) == 2
+    assert set(seen.dataset.indices) <= set(dm.train_set.indices)  # trajectories the student trains on

@@ -122,10 +122,15 @@ class DSNOModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         self.ema.update_parameters(self.student)
 
-    def validation_step(self, batch, batch_idx):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        """Loader 0: held-out trajectories (val/loss); loader 1: as many it trains on (val/loss_seen)."""
         loss, per_time = self._loss(self.ema.module, batch)
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/rmse_last", per_time[-1].sqrt() if self.cfg.loss == "l2" else per_time[-1])
+        if dataloader_idx == 1:
+            self.log("val/loss_seen", loss, add_dataloader_idx=False)
+            return
+        self.log("val/loss", loss, prog_bar=True, add_dataloader_idx=False)
+        self.log("val/rmse_last", per_time[-1].sqrt() if self.cfg.loss == "l2" else per_time[-1],
+                 add_dataloader_idx=False)
 
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.student.parameters(), lr=self.cfg.lr)
@@ -273,7 +278,7 @@ def train_dsno(cfg: DSNOConfig) -> Path:
     run_dir = prepare_run(cfg)
     teacher.to(teacher_device(cfg))  # its trajectories and sample pictures on the accelerator training uses
     data = TrajectoryDataModule(data_dir, batch_size=cfg.batch_size, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                                teacher=teacher, spec=spec, teacher_name=cfg.teacher)
+                                teacher=teacher, spec=spec, teacher_name=cfg.teacher, seen=True)
     student = make_student(cfg, teacher, times)
     module = DSNOModule(cfg, student, time_weights(cfg, sched, times), index, loss_of(cfg, teacher))
     logger = make_logger(cfg, run_dir)
@@ -297,7 +302,20 @@ def train_dsno(cfg: DSNOConfig) -> Path:
     save_student(run_dir / "student", ema, meta)
     _samples(cfg, teacher, ema, run_dir, logger)
     print(f"one-step student: {run_dir / 'student'} (validation {json.dumps(val)})")
+    if (note := memorising(val, spec.n)) is not None:
+        print(note)
     return run_dir
+
+
+def memorising(val: dict, n: int, ratio: float = 2.0) -> str | None:
+    """A line when the held-out loss is `ratio` times or more the loss on as many training trajectories: the
+    student has learned its trajectories rather than the teacher's map, and more of them help more than more steps
+    (the latent DiT at 4096 trajectories, docs/benchmarks.md)."""
+    held_out, seen = val.get("val/loss"), val.get("val/loss_seen")
+    if held_out is None or not seen or held_out < ratio * seen:
+        return None
+    return (f"note: the held-out loss is {held_out / seen:.1f}x the loss on trajectories the student trained on: it "
+            f"memorises its {n} trajectories; more of them (trajectories.n) will help more than more steps")
 
 
 def _samples(cfg, teacher, student, run_dir: Path, logger) -> None:
