@@ -302,6 +302,33 @@ def test_the_contraction_term_is_the_squared_log_scale_of_the_batch():
     assert float(on_images(0.8 * y, y).max()) == pytest.approx(math.log(0.8) ** 2, abs=1e-12)
 
 
+def test_the_data_term_is_the_squared_mmd_to_the_digits_it_was_given():
+    """Zero for the even-indexed digits themselves (the data it compares with), small for the odd ones it never
+    sees, large for a washed-out batch; it ignores the teacher's samples, a gradient step lowers it, and a sum
+    weighs it by its factor alone (no units)."""
+    from learnsteps.quality.losses import distance, Sum
+    from learnsteps.teachers.gmm import digits_data
+
+    term = distance("data_mmd", (1, 8, 8))
+    digits = digits_data(torch.float32)
+    even, odd = digits[::2][:400], digits[1::2][:400]
+    assert abs(float(term(digits[::2], digits[::2])[0])) < 1e-5
+    unseen, faded = float(term(odd, odd)[0]), float(term(0.3 * odd - 0.7, odd)[0])
+    assert 0 < unseen < 0.1 * faded
+    torch.testing.assert_close(term(odd, even), term(odd, odd))  # the teacher's samples play no part
+    x = (0.3 * odd - 0.7).requires_grad_()
+    (grad,) = torch.autograd.grad(term(x, odd).mean(), x)
+    step = (x - 0.5 * grad / grad.norm() * x.norm().sqrt()).detach()
+    assert float(term(step, odd)[0]) < faded
+    both = distance("l2+30*data_mmd", (1, 8, 8))
+    assert isinstance(both, Sum)
+    both.calibrate([odd], even)
+    assert both.weights["data_mmd"] == 30.0
+    decode = lambda z: z.repeat_interleave(2, -1).repeat_interleave(2, -2)  # noqa: E731  (1, 4, 4) -> (1, 8, 8)
+    on_latents = distance("data_mmd", decode=decode, image_shape=(1, 8, 8))
+    assert getattr(on_latents, "scale_free", False) and on_latents(odd[:, :, ::2, ::2], odd).shape == (400,)
+
+
 def test_the_spread_term_measures_how_much_the_batch_contracts():
     """Zero for the teacher's own batch moved anywhere (translation), c^2 - 2c + 1 = (1 - c)^2 for the batch
     contracted by c towards any point (float64, closed form), and its gradient pushes a contracted batch apart."""

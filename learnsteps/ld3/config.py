@@ -64,7 +64,8 @@ class LD3Config(RunConfig, TeacherOptions):
     t_min: float = 0.0  # the learned grid's last time before its step to zero; 0: the schedule's own (docs/ld3.md)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     loss: str = "auto"  # auto | l2 | l1 | pseudo_huber | lpips | features | spread | contraction |
-    # feature_contraction, or a sum with optional factors: l2+features, l2+300*feature_contraction
+    # feature_contraction | data_mmd (to the digits data, not the teacher), or a sum with optional factors:
+    # l2+features, l2+300*feature_contraction
     feature_net: str = ""  # loss=features: a digits feature network directory (default: the shipped loss network)
     soft_forcing: bool = True
     gamma: float = 0.001  # ball radius r = gamma * d / NFE^2

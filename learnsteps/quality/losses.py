@@ -6,8 +6,8 @@ import math
 import torch
 from torch import Tensor
 
-LOSSES = ("l2", "l1", "pseudo_huber", "lpips", "features", "spread", "contraction", "feature_contraction")
-PIXEL_LOSSES = ("lpips", "features", "contraction", "feature_contraction")  # on a latent teacher: on its images
+LOSSES = ("l2", "l1", "pseudo_huber", "lpips", "features", "spread", "contraction", "feature_contraction", "data_mmd")
+PIXEL_LOSSES = ("lpips", "features", "contraction", "feature_contraction", "data_mmd")  # a latent teacher's: on images
 
 
 def pixel_space(teacher, loss: str = "lpips") -> dict:
@@ -73,7 +73,8 @@ def distance(name: str, shape: tuple[int, ...] | None = None, feature_net: str =
     distance in a digits classifier's feature space (`feature_net`, a directory written by `train.py
     mode=features`; default the shipped loss network, trained apart from FID's; 1x8x8 images), a perceptual loss
     that needs no download; contraction: the batch's squared mean log-ratio of neighbour distances, student over
-    teacher (`contraction`); feature_contraction: the same in the digits features; "a+b": the Sum of both, each
+    teacher (`contraction`); feature_contraction: the same in the digits features; data_mmd: the batch's squared
+    MMD to the digits data in those features (`_data_mmd`; the teacher's samples unused); "a+b": the Sum of both, each
     normalised by calibration (`10*a`: weighted 10). With `decode` (a latent teacher's VAE, see `pixel_space`)
     the PIXEL_LOSSES compare the decoded images (of `image_shape`); the others stay in latent space, where no
     decoding is paid."""
@@ -111,6 +112,8 @@ def distance(name: str, shape: tuple[int, ...] | None = None, feature_net: str =
     if name == "feature_contraction":
         net = _feature_net(shape, feature_net)
         return scale_free(lambda x, y: contraction(net(x.float()), net(y.float())).to(x.dtype))
+    if name == "data_mmd":
+        return scale_free(_data_mmd(_feature_net(shape, feature_net)))
     raise ValueError(f"unknown loss {name!r}: expected one of {LOSSES}")
 
 
@@ -206,3 +209,28 @@ def contraction(x: Tensor, y: Tensor) -> Tensor:
     samples of a neighbourhood together where it cannot follow the teacher, which a paired loss rewards and FID
     against the data punishes). Only the batch's mean scale is asked of the student, not each pair's distance."""
     return log_scale(x, y).pow(2).expand(len(x)).to(x.dtype)
+
+
+def _data_mmd(net):
+    """data_mmd: the squared MMD between the batch's samples and the digits data (even-indexed images only: the odd
+    ones stay unseen, a held-out reference), in the loss network's features, with Gaussian kernels at 1/4, 1 and 4
+    times the data's median squared distance; it does not look at the teacher's samples at all."""
+    from ..teachers.gmm import digits_data
+
+    with torch.no_grad():
+        data = net(digits_data(torch.float32)[::2])
+        scales = torch.cdist(data, data).pow(2).median() * torch.tensor([0.25, 1.0, 4.0])
+
+    def kernel(a: Tensor, b: Tensor) -> Tensor:
+        return torch.exp(-torch.cdist(a, b).pow(2)[..., None] / scales.to(a)).sum(-1)
+
+    with torch.no_grad():
+        data_term = kernel(data, data).mean()
+
+    def term(x: Tensor, y: Tensor) -> Tensor:
+        f = net(x.float())
+        d = data.to(f.device)
+        mmd2 = kernel(f, f).mean() + data_term.to(f.device) - 2 * kernel(f, d).mean()
+        return mmd2.expand(len(x)).to(x.dtype)
+
+    return term
