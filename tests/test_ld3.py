@@ -213,6 +213,7 @@ def test_feature_loss_is_the_squared_distance_of_the_digits_features_and_has_gra
 @pytest.mark.parametrize("args, match", [
     (["loss=lpips"], "lpips"),
     (["loss=features", "teacher=toy_mixture"], "reads 1x8x8 images"),
+    (["loss=l2+30*data_mmd", "teacher=toy_mixture"], "data_mmd use the digits feature network"),
     (["loss=features", "feature_net=/no/such/dir"], "feature_net='/no/such/dir': does not exist"),
     (["solver=heun", "order=2", "nfe=4"], "cannot spend exactly 4 model calls"),
     (["solver=ipndm", "order=4", "nfe=3"], "needs at least 4 steps"),

@@ -157,9 +157,9 @@ def _feature_net(shape: tuple[int, ...] | None, directory: str):
 
     def check(shape):
         if tuple(shape) != (1, 8, 8):
-            raise ValueError(f"loss=features and feature_contraction use the digits feature network, which reads "
-                             f"1x8x8 images, not {tuple(shape)}: choose loss=l2, l1, pseudo_huber or lpips (and "
-                             f"contraction, on the images)")
+            raise ValueError(f"loss=features, feature_contraction and data_mmd use the digits feature network, "
+                             f"which reads 1x8x8 images, not {tuple(shape)}: choose loss=l2, l1, pseudo_huber or "
+                             f"lpips (and contraction, on the images)")
 
     if shape is not None:
         check(shape)
