@@ -49,8 +49,10 @@ class NetworkTeacher(NetworkDenoiser):
         return super().train(False)
 
     def fingerprint(self) -> str:
+        """Of the weights and the configuration, not of where they were read from (`model`: a hub id, its cache
+        path, a copy elsewhere or another checkout's shipped asset are one teacher, whose files all accept)."""
         if self._fingerprint is None:
-            self._fingerprint = fingerprint(self.net, self.config)
+            self._fingerprint = fingerprint(self.net, {k: v for k, v in self.config.items() if k != "model"})
         return self._fingerprint
 
 
