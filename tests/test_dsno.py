@@ -219,6 +219,22 @@ def test_training_moves_the_zero_initialised_temporal_layers():
     assert (student(x).detach() - before).abs().max() > 0
 
 
+def test_the_last_time_rmse_is_an_rmse_whatever_the_loss():
+    """val/rmse_last is the root mean squared error at the clean end for every loss (an l1 run logged its l1)."""
+    from learnsteps.dsno.module import DSNOModule
+
+    teacher = teacher_of("learnsteps_unet", None)
+    cfg = DSNOConfig(num_times=4, placement="one_per_level", loss="l1")
+    times = student_times(cfg, teacher.noise_schedule)
+    student = make_student(cfg, teacher, times)
+    module = DSNOModule(cfg, student, torch.ones(4), torch.arange(4))
+    batch = {"x_T": torch.randn(8, 1, 8, 8), "x0": torch.randn(8, 4, 1, 8, 8)}
+    loss, per_time, rmse_last = module._loss(student, batch)
+    pred = student(batch["x_T"]).detach()
+    torch.testing.assert_close(per_time[-1], (pred[:, -1] - batch["x0"][:, -1]).abs().mean())  # the l1 loss
+    torch.testing.assert_close(rmse_last, (pred[:, -1] - batch["x0"][:, -1]).pow(2).mean().sqrt())
+
+
 def test_states_are_the_flow_path_from_x_T_through_the_prediction():
     teacher = teacher_of("flux", None)
     cfg = DSNOConfig(num_times=4, targets="states")

@@ -417,3 +417,19 @@ def test_the_line_an_ld3_run_prints_runs_its_file_in_the_shipped_pipeline(tmp_pa
     ours = (teacher.decode(ours) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
     assert type(pipe.scheduler).__name__ == ("TabulatedScheduler" if learned_solver else "UniPCMultistepScheduler")
     assert relative(ours, torch.from_numpy(theirs)) <= 1e-5
+
+
+def test_a_pipeline_s_fingerprint_is_of_its_weights_not_of_where_it_is_stored(pipelines, tmp_path):
+    """A schedule or student learned for a pipeline read from one place (the hub cache, a checkout's asset) is
+    accepted for the same pipeline read from another (a copy): the fingerprint is the weights' and settings'."""
+    import shutil
+
+    from learnsteps.eval.evaluate import _belongs
+
+    copy = shutil.copytree(pipelines["dit_flow"], tmp_path / "elsewhere" / "dit_flow")
+    here, there = (load_teacher(str(p), conditions=[0, "two"], guidance=2.0) for p in (pipelines["dit_flow"], copy))
+    assert here.config["model"] != there.config["model"] and here.fingerprint() == there.fingerprint()
+    assert _belongs(here.fingerprint(), there)
+    assert load_teacher(str(copy), conditions=[0, "two"], guidance=3.0).fingerprint() != here.fingerprint()
+    other = load_teacher(str(pipelines["dit"]), conditions=[0, "two"], guidance=2.0)
+    assert other.fingerprint() != here.fingerprint()

@@ -311,3 +311,16 @@ def own_grid(pipe, teacher):
     if type(sc).__name__ == "UniPCMultistepScheduler":
         return grid, dict(solver="unipc", order=sc.config.solver_order, variant=sc.config.solver_type)
     return grid, dict(solver="euler", order=1)
+
+
+def dinov2(directory: Path, size: int = 32) -> Path:
+    """A tiny DINOv2 (random weights) with its image processor, saved as a local copy of facebook/dinov2-small is:
+    the vision model a user hands the feature terms (feature_net=<folder>)."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                             image_size=size, patch_size=8)).save_pretrained(directory)
+    BitImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(directory)
+    return directory

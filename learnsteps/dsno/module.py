@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from ..config import TeacherOptions, all_of, at_least, between, fraction, not_a_file, one_of, positive
+from ..config import TeacherOptions, all_of, at_least, between, existing_dir, fraction, not_a_file, one_of, positive
 from ..quality.losses import check_loss_name, distance, pixel_space
 from ..teachers import load_teacher
 from ..teachers.network import NetworkTeacher
@@ -55,6 +55,8 @@ class DSNOConfig(RunConfig, TeacherOptions):
     # teacher's decoded images, as LD3's); a batch term (contraction) keeps the student's samples as far apart as
     # the teacher's where a paired loss alone pulls them together (docs/dsno.md)
     loss: str = "l2"
+    feature_net: str = ""  # the feature terms' network, as LD3's: digits (default) or a transformers vision model
+    data_reference: str = ""  # loss=data_mmd: a folder of your images (default for 1x8x8 teachers: the digits)
     weighting: str = "snr"  # snr (DSNO's clamp(alpha/sigma, 1, 1e4)) | uniform
     batch_size: int = 64
     lr: float = 2e-4
@@ -65,6 +67,7 @@ class DSNOConfig(RunConfig, TeacherOptions):
     RULES: ClassVar = dict(
         RunConfig.RULES, **TeacherOptions.RULES, times=one_of("quadratic", "uniform", "logsnr"), num_times=between(1, 64),
         targets=one_of("x0", "states"), data_dir=not_a_file, modes=at_least(1), loss=check_loss_name,
+        feature_net=existing_dir, data_reference=existing_dir,
         placement=one_of(*PLACEMENTS), export_every=at_least(0), backbone=one_of("auto", "teacher", "unet"),
         weighting=one_of("snr", "uniform"), batch_size=at_least(1), lr=positive,
         lr_schedule=one_of("constant", "cosine"), warmup_steps=at_least(0),
@@ -108,10 +111,10 @@ class DSNOModule(L.LightningModule):
         target = batch["x0" if self.cfg.targets == "x0" else "trajectory"][:, self.index].float()
         pred = net(batch["x_T"].float(), batch.get("cond"))  # a conditional teacher's condition index per sample
         per_time = torch.stack([self.dist(pred[:, m], target[:, m]).mean() for m in range(pred.shape[1])])
-        return (self.weights * per_time).sum(), per_time
+        return (self.weights * per_time).sum(), per_time, (pred[:, -1] - target[:, -1]).pow(2).mean().sqrt()
 
     def training_step(self, batch, batch_idx):
-        loss, per_time = self._loss(self.student, batch)
+        loss, per_time, _ = self._loss(self.student, batch)
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/loss_t{m}": v for m, v in enumerate(per_time)})
         return loss
@@ -124,13 +127,12 @@ class DSNOModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
         """Loader 0: held-out trajectories (val/loss); loader 1: as many it trains on (val/loss_seen)."""
-        loss, per_time = self._loss(self.ema.module, batch)
+        loss, _, rmse_last = self._loss(self.ema.module, batch)  # rmse_last: at the last output time, whatever the loss
         if dataloader_idx == 1:
             self.log("val/loss_seen", loss, add_dataloader_idx=False)
             return
         self.log("val/loss", loss, prog_bar=True, add_dataloader_idx=False)
-        self.log("val/rmse_last", per_time[-1].sqrt() if self.cfg.loss == "l2" else per_time[-1],
-                 add_dataloader_idx=False)
+        self.log("val/rmse_last", rmse_last, add_dataloader_idx=False)
 
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.student.parameters(), lr=self.cfg.lr)
@@ -201,7 +203,8 @@ def time_weights(cfg: DSNOConfig, schedule, times: torch.Tensor) -> torch.Tensor
 def loss_of(cfg: DSNOConfig, teacher):
     """d(pred, target) -> (B,): cfg.loss, its pixel terms on a latent teacher's decoded images. A sum is not
     calibrated (Sum.calibrate): its factors are its weights, the paired terms in the model's own units."""
-    return distance(cfg.loss, getattr(teacher, "shape", None), **pixel_space(teacher, cfg.loss))
+    return distance(cfg.loss, getattr(teacher, "shape", None), cfg.feature_net, reference=cfg.data_reference,
+                    **pixel_space(teacher, cfg.loss))
 
 
 def own_network(cfg: DSNOConfig, teacher) -> bool:

@@ -45,7 +45,7 @@ class EvalConfig(TeacherOptions):
     samples: int = 2000
     seed: int = 0
     batch_size: int = 500
-    reference: str = "digits"
+    reference: str = "digits"  # the data FID is against: digits | none | a folder of your images
     feature_extractor: str = "digits"  # digits | inception
     feature_weights: str = ""
     teacher_solver: SolverChoice = field(default_factory=lambda: SolverChoice("unipc", 3))
@@ -57,7 +57,8 @@ class EvalConfig(TeacherOptions):
     RULES: ClassVar = dict(
         teachers=each(lambda v: None if v else "must name a teacher", non_empty=True),
         grids=each(one_of(*GRID_KINDS)), nfe=each(between(1, 200)),
-        samples=between(2, 10**6), batch_size=at_least(1), reference=one_of("digits", "none"),
+        samples=between(2, 10**6), batch_size=at_least(1), reference=lambda v: None if v in ("digits", "none") or Path(str(v)).is_dir()
+        else "must be digits, none or a folder of your images",
         **TeacherOptions.RULES,
         feature_extractor=one_of(*EXTRACTORS), teacher_steps=between(1, 10_000), out_dir=not_a_file,
         device=lambda v: None if v == "auto" or v == "cpu" or v == "mps" or str(v).split(":")[0] == "cuda"
@@ -144,7 +145,7 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
             raise ValueError(f"feature_extractor=digits reads 1x8x8 images; {name}'s are {'x'.join(map(str, images))}: "
                              f"use feature_extractor=inception")
     plans = {name: list(entries(cfg, teacher)) for name, teacher in teachers.items()}
-    ref = reference_features(cfg.reference, features) if cfg.reference != "none" else None
+    ref = reference_features(cfg.reference, features, images) if cfg.reference != "none" else None
     rows, samples_for_png, teacher_png = [], {}, None
     for name, teacher in teachers.items():
         tag = f"{name}: " if len(teachers) > 1 else ""

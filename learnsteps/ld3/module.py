@@ -55,7 +55,8 @@ class LD3(L.LightningModule):
         self.register_buffer("x_start", x_T_train.clone())
         d = x_T_train[0].numel()
         self.radius = cfg.gamma * d / cfg.nfe**2 * teacher.noise_schedule.init_noise_std()
-        self.dist = distance(cfg.loss, feature_net=cfg.feature_net, **pixel_space(teacher, cfg.loss))
+        self.dist = distance(cfg.loss, feature_net=cfg.feature_net, reference=cfg.data_reference,
+                             **pixel_space(teacher, cfg.loss))
         self.automatic_optimization = False
         self.best = dict(loss=math.inf, state=self.snapshot(), step=0)
         self.best_of_start = dict(self.best)

@@ -58,7 +58,8 @@ def check_ld3(cfg: LD3Config):
         base_form(cfg.solver, cfg.order, cfg.options, Grid(teacher.noise_schedule, *grid(False)))
     if cfg.init_schedule:
         init_schedule(cfg, teacher)
-    distance(cfg.loss, getattr(teacher, "shape", None), cfg.feature_net, **pixel_space(teacher, cfg.loss))  # fail now
+    distance(cfg.loss, getattr(teacher, "shape", None), cfg.feature_net, reference=cfg.data_reference,
+             **pixel_space(teacher, cfg.loss))  # fail now
     pairs_dir = pairs_path(cfg)
     for name, spec in pair_sets(cfg, teacher).items():
         check_directory(pairs_dir / name, spec, teacher, cfg.teacher)

@@ -81,6 +81,71 @@ def load_feature_net(directory: Path = ASSET) -> DigitsFeatureNet:
     return net.eval().requires_grad_(False)
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class VisionFeatures(nn.Module):
+    """A transformers vision model (DINOv2, CLIP's vision tower, ViT, ...) as a differentiable feature map for
+    images of any size: (B, C, H, W) in [-1, 1] (grey repeated to RGB) -> ((B, D) features,), resized (bicubic)
+    to the model's input size and normalised as its image processor does; the features are its pooled output
+    (DINOv2: the normalised CLS token; CLIP: the projected image embedding), else the first token's state."""
+
+    def __init__(self, model, size: int, mean, std):
+        super().__init__()
+        self.model, self.size = model.eval().requires_grad_(False), int(size)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> tuple[Tensor]:
+        x = x.float().expand(-1, 3, -1, -1) if x.shape[1] == 1 else x.float()
+        x = torch.nn.functional.interpolate((x + 1) / 2, size=(self.size, self.size), mode="bicubic",
+                                            antialias=True, align_corners=False)
+        x = (x - self.mean) / self.std
+        if hasattr(self.model, "get_image_features"):  # a whole CLIP / SigLIP model: its image embedding
+            f = self.model.get_image_features(pixel_values=x)
+            return (f if isinstance(f, Tensor) else f.pooler_output,)
+        out = self.model(pixel_values=x)
+        pooled = getattr(out, "image_embeds", None)
+        pooled = getattr(out, "pooler_output", None) if pooled is None else pooled
+        if pooled is None:
+            pooled = out.last_hidden_state[:, 0]
+        return (pooled.flatten(1),)
+
+
+def load_vision_net(directory: Path) -> VisionFeatures:
+    """A transformers vision model saved in `directory` (save_pretrained's config.json and weights, e.g. a local
+    copy of facebook/dinov2-small), loaded without the network; FeatureNetError names what is wrong."""
+    import transformers
+
+    directory = Path(directory)
+    config = read_json(directory / "config.json", FeatureNetError, checksum="optional")
+    processor = directory / "preprocessor_config.json"
+    pre = read_json(processor, FeatureNetError, checksum="optional") if processor.is_file() else {}
+    try:
+        model = transformers.AutoModel.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise FeatureNetError(f"{directory}: not a transformers vision model that loads offline "
+                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    crop = pre.get("crop_size", pre.get("size"))
+    size = (crop.get("height", crop.get("shortest_edge")) if isinstance(crop, dict) else crop) or \
+        config.get("vision_config", config).get("image_size")
+    if not isinstance(size, int) or size < 1:
+        raise FeatureNetError(f"{directory}: no input size in its config.json or preprocessor_config.json")
+    return VisionFeatures(model, size, pre.get("image_mean", IMAGENET_MEAN), pre.get("image_std", IMAGENET_STD))
+
+
+def load_any_feature_net(directory: Path) -> nn.Module:
+    """A learnsteps digits feature network (features.json) or a transformers vision model (config.json)."""
+    directory = Path(directory)
+    if (directory / "features.json").is_file():
+        return load_feature_net(directory)
+    if (directory / "config.json").is_file():
+        return load_vision_net(directory)
+    raise FeatureNetError(f"no feature network in {directory}: neither a digits feature network (features.json, from "
+                          f"`python train.py mode=features`) nor a transformers vision model (config.json, e.g. a "
+                          f"local copy of facebook/dinov2-small)")
+
+
 class DigitsFeatureExtractor(torch_fidelity.FeatureExtractorBase):
     """torch-fidelity's interface around the digits network: uint8 (N, 1, 8, 8) in, features out."""
 

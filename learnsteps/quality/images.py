@@ -10,6 +10,71 @@ from ..files import write_atomically
 
 MAX_TILE = 256  # pixels: larger images (SDXL's, FLUX's 1024) are shown downsampled, a picture to look at
 MAX_FRAMES = 8  # frames of a video shown in its row
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_REFERENCE = 5000  # reference images read (sorted by name): enough for a data term or FID's statistics
+
+
+class ReferenceImagesError(ValueError):
+    """A reference image folder that cannot be used; the message names the folder or file and the problem."""
+
+
+def reference_files(directory: str | Path, limit: int = MAX_REFERENCE) -> list[Path]:
+    """The first `limit` image files of a folder, by name (at least 2)."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise ReferenceImagesError(f"reference images {folder}: no such folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())[:limit]
+    if len(files) < 2:
+        raise ReferenceImagesError(f"reference images {folder}: {len(files)} image files "
+                                   f"({', '.join(IMAGE_SUFFIXES)}); at least 2 are needed")
+    return files
+
+
+def iter_reference(directory: str | Path, size: tuple[int, int] | None = None, channels: int | None = None,
+                   limit: int = MAX_REFERENCE, batch: int = 64):
+    """The images of a folder (your data: what a data term or FID compares samples with) in batches of (B, C, H, W)
+    in [-1, 1], the first `limit` by name, never all in memory at once (a thousand 1024^2 images are 12 GB as
+    floats); resized (bicubic on the short side, then centre-cropped) to `size` when given, else all must share the
+    first's size; `channels` 1 (grey) or 3 (RGB), default the first image's. Every file is checked before the first
+    batch is made, so a bad folder fails before any work."""
+    from PIL import Image, UnidentifiedImageError
+
+    files = reference_files(directory, limit)
+    sizes = []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                sizes.append((img.height, img.width))
+                channels = channels or (1 if img.mode in ("L", "1", "I;16") else 3)
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            raise ReferenceImagesError(f"reference image {path}: cannot be read ({err})") from None
+        if size is None and sizes[-1] != sizes[0]:
+            raise ReferenceImagesError(f"reference image {path}: {sizes[-1]} pixels, the first {sizes[0]}; "
+                                       f"pass a size to resize them")
+
+    def load(path: Path) -> torch.Tensor:
+        try:
+            with Image.open(path) as img:
+                img = img.convert("L" if channels == 1 else "RGB")
+                if size is not None:
+                    h, w = size
+                    scale = max(h / img.height, w / img.width)
+                    img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))),
+                                     Image.BICUBIC)
+                    left, top = (img.width - w) // 2, (img.height - h) // 2
+                    img = img.crop((left, top, left + w, top + h))
+                return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, -1)
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            raise ReferenceImagesError(f"reference image {path}: cannot be read ({err})") from None
+
+    for b in range(0, len(files), batch):
+        yield torch.stack([load(p) for p in files[b: b + batch]]).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def read_reference(directory: str | Path, size: tuple[int, int] | None = None, channels: int | None = None,
+                   limit: int = MAX_REFERENCE) -> torch.Tensor:
+    """All of `iter_reference`'s images as one (N, C, H, W) tensor in [-1, 1] (small images only)."""
+    return torch.cat(list(iter_reference(directory, size, channels, limit)))
 
 
 def as_frames(video: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -66,15 +66,16 @@ def split_term(term: str) -> tuple[float, str]:
 
 
 def distance(name: str, shape: tuple[int, ...] | None = None, feature_net: str = "", decode=None,
-             image_shape: tuple[int, ...] | None = None):
+             image_shape: tuple[int, ...] | None = None, reference: str = ""):
     """A function (x, y) -> (B,) distances between samples of `shape` (checked now when given). l2: mean squared
     error; l1: mean absolute error; pseudo_huber: sqrt(|x-y|^2 + c^2) - c with c = 0.00054 sqrt(d) (Song &
     Dhariwal 2023); lpips: LPIPS-VGG (needs the lpips package and its weights on disk); features: mean squared
-    distance in a digits classifier's feature space (`feature_net`, a directory written by `train.py
-    mode=features`; default the shipped loss network, trained apart from FID's; 1x8x8 images), a perceptual loss
-    that needs no download; contraction: the batch's squared mean log-ratio of neighbour distances, student over
-    teacher (`contraction`); feature_contraction: the same in the digits features; data_mmd: the batch's squared
-    MMD to the digits data in those features (`_data_mmd`; the teacher's samples unused); "a+b": the Sum of both, each
+    distance in a feature space: `feature_net`, a digits classifier written by `train.py mode=features` (default
+    the shipped loss network, trained apart from FID's; 1x8x8 images) or a transformers vision model's folder
+    (DINOv2, CLIP; any image size); contraction: the batch's squared mean log-ratio of neighbour distances, student
+    over teacher (`contraction`); feature_contraction: the same in those features; data_mmd: the batch's squared
+    MMD in those features to your images (`reference`, a folder; default for 1x8x8 images: the digits data) (`_data_mmd`;
+    the teacher's samples unused); "a+b": the Sum of both, each
     normalised by calibration (`10*a`: weighted 10). With `decode` (a latent teacher's VAE, see `pixel_space`)
     the PIXEL_LOSSES compare the decoded images (of `image_shape`); the others stay in latent space, where no
     decoding is paid."""
@@ -82,14 +83,14 @@ def distance(name: str, shape: tuple[int, ...] | None = None, feature_net: str =
         if (problem := check_loss_name(name)) is not None:
             raise ValueError(f"unknown loss {name!r}: {problem}")
         terms = {n: f for f, n in map(split_term, name.split("+"))}
-        return Sum({n: distance(n, shape, feature_net, decode, image_shape) for n in terms}, terms)
+        return Sum({n: distance(n, shape, feature_net, decode, image_shape, reference) for n in terms}, terms)
     if name in PIXEL_LOSSES and decode is not None:
         if image_shape is not None and len(image_shape) == 4:  # video: the loss of each frame, averaged per clip
-            on_frames = distance(name, (image_shape[0], *image_shape[2:]), feature_net)
+            on_frames = distance(name, (image_shape[0], *image_shape[2:]), feature_net, reference=reference)
             on_images = lambda x, y: per_frame(on_frames, x, y)  # noqa: E731
             on_images.scale_free = getattr(on_frames, "scale_free", False)
         else:
-            on_images = distance(name, image_shape, feature_net)
+            on_images = distance(name, image_shape, feature_net, reference=reference)
         decoded = lambda x, y: on_images(decode(x), decode(y)).to(x.dtype)  # noqa: E731
         return scale_free(decoded) if getattr(on_images, "scale_free", False) else decoded
     if name == "l2":
@@ -113,7 +114,7 @@ def distance(name: str, shape: tuple[int, ...] | None = None, feature_net: str =
         net = _feature_net(shape, feature_net)
         return scale_free(lambda x, y: contraction(net(x.float()), net(y.float())).to(x.dtype))
     if name == "data_mmd":
-        return scale_free(_data_mmd(_feature_net(shape, feature_net)))
+        return scale_free(_data_mmd(_feature_net(shape, feature_net), shape, reference))
     raise ValueError(f"unknown loss {name!r}: expected one of {LOSSES}")
 
 
@@ -152,23 +153,29 @@ def _lpips():
 
 
 def _feature_net(shape: tuple[int, ...] | None, directory: str):
-    """The digits feature network of loss=features (1x8x8 images -> 128-d features), checking the images' shape."""
-    from .features import LOSS_ASSET, load_feature_net
+    """The feature network of loss=features (and the other feature terms): the digits network (1x8x8 images ->
+    128-d features; the shipped loss network by default, checking the images' shape) or, for `directory` holding
+    a transformers vision model, that model (any image shape)."""
+    from .features import LOSS_ASSET, DigitsFeatureNet, load_any_feature_net
+
+    net = load_any_feature_net(directory or LOSS_ASSET)
+    digits = isinstance(net, DigitsFeatureNet)
 
     def check(shape):
-        if tuple(shape) != (1, 8, 8):
+        if digits and tuple(shape) != (1, 8, 8):
             raise ValueError(f"loss=features, feature_contraction and data_mmd use the digits feature network, "
-                             f"which reads 1x8x8 images, not {tuple(shape)}: choose loss=l2, l1, pseudo_huber or "
-                             f"lpips (and contraction, on the images)")
+                             f"which reads 1x8x8 images, not {tuple(shape)}: give feature_net=<a transformers vision "
+                             f"model's folder> (e.g. a local copy of facebook/dinov2-small), or choose loss=l2, l1, "
+                             f"pseudo_huber or lpips (and contraction, on the images)")
 
     if shape is not None:
         check(shape)
-    net = load_feature_net(directory or LOSS_ASSET)
 
     def features(x: Tensor) -> Tensor:
         check(x.shape[1:])
         return net.to(x.device)(x)[0]
 
+    features.digits = digits
     return features
 
 
@@ -211,24 +218,33 @@ def contraction(x: Tensor, y: Tensor) -> Tensor:
     return log_scale(x, y).pow(2).expand(len(x)).to(x.dtype)
 
 
-def _data_mmd(net):
-    """data_mmd: the squared MMD between the batch's samples and the digits data (even-indexed images only: the odd
-    ones stay unseen, a held-out reference), in the loss network's features, with Gaussian kernels at 1/4, 1 and 4
-    times the data's median squared distance; it does not look at the teacher's samples at all."""
+def _data_mmd(net, shape: tuple[int, ...] | None = None, reference: str = ""):
+    """data_mmd: the squared MMD between the batch's samples and the data, in the feature network's features, with
+    Gaussian kernels at 1/4, 1 and 4 times the data's median squared distance; it does not look at the teacher's
+    samples at all. The data: your images (`reference`, a folder, read at the samples' size), or for the digits
+    network the digits data's even-indexed images (the odd ones stay unseen, a held-out reference)."""
     from ..teachers.gmm import digits_data
+    from .images import iter_reference
 
-    with torch.no_grad():
-        data = net(digits_data(torch.float32)[::2])
-        scales = torch.cdist(data, data).pow(2).median() * torch.tensor([0.25, 1.0, 4.0])
+    if reference:
+        size, channels = (tuple(shape[-2:]), shape[0]) if shape is not None else (None, None)
+        batches = iter_reference(reference, size, channels)
+    elif getattr(net, "digits", False):
+        batches = [digits_data(torch.float32)[::2]]
+    else:
+        raise ValueError("loss=data_mmd with a vision feature network needs your images: data_reference=<a folder "
+                         "of them>")
 
     def kernel(a: Tensor, b: Tensor) -> Tensor:
         return torch.exp(-torch.cdist(a, b).pow(2)[..., None] / scales.to(a)).sum(-1)
 
     with torch.no_grad():
+        data = torch.cat([net(images).float() for images in batches])
+        scales = torch.cdist(data, data).pow(2).median() * torch.tensor([0.25, 1.0, 4.0])
         data_term = kernel(data, data).mean()
 
     def term(x: Tensor, y: Tensor) -> Tensor:
-        f = net(x.float())
+        f = net(x.float()).float()
         d = data.to(f.device)
         mmd2 = kernel(f, f).mean() + data_term.to(f.device) - 2 * kernel(f, d).mean()
         return mmd2.expand(len(x)).to(x.dtype)

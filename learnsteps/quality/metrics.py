@@ -105,21 +105,34 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LEARNSTEPS_CACHE", Path.home() / ".cache" / "learnsteps")) / "fidelity"
 
 
-def reference_features(dataset: str, features: Features) -> Tensor:
-    """Features of a data set, computed once and cached under a key of the data's and the extractor's hashes
-    (so a changed data set or extractor is recomputed, never confused)."""
-    if dataset != "digits":
-        raise ValueError(f"unknown reference data set {dataset!r}: the embedded one is 'digits'")
-    from ..teachers.gmm import digits_data
+def reference_features(dataset: str, features: Features, image_shape: tuple[int, ...] | None = None) -> Tensor:
+    """Features of a data set: "digits" (embedded) or a folder of your images (read at `image_shape`'s size and
+    channels, the samples'), computed once and cached under a key of the data's and the extractor's hashes (so a
+    changed data set or extractor is recomputed, never confused)."""
+    digest = hashlib.sha256()
+    if dataset == "digits":
+        from ..teachers.gmm import digits_data
 
-    data = digits_data(torch.float32)
-    key = hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16] + "-" + features.fingerprint[:16]
-    path = cache_dir() / f"{dataset}-{features.name}-{key}.safetensors"
+        batches = [digits_data(torch.float32)]
+        digest.update(batches[0].numpy().tobytes())
+    elif Path(dataset).is_dir():
+        from .images import iter_reference, reference_files
+
+        size, channels = (tuple(image_shape[-2:]), image_shape[0]) if image_shape else (None, None)  # video: frames
+        for file in reference_files(dataset):  # the files and how they are read: a streamed set, featurised once
+            digest.update(file.name.encode() + file.read_bytes())
+        digest.update(f"{size} {channels}".encode())
+        batches = iter_reference(dataset, size, channels, batch=500)
+    else:
+        raise ValueError(f"unknown reference data set {dataset!r}: 'digits' (embedded) or a folder of your images")
+    key = digest.hexdigest()[:16] + "-" + features.fingerprint[:16]
+    name = dataset if dataset == "digits" else "images"
+    path = cache_dir() / f"{name}-{features.name}-{key}.safetensors"
     if path.is_file():
         try:
             return read_safetensors(path)["features"]
         except (ValueError, KeyError):  # a damaged cache entry is recomputed
             pass
-    f = features(data)
+    f = torch.cat([features(data) for data in batches])
     write_safetensors(path, {"features": f})
     return f
