@@ -38,6 +38,7 @@ from .core.reference import reference_solve
 from .core.sample import check_options, check_order, get_solver, solve, starts_at_noise
 from .files import read_json, read_safetensors, sha256_file, write_json, write_safetensors
 from .loaders import train_loader
+from .teachers.network import made_for
 
 FORMAT, VERSION = "learnsteps-trajectories", 1
 TIME_KINDS = ("time_uniform", "time_quadratic", "logsnr", "edm")
@@ -163,6 +164,8 @@ def check_directory(out: Path, spec: TrajectorySpec, teacher, teacher_name: str 
     spec_file = Path(out) / "spec.json"
     if spec_file.is_file():
         old = read_json(spec_file, TrajectoryError)
+        if isinstance(old.get("teacher"), dict) and made_for(teacher, old["teacher"].get("fingerprint")):
+            old["teacher"] = dict(old["teacher"], fingerprint=fingerprint)  # an earlier version's, of this teacher
         if {k: old.get(k) for k in identity} != json.loads(json.dumps(identity)):
             raise TrajectoryError(f"{out} holds trajectories of another teacher or spec; use a new directory")
     return identity

@@ -425,6 +425,7 @@ def test_a_pipeline_s_fingerprint_is_of_its_weights_not_of_where_it_is_stored(pi
     import shutil
 
     from learnsteps.eval.evaluate import _belongs
+    from learnsteps.teachers.network import made_for
 
     copy = shutil.copytree(pipelines["dit_flow"], tmp_path / "elsewhere" / "dit_flow")
     here, there = (load_teacher(str(p), conditions=[0, "two"], guidance=2.0) for p in (pipelines["dit_flow"], copy))
@@ -433,3 +434,23 @@ def test_a_pipeline_s_fingerprint_is_of_its_weights_not_of_where_it_is_stored(pi
     assert load_teacher(str(copy), conditions=[0, "two"], guidance=3.0).fingerprint() != here.fingerprint()
     other = load_teacher(str(pipelines["dit"]), conditions=[0, "two"], guidance=2.0)
     assert other.fingerprint() != here.fingerprint()
+    # files of earlier versions recorded the located fingerprint: still accepted where they were made, only there
+    legacy = here.located_fingerprint()
+    assert legacy != here.fingerprint() and made_for(here, legacy) and not made_for(there, legacy)
+    assert not made_for(other, here.fingerprint())
+
+
+def test_trajectories_recorded_with_an_earlier_version_s_fingerprint_are_still_this_teacher_s(pipelines, tmp_path):
+    from learnsteps.files import read_json, write_json
+    from learnsteps.trajectories import TrajectoryError, TrajectorySpec, check_directory, generate
+
+    teacher = load_teacher(str(pipelines["dit_flow"]), conditions=[0, "two"], guidance=2.0)
+    spec = TrajectorySpec(n=2, num_times=3, solver="unipc", order=2, steps_per_interval=2, shard_size=2)
+    generate(teacher, tmp_path / "t", spec)
+    meta = read_json(tmp_path / "t" / "spec.json")
+    write_json(tmp_path / "t" / "spec.json", dict(meta, teacher=dict(meta["teacher"],
+                                                                     fingerprint=teacher.located_fingerprint())))
+    check_directory(tmp_path / "t", spec, teacher)  # accepted
+    other = load_teacher(str(pipelines["dit_flow"]), conditions=[0, "two"], guidance=3.0)
+    with pytest.raises(TrajectoryError, match="another teacher"):
+        check_directory(tmp_path / "t", spec, other)

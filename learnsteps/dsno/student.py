@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ..core.denoiser import NetworkDenoiser, convert, dtype_of, per_sample
 from ..core.schedules import make_schedule
 from ..files import load_weights, read_json, write_json, write_safetensors
+from ..teachers.network import made_for
 from ..teachers.unet import UNet, UNetConfig
 from .backbones import PLACEMENTS, add_temporal, place, probe_channels, sites
 
@@ -233,6 +234,6 @@ def check_teacher(info: dict, teacher, where: Path | str) -> None:
     """StudentError (one line) unless `teacher` is the one the student was made for (its fingerprint)."""
     want = info.get("teacher", {}).get("fingerprint")
     have = teacher.fingerprint() if hasattr(teacher, "fingerprint") else None
-    if want and have != want:
+    if want and not made_for(teacher, want):
         raise StudentError(f"{where} is a student of teacher {info['teacher'].get('name')!r} (fingerprint "
                            f"{want[:12]}), not of this one ({(have or 'none')[:12]})")

@@ -23,6 +23,7 @@ from ..files import save_figure, write_csv, write_text
 from ..core.schedules import make_schedule
 from ..schedule import check_fits, load_schedule
 from ..teachers import load_teacher
+from ..teachers.network import made_for
 from ..trajectories import conditions_of, sample_noise
 from ..training.common import WandbConfig
 from ..quality.metrics import EXTRACTORS, Features, fid_kid, pixels, reference_features
@@ -95,7 +96,7 @@ def entries(cfg: EvalConfig, teacher):
 
 
 def _belongs(fingerprint: str | None, teacher) -> bool:
-    return not fingerprint or not hasattr(teacher, "fingerprint") or fingerprint == teacher.fingerprint()
+    return made_for(teacher, fingerprint)
 
 
 def short_labels(paths: list[str]) -> dict[str, str]:

@@ -16,6 +16,7 @@ from ..loaders import train_loader
 from ..quality.losses import distance, pixel_space
 from ..schedule import Schedule, ScheduleError, load_schedule, save_schedule
 from ..teachers import load_teacher
+from ..teachers.network import made_for
 from ..trajectories import TrajectoryDataset, TrajectorySpec, check_directory, generate
 from ..training.common import fit, make_logger, make_trainer, prepare_run, run_path, teacher_device
 from .config import LD3Config, baseline_grid, learned_ends, resolve_auto
@@ -177,9 +178,10 @@ def init_schedule(cfg: LD3Config, teacher) -> Schedule:
     except ScheduleError as err:
         raise ValueError(f"init_schedule: {err}") from None
     made_for = s.teacher.get("fingerprint")
-    if made_for and made_for != teacher.fingerprint():
+    if not made_for(teacher, s.teacher.get("fingerprint")):
         raise ValueError(f"init_schedule {cfg.init_schedule}: learned for another teacher "
-                         f"({s.teacher.get('name') or 'fingerprint ' + str(made_for)[:12]}), not {cfg.teacher}")
+                         f"({s.teacher.get('name') or 'fingerprint ' + str(s.teacher['fingerprint'])[:12]}), "
+                         f"not {cfg.teacher}")
     grid = LD3Grid(learned_ends(cfg, teacher.noise_schedule), steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero),
                    cfg.time_mode, cfg.to_zero, cfg.window)
     if s.to_zero != cfg.to_zero or s.times[0] != grid.t_max or s.times[-1 - cfg.to_zero] != grid.t_min:

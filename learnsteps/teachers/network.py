@@ -55,6 +55,20 @@ class NetworkTeacher(NetworkDenoiser):
             self._fingerprint = fingerprint(self.net, {k: v for k, v in self.config.items() if k != "model"})
         return self._fingerprint
 
+    def located_fingerprint(self) -> str | None:
+        """The fingerprint learnsteps recorded before 2026-12-06, which also hashed where the pipeline was read
+        from (`model`): files made then are accepted where they were made (`made_for`)."""
+        return fingerprint(self.net, self.config) if "model" in self.config else None
+
+
+def made_for(teacher, recorded: str | None) -> bool:
+    """Whether a file that records the fingerprint `recorded` (a schedule, a student, trajectories) was made for
+    `teacher`: its fingerprint, or its located one (files of earlier versions); True where either side has none.
+    The located one, a second hash of the weights, is computed only when the first does not match."""
+    if not recorded or not hasattr(teacher, "fingerprint") or recorded == teacher.fingerprint():
+        return True
+    return hasattr(teacher, "located_fingerprint") and recorded == teacher.located_fingerprint()
+
 
 def save_unet_teacher(directory: str | Path, net: UNet, noise_schedule: NoiseSchedule, extra: dict | None = None,
                       dtype: torch.dtype = torch.float32) -> Path:
