@@ -177,7 +177,6 @@ def init_schedule(cfg: LD3Config, teacher) -> Schedule:
                           noise_schedule=teacher.noise_schedule)
     except ScheduleError as err:
         raise ValueError(f"init_schedule: {err}") from None
-    made_for = s.teacher.get("fingerprint")
     if not made_for(teacher, s.teacher.get("fingerprint")):
         raise ValueError(f"init_schedule {cfg.init_schedule}: learned for another teacher "
                          f"({s.teacher.get('name') or 'fingerprint ' + str(s.teacher['fingerprint'])[:12]}), "
