@@ -123,6 +123,10 @@ TRAIN_CASES = {  # args -> a fragment of the one line on stderr (the case's own 
     "ld3 solver=tabulated": (["mode=ld3", "solver=tabulated"], "solver=tabulated: LD3 learns"),
     "ld3 init_schedule of another teacher": (["mode=ld3", "learn=solver", "init_schedule={gmmschedule}"],
                                              "learned for another teacher (gmm_digits), not digits_unet"),
+    "ld3 data_reference without images": (["mode=ld3", "teacher=digits_latent_flow", "loss=l2+data_mmd",
+                                           "data_reference={notteacher}"], "0 image files"),
+    "ld3 feature_net that is no network": (["mode=ld3", "loss=l2+features", "feature_net={notteacher}"],
+                                           "no feature network in"),
     "class label 10 of 10 classes": (["mode=ld3", "teacher=digits_latent_flow", "conditions=[10]"],
                                      "class label 10 is not one of this pipeline's 10 classes"),
     "class label 999": (["mode=dsno", "teacher=digits_latent_flow", "conditions=[999]"],
@@ -138,6 +142,7 @@ TRAIN_CASES = {  # args -> a fragment of the one line on stderr (the case's own 
 
 
 EVAL_CASES = {
+    "reference folder without images": (["reference={notteacher}"], "0 image files"),
     "samples=0": (["samples=0"], "samples=0"),
     "samples=-1": (["samples=-1"], "samples=-1"),
     "teachers=[]": (["teachers=[]"], "teachers=[]: must not be empty"),

@@ -74,11 +74,10 @@ def distance(name: str, shape: tuple[int, ...] | None = None, feature_net: str =
     the shipped loss network, trained apart from FID's; 1x8x8 images) or a transformers vision model's folder
     (DINOv2, CLIP; any image size); contraction: the batch's squared mean log-ratio of neighbour distances, student
     over teacher (`contraction`); feature_contraction: the same in those features; data_mmd: the batch's squared
-    MMD in those features to your images (`reference`, a folder; default for 1x8x8 images: the digits data) (`_data_mmd`;
-    the teacher's samples unused); "a+b": the Sum of both, each
-    normalised by calibration (`10*a`: weighted 10). With `decode` (a latent teacher's VAE, see `pixel_space`)
-    the PIXEL_LOSSES compare the decoded images (of `image_shape`); the others stay in latent space, where no
-    decoding is paid."""
+    MMD in those features to the data (`_data_mmd`: your images, `reference`, a folder; for 1x8x8 images by
+    default the digits; the teacher's samples unused); "a+b": the Sum of both, each normalised by calibration
+    (`10*a`: weighted 10). With `decode` (a latent teacher's VAE, see `pixel_space`) the PIXEL_LOSSES compare the
+    decoded images (of `image_shape`); the others stay in latent space, where no decoding is paid."""
     if "+" in name:
         if (problem := check_loss_name(name)) is not None:
             raise ValueError(f"unknown loss {name!r}: {problem}")
@@ -221,32 +220,35 @@ def contraction(x: Tensor, y: Tensor) -> Tensor:
 def _data_mmd(net, shape: tuple[int, ...] | None = None, reference: str = ""):
     """data_mmd: the squared MMD between the batch's samples and the data, in the feature network's features, with
     Gaussian kernels at 1/4, 1 and 4 times the data's median squared distance; it does not look at the teacher's
-    samples at all. The data: your images (`reference`, a folder, read at the samples' size), or for the digits
-    network the digits data's even-indexed images (the odd ones stay unseen, a held-out reference)."""
+    samples at all. The data: your images (`reference`, a folder, checked now, read at the samples' size and
+    featurised once, at the first call, where the samples are: on the GPU for a GPU run), or for the digits network
+    the digits data's even-indexed images (the odd ones stay unseen, a held-out reference)."""
     from ..teachers.gmm import digits_data
-    from .images import iter_reference
+    from .images import iter_reference, reference_files
 
     if reference:
+        reference_files(reference)
         size, channels = (tuple(shape[-2:]), shape[0]) if shape is not None else (None, None)
-        batches = iter_reference(reference, size, channels)
+        batches = lambda: iter_reference(reference, size, channels)  # noqa: E731
     elif getattr(net, "digits", False):
-        batches = [digits_data(torch.float32)[::2]]
+        batches = lambda: [digits_data(torch.float32)[::2]]  # noqa: E731
     else:
         raise ValueError("loss=data_mmd with a vision feature network needs your images: data_reference=<a folder "
                          "of them>")
+    data = {}
 
-    def kernel(a: Tensor, b: Tensor) -> Tensor:
-        return torch.exp(-torch.cdist(a, b).pow(2)[..., None] / scales.to(a)).sum(-1)
-
-    with torch.no_grad():
-        data = torch.cat([net(images).float() for images in batches])
-        scales = torch.cdist(data, data).pow(2).median() * torch.tensor([0.25, 1.0, 4.0])
-        data_term = kernel(data, data).mean()
+    def kernel(a: Tensor, b: Tensor, scales: Tensor) -> Tensor:
+        return torch.exp(-torch.cdist(a, b).pow(2)[..., None] / scales).sum(-1)
 
     def term(x: Tensor, y: Tensor) -> Tensor:
+        if x.device not in data:
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # the data once, in float32
+                d = torch.cat([net(images.to(x.device)).float() for images in batches()])
+                scales = torch.cdist(d, d).pow(2).median() * torch.tensor([0.25, 1.0, 4.0], device=x.device)
+                data[x.device] = d, scales, kernel(d, d, scales).mean()
+        d, scales, data_term = data[x.device]
         f = net(x.float()).float()
-        d = data.to(f.device)
-        mmd2 = kernel(f, f).mean() + data_term.to(f.device) - 2 * kernel(f, d).mean()
+        mmd2 = kernel(f, f, scales).mean() + data_term - 2 * kernel(f, d, scales).mean()
         return mmd2.expand(len(x)).to(x.dtype)
 
     return term
