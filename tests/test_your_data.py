@@ -111,7 +111,8 @@ def test_ld3_learns_with_your_images_and_a_vision_model_on_a_pipeline_teacher(di
     pipe = tiny_pipelines.stable_diffusion(tmp_path / "sd")
     write_images(tmp_path / "mine", 6, size=(40, 40))
     args = [f"teacher={pipe}", "conditions=[a cat,a dog]", "guidance=4.0", "nfe=3", "pairs.train=4", "pairs.val=2",
-            "pairs.test=2", "pairs.steps=4", "batch_size=2", "rounds_theta=1", "rounds_joint=1", "baselines=[time_uniform]",
+            "pairs.test=2", "pairs.steps=4", "batch_size=2", "rounds_theta=1", "rounds_joint=1",
+            "baselines=[time_uniform]",
             "loss=l2+data_mmd", f"feature_net={dino}", "trainer.progress_bar=false", "wandb.mode=disabled"]
     with pytest.raises(ConfigError, match="data_reference"):
         load_config(LD3Config, [ROOT / "configs" / "ld3.yaml"], [*args, f"data_reference={tmp_path / 'nope'}"])

@@ -58,7 +58,8 @@ class EvalConfig(TeacherOptions):
     RULES: ClassVar = dict(
         teachers=each(lambda v: None if v else "must name a teacher", non_empty=True),
         grids=each(one_of(*GRID_KINDS)), nfe=each(between(1, 200)),
-        samples=between(2, 10**6), batch_size=at_least(1), reference=lambda v: None if v in ("digits", "none") or Path(str(v)).is_dir()
+        samples=between(2, 10**6), batch_size=at_least(1),
+        reference=lambda v: None if v in ("digits", "none") or Path(str(v)).is_dir()
         else "must be digits, none or a folder of your images",
         **TeacherOptions.RULES,
         feature_extractor=one_of(*EXTRACTORS), teacher_steps=between(1, 10_000), out_dir=not_a_file,
