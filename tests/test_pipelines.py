@@ -424,13 +424,12 @@ def test_a_pipeline_s_fingerprint_is_of_its_weights_not_of_where_it_is_stored(pi
     accepted for the same pipeline read from another (a copy): the fingerprint is the weights' and settings'."""
     import shutil
 
-    from learnsteps.eval.evaluate import _belongs
     from learnsteps.teachers.network import made_for
 
     copy = shutil.copytree(pipelines["dit_flow"], tmp_path / "elsewhere" / "dit_flow")
     here, there = (load_teacher(str(p), conditions=[0, "two"], guidance=2.0) for p in (pipelines["dit_flow"], copy))
     assert here.config["model"] != there.config["model"] and here.fingerprint() == there.fingerprint()
-    assert _belongs(here.fingerprint(), there)
+    assert made_for(there, here.fingerprint())
     assert load_teacher(str(copy), conditions=[0, "two"], guidance=3.0).fingerprint() != here.fingerprint()
     other = load_teacher(str(pipelines["dit"]), conditions=[0, "two"], guidance=2.0)
     assert other.fingerprint() != here.fingerprint()

@@ -6,10 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from learnsteps.quality.images import ReferenceImagesError, read_reference
+from learnsteps.quality.images import ReferenceImagesError, iter_reference
 from learnsteps.quality.losses import distance
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_reference(directory, size=None, channels=None, **kw) -> torch.Tensor:
+    return torch.cat(list(iter_reference(directory, size, channels, **kw)))
 
 
 def write_images(folder: Path, n: int, size=(20, 24), mode="RGB", seed=0) -> torch.Tensor:

@@ -91,13 +91,9 @@ def entries(cfg: EvalConfig, teacher):
     labels = short_labels(cfg.schedules)
     for path in cfg.schedules:
         sched = load_schedule(path)
-        if _belongs(sched.teacher.get("fingerprint"), teacher):
+        if made_for(teacher, sched.teacher.get("fingerprint")):
             yield labels[path], SolverChoice(sched.solver, sched.order, sched.solver_options), sched.nfe, sched.grid, \
                 sched.eval_grid
-
-
-def _belongs(fingerprint: str | None, teacher) -> bool:
-    return made_for(teacher, fingerprint)
 
 
 def short_labels(paths: list[str]) -> dict[str, str]:
@@ -127,7 +123,7 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
         for path in paths:
             made = load_schedule(path) if kind == "schedule" else read_student_info(path)
             info = made.teacher if kind == "schedule" else made["teacher"]
-            fits = [t for t in teachers.values() if _belongs(info.get("fingerprint"), t)]
+            fits = [t for t in teachers.values() if made_for(t, info.get("fingerprint"))]
             if not fits:
                 raise ValueError(f"{path} was made for another teacher ({info.get('name') or info.get('fingerprint')}) "
                                  f"than {', '.join(cfg.teachers)}")

@@ -71,12 +71,6 @@ def iter_reference(directory: str | Path, size: tuple[int, int] | None = None, c
         yield torch.stack([load(p) for p in files[b: b + batch]]).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def read_reference(directory: str | Path, size: tuple[int, int] | None = None, channels: int | None = None,
-                   limit: int = MAX_REFERENCE) -> torch.Tensor:
-    """All of `iter_reference`'s images as one (N, C, H, W) tensor in [-1, 1] (small images only)."""
-    return torch.cat(list(iter_reference(directory, size, channels, limit)))
-
-
 def as_frames(video: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Videos (N, C, F, H, W) as N rows of up to MAX_FRAMES evenly spaced frames: ((N * F', C, H, W), F')."""
     f = video.shape[2]
