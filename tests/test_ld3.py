@@ -224,8 +224,6 @@ def test_feature_loss_is_the_squared_distance_of_the_digits_features_and_has_gra
     (["learn=everything"], "learn='everything': must be one of 'grid', 'solver'"),
     (["t_min=2"], "t_min = 2.0 must lie between the schedule's t_zero"),
     (["loss=l2+2*nope"], "each with an optional positive factor"),
-    (["select=fid"], "select='fid': must be one of 'loss', 'data'"),
-    (["select=data", "teacher=toy_mixture"], "(as LD3's select=data does), which reads 1x8x8 images"),
     (["teacher=digits_latent_flow", "guidance=1.15", "solver=ipndm", "order=2"],
      "ipndm cannot start at t = 1.0, where this teacher's sampling starts"),
 ])
@@ -334,55 +332,6 @@ def test_the_data_term_is_the_squared_mmd_to_the_digits_it_was_given():
     decode = lambda z: z.repeat_interleave(2, -1).repeat_interleave(2, -2)  # noqa: E731  (1, 4, 4) -> (1, 8, 8)
     on_latents = distance("data_mmd", decode=decode, image_shape=(1, 8, 8))
     assert getattr(on_latents, "scale_free", False) and on_latents(odd[:, :, ::2, ::2], odd).shape == (400,)
-
-
-def test_the_data_score_is_the_data_terms_mmd_of_all_the_samples_featurised_batch_by_batch():
-    """select=data's score: the features of batches, concatenated, give data_mmd's value on the whole set; through a
-    stand-in VAE each decoded sample (each frame of a video) is featurised."""
-    from learnsteps.quality.losses import data_score, distance
-    from learnsteps.teachers.gmm import digits_data
-
-    odd = digits_data(torch.float32)[1::2][:300]
-    features, score = data_score((1, 8, 8))
-    f = torch.cat([features(odd[:100]), features(odd[100:])])
-    assert f.shape == (300, 128)
-    assert score(f) == pytest.approx(float(distance("data_mmd", (1, 8, 8))(odd, odd)[0]), rel=1e-5)
-    assert score(f) < 0.1 * score(features(0.3 * odd - 0.7))
-    decode = lambda z: z.repeat_interleave(2, -1).repeat_interleave(2, -2)  # noqa: E731  (1, 4, 4) -> (1, 8, 8)
-    on_latents, _ = data_score((1, 4, 4), decode=decode, image_shape=(1, 8, 8))
-    torch.testing.assert_close(on_latents(odd[:, :, ::2, ::2]), features(decode(odd[:, :, ::2, ::2])))
-    clips = odd[:12, :, ::2, ::2].reshape(4, 3, 1, 4, 4).transpose(1, 2)  # 4 clips (1, 3 frames, 4, 4)
-    on_video, _ = data_score((1, 3, 4, 4), decode=decode, image_shape=(1, 3, 8, 8))
-    torch.testing.assert_close(on_video(clips), on_latents(odd[:12, :, ::2, ::2]))
-
-
-def test_select_data_exports_the_validated_state_whose_samples_are_closest_to_the_data(tmp_path, capsys):
-    """select=data: the exported grid's validation samples are at the recorded distance to the data, which is no
-    more than the starting grid's (the sanity pass validates it); the validation loss is recorded beside it."""
-    from learnsteps.core.denoiser import dtype_of
-    from learnsteps.quality.losses import data_score
-    from learnsteps.teachers import load_teacher
-    from learnsteps.trajectories import TrajectoryDataset
-
-    cfg = tiny(tmp_path, teacher="gmm_digits", select="data", **{"pairs.val": 32, "pairs.test": 0})
-    run_dir = train_ld3(cfg)
-    start = capsys.readouterr().out.split("LD3 starts from the ")[1].split(" grid")[0]
-    schedule = load_schedule(run_dir / "schedule.json", solver="unipc", order=2, nfe=4)
-    p = schedule.provenance
-    assert p["select"] == "data" and set(p["validation"]) == {"l2", "data_mmd"}
-    teacher = load_teacher("gmm_digits")
-    ds = TrajectoryDataset(run_dir / "pairs" / "train", dtype=dtype_of(teacher))
-    x_T, target = ds.tensors["x_T"][8:], ds.tensors["trajectory"][8:, -1]
-    features, score = data_score((1, 8, 8))
-
-    def scores(grid, eval_grid=None):
-        x = ls.sample(teacher, x_T, grid, "unipc", 2, eval_grid=eval_grid)
-        return score(features(x)), float((x - target).pow(2).flatten(1).mean(1).mean())
-
-    learned, learned_l2 = scores(schedule.grid, schedule.eval_grid)
-    assert learned == pytest.approx(p["validation"]["data_mmd"], rel=1e-4)
-    assert learned_l2 == pytest.approx(p["validation"]["l2"], rel=1e-4)
-    assert learned <= scores(ls.grids.make(start, 4, teacher.noise_schedule, to_zero=True))[0] * (1 + 1e-5)
 
 
 def test_the_spread_term_measures_how_much_the_batch_contracts():

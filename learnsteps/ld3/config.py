@@ -69,10 +69,7 @@ class LD3Config(RunConfig, TeacherOptions):
     # the feature terms' network: a digits feature network directory (default: the shipped loss network) or a
     # transformers vision model's folder (e.g. a local copy of facebook/dinov2-small: any image size)
     feature_net: str = ""
-    data_reference: str = ""  # loss=data_mmd and select=data: a folder of your images (1x8x8 teachers: the digits)
-    # which validated state is exported: the lowest validation loss (LD3's), or with `data` the one whose validation
-    # samples are closest to the data (data_mmd's distance, in the feature_net's features, to data_reference)
-    select: str = "loss"
+    data_reference: str = ""  # loss=data_mmd: a folder of your images (default for 1x8x8 teachers: the digits)
     soft_forcing: bool = True
     gamma: float = 0.001  # ball radius r = gamma * d / NFE^2
     shift_lr: float = 0.0  # step of x'_T; 0: the official 12 / NFE
@@ -99,7 +96,7 @@ class LD3Config(RunConfig, TeacherOptions):
         RunConfig.RULES, **TeacherOptions.RULES, order=at_least(1), nfe=between(1, 100), time_mode=one_of("lambda", "time"),
         init=one_of("uniform", "best", *BASELINES), window=between(0, 0.5), t_min=at_least(0),
         loss=lambda v: None if v == "auto" else check_loss_name(v), remat=one_of("auto", "True", "False", "true", "false"),
-        feature_net=existing_dir, data_reference=existing_dir, select=one_of("loss", "data"), gamma=at_least(0), shift_lr=at_least(0),
+        feature_net=existing_dir, data_reference=existing_dir, gamma=at_least(0), shift_lr=at_least(0),
         batch_size=or_auto(at_least(1)),
         rounds_theta=at_least(0), rounds_joint=at_least(0), restarts=between(1, 10), lr_theta=positive,
         optimizer=one_of("rmsprop", "adam"), lr_xi=at_least(0), patience=at_least(1),

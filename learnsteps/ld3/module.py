@@ -8,8 +8,7 @@ Algorithm (Tong et al., "Learning to Discretize Denoising Diffusion ODEs", ICLR 
   where that sample's loss goes down;
 - phase 1 trains the grid (theta) alone, phase 2 the grid and the decoupled offsets (xi); RMSprop for theta,
   SGD for xi, gradient norms clipped to 1, both learning rates decayed x0.8 after `patience` validations
-  without improvement (restarting from the best grid), and the best-validation grid is what gets exported
-  (with select=data: the validated state whose validation samples are closest to the data, issue #33).
+  without improvement (restarting from the best grid), and the best-validation grid is what gets exported.
 Deviation from the official code, on purpose: validation measures the unrelaxed objective (the true x_T of
 held-out pairs), so model selection is not scored on soft-optimised latents.
 """
@@ -23,7 +22,7 @@ import torch
 
 from ..core.sample import check_order, solve, steps_for_nfe
 from ..core.steps import Grid
-from ..quality.losses import data_score, distance, pixel_space
+from ..quality.losses import distance, pixel_space
 from .config import LD3Config, learned_ends, resolve_auto
 from .grid import LD3Grid
 from .solver import LearnedTable, base_form
@@ -58,14 +57,10 @@ class LD3(L.LightningModule):
         self.radius = cfg.gamma * d / cfg.nfe**2 * teacher.noise_schedule.init_noise_std()
         self.dist = distance(cfg.loss, feature_net=cfg.feature_net, reference=cfg.data_reference,
                              **pixel_space(teacher, cfg.loss))
-        self.data_score = None  # select=data: (features, score), see quality.losses.data_score
-        if cfg.select == "data":
-            self.data_score = data_score(getattr(teacher, "shape", None), cfg.feature_net,
-                                         reference=cfg.data_reference, **pixel_space(teacher, "data_mmd"))
         self.automatic_optimization = False
-        self.best = dict(loss=math.inf, score=math.inf, state=self.snapshot(), step=0)
+        self.best = dict(loss=math.inf, state=self.snapshot(), step=0)
         self.best_of_start = dict(self.best)
-        self.bad_validations, self.val_losses, self.val_features, self.started = 0, [], [], 0
+        self.bad_validations, self.val_losses, self.started = 0, [], 0
 
     def on_fit_start(self):
         self.teacher.to(self.device)  # not a submodule (frozen, not in the state dict): it follows the module
@@ -175,10 +170,7 @@ class LD3(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         _, x_T, target, cond = batch
         with torch.no_grad():
-            x = self.student(x_T, cond)
-            self.val_losses.append(self.dist(x, target))
-            if self.data_score is not None:
-                self.val_features.append(self.data_score[0](x))
+            self.val_losses.append(self.dist(self.student(x_T, cond), target))
 
     def on_validation_epoch_end(self):
         if not self.val_losses:
@@ -186,14 +178,8 @@ class LD3(L.LightningModule):
         val = float(self.all_gather(torch.cat(self.val_losses)).mean())
         self.val_losses = []
         self.log("val/loss", val, prog_bar=True, sync_dist=False)
-        score = val
-        if self.data_score is not None:  # select=data: every rank's samples against the data
-            f = self.all_gather(torch.cat(self.val_features))
-            score = self.data_score[1](f.reshape(-1, f.shape[-1]))
-            self.val_features = []
-            self.log("val/data_mmd", score, sync_dist=False)
-        state = dict(loss=val, score=score, state=self.snapshot(), step=self.global_step)
-        if score < self.best.get("score", self.best["loss"]):  # the best of all starts: what gets exported
+        state = dict(loss=val, state=self.snapshot(), step=self.global_step)
+        if val < self.best["loss"]:  # the best of all starts: what gets exported
             self.best = state
         if val < self.best_of_start["loss"]:  # the best of this start: where a plateau sends it back
             self.best_of_start, self.bad_validations = state, 0
@@ -205,7 +191,7 @@ class LD3(L.LightningModule):
                         group["lr"] = max(floor, group["lr"] * self.cfg.lr_decay)
                 self.restore(self.best_of_start["state"])
                 self.bad_validations = 0
-        self.log("val/best", self.best.get("score", self.best["loss"]))
+        self.log("val/best", self.best["loss"])
 
     def learned_parameters(self) -> list[torch.nn.Parameter]:
         """theta, xi (and the coefficient corrections): one optimiser each, in this order."""

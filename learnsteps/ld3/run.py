@@ -13,7 +13,7 @@ from ..core.sample import check_options, check_order, get_solver, solve_in_batch
 from ..core.steps import Grid
 from ..files import write_csv, write_text
 from ..loaders import train_loader
-from ..quality.losses import data_score, distance, pixel_space
+from ..quality.losses import distance, pixel_space
 from ..schedule import Schedule, ScheduleError, load_schedule, save_schedule
 from ..teachers import load_teacher
 from ..teachers.network import made_for
@@ -61,9 +61,6 @@ def check_ld3(cfg: LD3Config):
         init_schedule(cfg, teacher)
     distance(cfg.loss, getattr(teacher, "shape", None), cfg.feature_net, reference=cfg.data_reference,
              **pixel_space(teacher, cfg.loss))  # fail now
-    if cfg.select == "data":
-        data_score(getattr(teacher, "shape", None), cfg.feature_net, reference=cfg.data_reference,
-                   **pixel_space(teacher, "data_mmd"))
     pairs_dir = pairs_path(cfg)
     for name, spec in pair_sets(cfg, teacher).items():
         check_directory(pairs_dir / name, spec, teacher, cfg.teacher)
@@ -96,8 +93,7 @@ def train_ld3(cfg: LD3Config) -> Path:
         return run_dir
     learned = module.best_run()
     options = {k: v for k, v in learned.items() if k not in ("grid", "eval_grid", "solver", "order")}
-    validation = {cfg.loss: module.best["loss"], **({"data_mmd": module.best["score"]} if cfg.select == "data" else {})}
-    provenance = dict(method="ld3", loss=cfg.loss, select=cfg.select, validation=validation,
+    provenance = dict(method="ld3", loss=cfg.loss, validation={f"{cfg.loss}": module.best["loss"]},
                       best_step=module.best["step"], seed=cfg.seed, time_mode=cfg.time_mode,
                       soft_forcing=cfg.soft_forcing, pairs=dict(train=p.train, val=p.val))
     if cfg.learn == "solver":

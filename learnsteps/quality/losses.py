@@ -162,11 +162,10 @@ def _feature_net(shape: tuple[int, ...] | None, directory: str):
 
     def check(shape):
         if digits and tuple(shape) != (1, 8, 8):
-            raise ValueError(f"loss=features, feature_contraction and data_mmd use the digits feature network (as "
-                             f"LD3's select=data does), which reads 1x8x8 images, not {tuple(shape)}: give "
-                             f"feature_net=<a transformers vision model's folder> (e.g. a local copy of "
-                             f"facebook/dinov2-small), or choose loss=l2, l1, pseudo_huber or lpips (and contraction, "
-                             f"on the images)")
+            raise ValueError(f"loss=features, feature_contraction and data_mmd use the digits feature network, "
+                             f"which reads 1x8x8 images, not {tuple(shape)}: give feature_net=<a transformers vision "
+                             f"model's folder> (e.g. a local copy of facebook/dinov2-small), or choose loss=l2, l1, "
+                             f"pseudo_huber or lpips (and contraction, on the images)")
 
     if shape is not None:
         check(shape)
@@ -234,46 +233,22 @@ def _data_mmd(net, shape: tuple[int, ...] | None = None, reference: str = ""):
     elif getattr(net, "digits", False):
         batches = lambda: [digits_data(torch.float32)[::2]]  # noqa: E731
     else:
-        raise ValueError("loss=data_mmd (and LD3's select=data) with a vision feature network needs your images: "
-                         "data_reference=<a folder of them>")
+        raise ValueError("loss=data_mmd with a vision feature network needs your images: data_reference=<a folder "
+                         "of them>")
     data = {}
 
     def kernel(a: Tensor, b: Tensor, scales: Tensor) -> Tensor:
         return torch.exp(-torch.cdist(a, b).pow(2)[..., None] / scales).sum(-1)
 
-    def against_data(f: Tensor) -> Tensor:
-        """The squared MMD of features f (n, d) to the data's."""
-        if f.device not in data:
-            with torch.no_grad(), torch.autocast(f.device.type, enabled=False):  # the data once, in float32
-                d = torch.cat([net(images.to(f.device)).float() for images in batches()])
-                scales = torch.cdist(d, d).pow(2).median() * torch.tensor([0.25, 1.0, 4.0], device=f.device)
-                data[f.device] = d, scales, kernel(d, d, scales).mean()
-        d, scales, data_term = data[f.device]
-        return kernel(f, f, scales).mean() + data_term - 2 * kernel(f, d, scales).mean()
-
     def term(x: Tensor, y: Tensor) -> Tensor:
-        return against_data(net(x.float()).float()).expand(len(x)).to(x.dtype)
+        if x.device not in data:
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # the data once, in float32
+                d = torch.cat([net(images.to(x.device)).float() for images in batches()])
+                scales = torch.cdist(d, d).pow(2).median() * torch.tensor([0.25, 1.0, 4.0], device=x.device)
+                data[x.device] = d, scales, kernel(d, d, scales).mean()
+        d, scales, data_term = data[x.device]
+        f = net(x.float()).float()
+        mmd2 = kernel(f, f, scales).mean() + data_term - 2 * kernel(f, d, scales).mean()
+        return mmd2.expand(len(x)).to(x.dtype)
 
-    term.against_data = against_data
     return term
-
-
-def data_score(shape: tuple[int, ...] | None, feature_net: str = "", decode=None,
-               image_shape: tuple[int, ...] | None = None, reference: str = ""):
-    """How far a set of samples is from the data, for choosing between candidates (LD3's select=data): a pair
-    (features, score). features(x) -> (n, d): the feature network's features of a batch of samples (decoded with
-    `decode` for a latent teacher, each frame of a video); score(f) -> float: data_mmd's squared MMD of all of them,
-    concatenated, to the data (`reference`, or the digits for the digits network). The samples' features are taken
-    batch by batch, so no more than one batch is ever decoded at once."""
-    images = image_shape if decode is not None and image_shape is not None else shape
-    frame = None if images is None else (images[0], *images[2:]) if len(images) == 4 else tuple(images)
-    net = _feature_net(frame, feature_net)
-    mmd = _data_mmd(net, frame, reference)
-
-    @torch.no_grad()
-    def features(x: Tensor) -> Tensor:
-        x = decode(x) if decode is not None else x
-        x = x.transpose(1, 2).flatten(0, 1) if x.dim() == 5 else x
-        return net(x.float()).float()
-
-    return features, lambda f: float(mmd.against_data(f.float()))
