@@ -87,3 +87,14 @@ def reexpressed(teacher, prediction: str):
             return {"epsilon": eps, "x0": x0, "v": alpha * eps - sigma * x0, "flow": eps - x0}[prediction]
 
     return NetworkDenoiser(Net(), s, prediction)
+
+
+def refused_by_train_py(argv: list[str], capsys) -> str:
+    """train.py's own code path (learnsteps.cli.train_main), in this process: it must exit 2 with one "error: ..."
+    on stderr, which is returned (a subprocess per bad-argument case costs seconds of CI each)."""
+    from learnsteps.cli import train_main
+
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: "), err[-1500:]
+    return err

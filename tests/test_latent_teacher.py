@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import learnsteps as ls
+from helpers import refused_by_train_py
 from learnsteps.config import load_config
 from learnsteps.teachers import load_teacher
 from learnsteps.teachers.network import TeacherLoadError
@@ -56,11 +57,8 @@ def test_a_damaged_export_is_refused_by_its_checksums(tmp_path):
 @pytest.mark.parametrize("arg, match", [("dit.width=30", "multiple of dit.head_dim"), ("shift=0", "shift=0"),
                                         ("vae.channels=[]", "must not be empty"), ("time_sampling=beta", "one of")])
 def test_bad_recipes_exit_2_before_writing(tmp_path, arg, match, capsys):
-    from learnsteps.cli import train_main
-
-    assert train_main(["mode=latent_teacher", f"run_dir={tmp_path / 'r'}", arg]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and match in err, err[-1500:]
+    err = refused_by_train_py(["mode=latent_teacher", f"run_dir={tmp_path / 'r'}", arg], capsys)
+    assert match in err, err[-1500:]
     assert not (tmp_path / "r").exists()
 
 

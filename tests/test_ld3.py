@@ -16,7 +16,7 @@ from learnsteps.ld3.module import NO_CONDITION
 from learnsteps.schedule import load_schedule
 from learnsteps.teachers.gmm import toy_mixture
 
-from helpers import F64, noise
+from helpers import F64, noise, refused_by_train_py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -228,13 +228,8 @@ def test_feature_loss_is_the_squared_distance_of_the_digits_features_and_has_gra
      "ipndm cannot start at t = 1.0, where this teacher's sampling starts"),
 ])
 def test_bad_ld3_arguments_exit_2(args, match, tmp_path, capsys):
-    """train.py's own code path, in this process (a subprocess per case cost a minute of CI's time;
-    test_teachers_neural runs train.py itself)."""
-    from learnsteps.cli import train_main
-
-    assert train_main(["mode=ld3", f"run_dir={tmp_path / 'r'}", *args]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and match in err, err[-1500:]
+    err = refused_by_train_py(["mode=ld3", f"run_dir={tmp_path / 'r'}", *args], capsys)
+    assert match in err, err[-1500:]
     assert not (tmp_path / "r").exists()
 
 
