@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from learnsteps.config import SolverChoice, load_config  # noqa: E402
-from learnsteps.files import save_figure, write_csv  # noqa: E402
+from learnsteps.files import read_json, save_figure, write_csv, write_json, write_text  # noqa: E402
 from learnsteps.ld3.config import BASELINES  # noqa: E402
 
 
@@ -472,15 +472,16 @@ def judge(run_dir: Path, teacher, heldout) -> list[dict]:
 
 def against_data(cfg: Config, out: Path) -> str:
     root = out / "data"
+    data_rows(root, cfg.ld3_args)  # a case already run is reused as it is (train_ld3 skips it): same arguments only
     held = {g: heldout_pairs(cfg, g, root / f"guidance{g}") for g in cfg.data_guidances}
 
     def run(g: float, seed: int, case: SolverChoice, nfe: int) -> list[dict]:
-        where = root / f"guidance{g}" / f"seed{seed}"
+        where = root / f"guidance{g}" / f"seed{seed}"  # the seed's own training and validation pairs
+        cell = where / f"{case.solver}{case.order}" / f"nfe{nfe}"
         args = [f"teacher={cfg.data_teacher}", f"guidance={g}", f"solver={case.solver}", f"order={case.order}",
                 f"nfe={nfe}", f"seed={seed}", f"pairs.seed={seed}", "pairs.test=2",
                 f"baselines=[{','.join(BASELINES)}]",  # every hand grid, GITS' included
                 *[f"options.{k}={v}" for k, v in case.options.items()], *cfg.ld3_args]
-        cell = where / f"{case.solver}{case.order}" / f"nfe{nfe}"
         runs = {"ld3": train_ld3(args, cell / "ld3", where / "pairs", cfg.threads)}
         if cfg.data_learned_solver:
             runs["solver"] = train_ld3([*args, "learn=solver", f"init_schedule={cell / 'ld3' / 'schedule.json'}",
@@ -499,15 +500,31 @@ def against_data(cfg: Config, out: Path) -> str:
                 **{f"hand_{k}": best[k][k] for k in best}, hand_fid_data_grid=best["fid_data"]["grid"],
                 hand_recall=best["fid_data"]["recall"]))
             print(out_rows[-1], flush=True)
+        write_json(cell / "rows.json", {"ld3_args": list(cfg.ld3_args), "rows": out_rows})
         return out_rows
 
     jobs = [(g, s, c, n) for g in cfg.data_guidances for s in cfg.data_seeds for c in cfg.data_solvers
             for n in cfg.data_nfe]
-    rows = [r for rs in run_all(jobs, run, cfg.workers, first_of=lambda j: j[:2]) for r in rs]
+    run_all(jobs, run, cfg.workers, first_of=lambda j: j[:2])
+    rows = data_rows(root, cfg.ld3_args)
     write_csv(root / "data.csv", rows)
     text = data_table(cfg, rows)
-    (root / "data.md").write_text(text)
+    write_text(root / "data.md", text)
     return text
+
+
+def data_rows(root: Path, ld3_args: list[str]) -> list[dict]:
+    """Every case judged so far under `root` (each case's rows.json), so that an invocation for some of the cases adds
+    to data.csv and data.md instead of replacing what earlier invocations in the same out_dir measured; all of them
+    made with `ld3_args` (one out_dir, one recipe: its runs are reused, not retrained, by a later invocation)."""
+    rows = []
+    for path in root.glob("guidance*/seed*/*/nfe*/rows.json"):
+        made = read_json(path, SystemExit)
+        if made["ld3_args"] != list(ld3_args):
+            raise SystemExit(f"{path.parent} was made with ld3_args={made['ld3_args']}, not {list(ld3_args)}: "
+                             f"use another out_dir")
+        rows += made["rows"]
+    return sorted(rows, key=lambda r: (r["guidance"], r["solver"], r["nfe"], r["method"] != "ld3", r["seed"]))
 
 
 def frontier(cfg: Config, out: Path) -> str:
@@ -616,7 +633,8 @@ def data_table(cfg: Config, rows: list[dict]) -> str:
             f"{fd / teacher:.3f} | {ft:.3f} | {med([r['teacher_recall'] for r in rs]):.3f} / "
             f"{med([r['hand_recall'] for r in rs]):.3f} / {med([r['recall'] for r in rs]):.3f} | "
             f"{med([r['rmse'] / r['hand_rmse'] for r in rs]):.3f} | {'yes' if a else 'no'} | {b} |")
-    return (f"{cfg.data_teacher}, {len(cfg.data_seeds)} seeds (median, range), {cfg.bench_test} held-out pairs per "
+    seeds = sorted(set(r["seed"] for r in rows))
+    return (f"{cfg.data_teacher}, seeds {', '.join(map(str, seeds))} (median, range), {cfg.bench_test} held-out pairs per "
             f"guidance; LD3 args: {' '.join(cfg.ld3_args) or 'the defaults'}\n\n" + "\n".join(lines) + "\n")
 
 

@@ -98,3 +98,18 @@ def refused_by_train_py(argv: list[str], capsys) -> str:
     err = capsys.readouterr().err
     assert err.startswith("error: "), err[-1500:]
     return err
+
+
+def benchmark_module(name: str, monkeypatch):
+    """benchmarks/<name>.py imported as a module (the scripts are not a package); registered in sys.modules for the
+    test only, where its dataclasses look their module up."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).resolve().parents[1] / "benchmarks"
+                                                  / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module

@@ -16,6 +16,8 @@ from learnsteps.dsno.student import READ_GAIN, StudentError, load_student, read_
 from learnsteps.teachers.network import DiffusersUNet, NetworkTeacher
 from learnsteps.teachers.unet import UNet, UNetConfig
 
+from helpers import benchmark_module
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = UNetConfig(channels=8, channel_mult=[1, 2], blocks_per_level=1)
 
@@ -469,14 +471,7 @@ def test_dsno_end_to_end_on_the_exact_digits_teacher(tmp_path):
 
 
 def test_benchmark_variants_name_their_settings_and_pass_them_to_train_py(monkeypatch):
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("bench_dsno", ROOT / "benchmarks" / "dsno.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_dsno", bench)  # its dataclasses look their module up there
-    spec.loader.exec_module(bench)
-    V = bench.Variant
+    V = benchmark_module("dsno", monkeypatch).Variant
     variants = [V(), V(1, False), V(4, weighting="uniform"), V(4, lr_schedule="cosine"), V(4, lr=6e-4),
                 V(4, backbone="unet"), V(4, loss="l2+3*feature_contraction"), V(4, placement="every_other")]
     names = [v.name for v in variants]

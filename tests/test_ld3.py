@@ -16,7 +16,7 @@ from learnsteps.ld3.module import NO_CONDITION
 from learnsteps.schedule import load_schedule
 from learnsteps.teachers.gmm import toy_mixture
 
-from helpers import F64, noise, refused_by_train_py
+from helpers import F64, benchmark_module, noise, refused_by_train_py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -550,3 +550,37 @@ def test_make_demos_two_runs_are_valid_ld3_configs(tmp_path, monkeypatch):
     assert (solver.learn, solver.pairs.test, solver.pairs.directory) == ("solver", 2000, ld3.pairs.directory)
     assert solver.init_schedule == "runs/demo/ld3/schedule.json" and "gits" in solver.baselines
     assert "run_dir=runs/demo/ld3" in text and "run_dir=runs/demo/solver" in text
+
+
+def test_data_benchmark_adds_each_invocations_cases_to_the_table_and_refuses_other_arguments(tmp_path, monkeypatch):
+    """benchmarks/ld3.py part=data: each case keeps its judged rows beside its runs, so data.md covers every case
+    of the out_dir (an invocation for one solver used to replace the rows of the others); a case's runs are reused
+    by a later invocation, so an out_dir holds one recipe and other ld3_args are refused before anything runs."""
+    from learnsteps.files import write_json
+
+    bench = benchmark_module("ld3", monkeypatch)
+    args = ["loss=l2", "t_min=0.015"]
+
+    def case(solver, seed, method, fid):
+        return dict(guidance=1.0, solver=solver, nfe=4, seed=seed, method=method, seconds=1.0, rmse=0.1,
+                    fid_teacher=1.0, fid_data=fid, precision=0.9, recall=0.8, teacher_fid_data=4.0,
+                    teacher_recall=0.85, hand_rmse=0.2, hand_fid_teacher=5.0, hand_fid_data=5.0,
+                    hand_fid_data_grid="gits", hand_recall=0.9)
+
+    for solver, fids in (("unipc-2", (4.0, 4.2)), ("dpm_solver++-2", (6.0, 6.4))):  # two invocations' cases
+        for seed, fid in enumerate(fids):
+            write_json(tmp_path / "data" / "guidance1.0" / f"seed{seed}" / solver / "nfe4" / "rows.json",
+                       {"ld3_args": args, "rows": [case(solver, seed, "solver", fid), case(solver, seed, "ld3", fid)]})
+    rows = bench.data_rows(tmp_path / "data", args)
+    assert [(r["solver"], r["method"], r["seed"]) for r in rows] == [
+        (s, m, seed) for s in ("dpm_solver++-2", "unipc-2") for m in ("ld3", "solver") for seed in (0, 1)]
+    table = bench.data_table(bench.Config(ld3_args=args), rows)
+    assert "seeds 0, 1 (median, range)" in table
+    body = [line for line in table.splitlines() if line.startswith("| 1.0 |")]
+    assert len(body) == 4 and all("4.00 / 5.00 (gits)" in line for line in body)
+    assert "/ 4.10 (4.00–4.20) | 0.820 | 1.025 |" in body[2] and "/ 6.20 (6.00–6.40) | 1.240 |" in body[0]
+    assert body[2].endswith("| 0.200 | 0.850 / 0.900 / 0.800 | 0.500 | yes | no |")  # (a) holds at 4.10; (b) asks <= 0.8 x 5.00 = 4.00
+
+    with pytest.raises(SystemExit, match=r"made with ld3_args=\['loss=l2', 't_min=0.015'\], not \['loss=l2'\]"):
+        bench.against_data(bench.Config(ld3_args=["loss=l2"]), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "data" / "guidance1.0").iterdir()) == ["seed0", "seed1"]  # no pairs
