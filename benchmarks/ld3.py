@@ -634,8 +634,8 @@ def data_table(cfg: Config, rows: list[dict]) -> str:
             f"{med([r['hand_recall'] for r in rs]):.3f} / {med([r['recall'] for r in rs]):.3f} | "
             f"{med([r['rmse'] / r['hand_rmse'] for r in rs]):.3f} | {'yes' if a else 'no'} | {b} |")
     seeds = sorted(set(r["seed"] for r in rows))
-    return (f"{cfg.data_teacher}, seeds {', '.join(map(str, seeds))} (median, range), {cfg.bench_test} held-out pairs per "
-            f"guidance; LD3 args: {' '.join(cfg.ld3_args) or 'the defaults'}\n\n" + "\n".join(lines) + "\n")
+    return (f"{cfg.data_teacher}, seeds {', '.join(map(str, seeds))} (median, range), {cfg.bench_test} held-out "
+            f"pairs per guidance; LD3 args: {' '.join(cfg.ld3_args) or 'the defaults'}\n\n" + "\n".join(lines) + "\n")
 
 
 def main(argv):

@@ -568,8 +568,9 @@ def test_data_benchmark_adds_each_invocations_cases_to_the_table_and_refuses_oth
                     hand_fid_data_grid="gits", hand_recall=0.9)
 
     for solver, fids in (("unipc-2", (4.0, 4.2)), ("dpm_solver++-2", (6.0, 6.4))):  # two invocations' cases
-        for seed, fid in enumerate(fids):
-            write_json(tmp_path / "data" / "guidance1.0" / f"seed{seed}" / solver / "nfe4" / "rows.json",
+        for seed, fid in enumerate(fids):  # laid out as against_data lays out its cases: <solver><order>/nfe<n>
+            cell = tmp_path / "data" / "guidance1.0" / f"seed{seed}" / solver.replace("-", "") / "nfe4"
+            write_json(cell / "rows.json",
                        {"ld3_args": args, "rows": [case(solver, seed, "solver", fid), case(solver, seed, "ld3", fid)]})
     rows = bench.data_rows(tmp_path / "data", args)
     assert [(r["solver"], r["method"], r["seed"]) for r in rows] == [
@@ -579,7 +580,8 @@ def test_data_benchmark_adds_each_invocations_cases_to_the_table_and_refuses_oth
     body = [line for line in table.splitlines() if line.startswith("| 1.0 |")]
     assert len(body) == 4 and all("4.00 / 5.00 (gits)" in line for line in body)
     assert "/ 4.10 (4.00–4.20) | 0.820 | 1.025 |" in body[2] and "/ 6.20 (6.00–6.40) | 1.240 |" in body[0]
-    assert body[2].endswith("| 0.200 | 0.850 / 0.900 / 0.800 | 0.500 | yes | no |")  # (a) holds at 4.10; (b) asks <= 0.8 x 5.00 = 4.00
+    # (a) holds at 4.10; (b) asks <= 0.8 x 5.00 = 4.00
+    assert body[2].endswith("| 0.200 | 0.850 / 0.900 / 0.800 | 0.500 | yes | no |")
 
     with pytest.raises(SystemExit, match=r"made with ld3_args=\['loss=l2', 't_min=0.015'\], not \['loss=l2'\]"):
         bench.against_data(bench.Config(ld3_args=["loss=l2"]), tmp_path)
