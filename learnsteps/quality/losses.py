@@ -6,8 +6,9 @@ import math
 import torch
 from torch import Tensor
 
-LOSSES = ("l2", "l1", "pseudo_huber", "lpips", "features", "spread", "contraction", "feature_contraction", "data_mmd")
-PIXEL_LOSSES = ("lpips", "features", "contraction", "feature_contraction", "data_mmd")  # a latent teacher's: on images
+LOSSES = ("l2", "l1", "pseudo_huber", "lpips", "features", "spread", "contraction", "feature_contraction", "data_mmd",
+          "class_mmd")
+PIXEL_LOSSES = ("lpips", "features", "contraction", "feature_contraction", "data_mmd", "class_mmd")  # on images
 
 
 def pixel_space(teacher, loss: str = "lpips") -> dict:
@@ -75,7 +76,8 @@ def distance(name: str, shape: tuple[int, ...] | None = None, feature_net: str =
     (DINOv2, CLIP; any image size); contraction: the batch's squared mean log-ratio of neighbour distances, student
     over teacher (`contraction`); feature_contraction: the same in those features; data_mmd: the batch's squared
     MMD in those features to the data (`_data_mmd`: your images, `reference`, a folder; for 1x8x8 images by
-    default the digits; the teacher's samples unused); "a+b": the Sum of both, each normalised by calibration
+    default the digits; the teacher's samples unused); class_mmd: the same within each class the digits network
+    sees in the teacher's sample (a sample is compared with the data of its own class); "a+b": the Sum of both, each normalised by calibration
     (`10*a`: weighted 10). With `decode` (a latent teacher's VAE, see `pixel_space`) the PIXEL_LOSSES compare the
     decoded images (of `image_shape`); the others stay in latent space, where no decoding is paid."""
     if "+" in name:
@@ -112,8 +114,8 @@ def distance(name: str, shape: tuple[int, ...] | None = None, feature_net: str =
     if name == "feature_contraction":
         net = _feature_net(shape, feature_net)
         return scale_free(lambda x, y: contraction(net(x.float()), net(y.float())).to(x.dtype))
-    if name == "data_mmd":
-        return scale_free(_data_mmd(_feature_net(shape, feature_net), shape, reference))
+    if name in ("data_mmd", "class_mmd"):
+        return scale_free(_data_mmd(_feature_net(shape, feature_net), shape, reference, name == "class_mmd"))
     raise ValueError(f"unknown loss {name!r}: expected one of {LOSSES}")
 
 
@@ -162,7 +164,8 @@ def _feature_net(shape: tuple[int, ...] | None, directory: str):
 
     def check(shape):
         if digits and tuple(shape) != (1, 8, 8):
-            raise ValueError(f"loss=features, feature_contraction and data_mmd use the digits feature network, "
+            raise ValueError(f"loss=features, feature_contraction and data_mmd / class_mmd use the digits feature "
+                             f"network, "
                              f"which reads 1x8x8 images, not {tuple(shape)}: give feature_net=<a transformers vision "
                              f"model's folder> (e.g. a local copy of facebook/dinov2-small), or choose loss=l2, l1, "
                              f"pseudo_huber or lpips (and contraction, on the images)")
@@ -174,7 +177,12 @@ def _feature_net(shape: tuple[int, ...] | None, directory: str):
         check(x.shape[1:])
         return net.to(x.device)(x)[0]
 
+    def classes(x: Tensor) -> Tensor:
+        check(x.shape[1:])
+        return net.to(x.device)(x)[1].argmax(1)
+
     features.digits = digits
+    features.classes = classes if digits else None
     return features
 
 
@@ -217,15 +225,26 @@ def contraction(x: Tensor, y: Tensor) -> Tensor:
     return log_scale(x, y).pow(2).expand(len(x)).to(x.dtype)
 
 
-def _data_mmd(net, shape: tuple[int, ...] | None = None, reference: str = ""):
+def _data_mmd(net, shape: tuple[int, ...] | None = None, reference: str = "", by_class: bool = False):
     """data_mmd: the squared MMD between the batch's samples and the data, in the feature network's features, with
     Gaussian kernels at 1/4, 1 and 4 times the data's median squared distance; it does not look at the teacher's
     samples at all. The data: your images (`reference`, a folder, checked now, read at the samples' size and
     featurised once, at the first call, where the samples are: on the GPU for a GPU run), or for the digits network
-    the digits data's even-indexed images (the odd ones stay unseen, a held-out reference)."""
+    the digits data's even-indexed images (the odd ones stay unseen, a held-out reference).
+
+    by_class (class_mmd): the same within each class, for a feature network that classifies (the digits one): each
+    sample is put in the class the network sees in its teacher's sample (the condition both share) and compared
+    with the data of that class (the data's own predicted classes), at scales from the data's within-class median
+    squared distance. The batch-batch term is the unbiased one (no sample with itself), so only the classes with
+    two or more samples in the batch count, each by its share of the batch. A batch of a class-conditional model
+    holds a few samples of each class: an unconditional MMD measures the mix of classes and little of the spread
+    within one, which is what guidance and a few-step sampler's contraction take away."""
     from ..teachers.gmm import digits_data
     from .images import iter_reference, reference_files
 
+    if by_class and getattr(net, "classes", None) is None:
+        raise ValueError("loss=class_mmd needs a feature network that classifies (the digits network); with a "
+                         "vision feature network choose data_mmd")
     if reference:
         reference_files(reference)
         size, channels = (tuple(shape[-2:]), shape[0]) if shape is not None else (None, None)
@@ -240,15 +259,34 @@ def _data_mmd(net, shape: tuple[int, ...] | None = None, reference: str = ""):
     def kernel(a: Tensor, b: Tensor, scales: Tensor) -> Tensor:
         return torch.exp(-torch.cdist(a, b).pow(2)[..., None] / scales).sum(-1)
 
+    def featurise(device) -> tuple:
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):  # the data once, in float32
+            images = [b.to(device) for b in batches()]
+            d = torch.cat([net(b).float() for b in images])
+            labels = torch.cat([net.classes(b) for b in images]) if by_class else torch.zeros(len(d), dtype=torch.long)
+            dist2 = torch.cdist(d, d).pow(2)
+            within = (labels[:, None] == labels[None]) & ~torch.eye(len(d), dtype=torch.bool, device=device)
+            scales = (dist2[within] if by_class else dist2).median() * torch.tensor([0.25, 1.0, 4.0], device=device)
+            return d, labels, scales, {int(c): kernel(d[labels == c], d[labels == c], scales).mean()
+                                       for c in labels.unique()}
+
     def term(x: Tensor, y: Tensor) -> Tensor:
         if x.device not in data:
-            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # the data once, in float32
-                d = torch.cat([net(images.to(x.device)).float() for images in batches()])
-                scales = torch.cdist(d, d).pow(2).median() * torch.tensor([0.25, 1.0, 4.0], device=x.device)
-                data[x.device] = d, scales, kernel(d, d, scales).mean()
-        d, scales, data_term = data[x.device]
+            data[x.device] = featurise(x.device)
+        d, labels, scales, data_terms = data[x.device]
         f = net(x.float()).float()
-        mmd2 = kernel(f, f, scales).mean() + data_term - 2 * kernel(f, d, scales).mean()
+        if not by_class:
+            mmd2 = kernel(f, f, scales).mean() + data_terms[0] - 2 * kernel(f, d, scales).mean()
+            return mmd2.expand(len(x)).to(x.dtype)
+        with torch.no_grad():
+            classes = net.classes(y.float())
+        mmd2 = f.new_zeros(())
+        for c in classes.unique().tolist():
+            fc, n = f[classes == c], int((classes == c).sum())
+            if n < 2 or c not in data_terms:
+                continue
+            within = (kernel(fc, fc, scales).sum() - 3 * n) / (n * (n - 1))  # 3 kernels, each 1 on the diagonal
+            mmd2 = mmd2 + n / len(x) * (within + data_terms[c] - 2 * kernel(fc, d[labels == c], scales).mean())
         return mmd2.expand(len(x)).to(x.dtype)
 
     return term
