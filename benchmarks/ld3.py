@@ -30,8 +30,9 @@ against the data, digits feature network): median, worst and best of learned / b
 data: LD3 (its defaults, or `ld3_args`) and the learned solver warm-started from it, judged against the data
 (issue #33): for every guidance x solver x NFE x seed of `data_*` on `data_teacher`, with each seed's own training
 pairs and one held-out set of `bench_test` teacher pairs per guidance shared by every run: paired RMSE, FID against
-the teacher's samples and against the data, precision / recall against the data, for the learned schedule, every
-hand grid and the teacher itself; data.md / data.csv: medians and ranges over the seeds, the targets of issue #33.
+the teacher's samples and against the data (and against its odd-indexed half alone, which the data terms never
+see), precision / recall against the data, for the learned schedule, every hand grid and the teacher itself;
+data.md / data.csv: medians and ranges over the seeds, the targets of issue #33.
 frontier: what any grid of one solver at NFE 4 can reach on `data_teacher` (first of `data_guidances`): every grid
 (1, a, b, t_min, 0) of the `frontier_*` lattices, the hand grids and `frontier_schedules` (schedule files, e.g. LD3
 runs of part=data), on that guidance's held-out pairs of part=data: paired RMSE, FID against the teacher's samples
@@ -461,13 +462,24 @@ def heldout_pairs(cfg: Config, guidance: float, root: Path):
 
 
 def judge(run_dir: Path, teacher, heldout) -> list[dict]:
-    """The run's schedule, every hand grid and the teacher on the held-out pairs (LD3's own report)."""
+    """The run's schedule, every hand grid and the teacher on the held-out pairs (LD3's own report), each row with
+    its FID against the odd-indexed digits as well (`fid_unseen`: the half the data terms never see)."""
+    import torch
+
     from learnsteps.ld3 import LD3Config
     from learnsteps.ld3.report import evaluate_grids
+    from learnsteps.quality.metrics import Features, fid_features, pixels, reference_features
     from learnsteps.schedule import load_schedule
 
     ld3 = load_config(LD3Config, [run_dir / "config.yaml"])
-    return evaluate_grids(ld3, teacher, load_schedule(run_dir / "schedule.json").solve_kwargs, heldout)[0]
+    rows, samples = evaluate_grids(ld3, teacher, load_schedule(run_dir / "schedule.json").solve_kwargs, heldout,
+                                   keep=len(heldout))
+    features = Features("digits")
+    odd = reference_features("digits", features)[1::2]
+    with torch.no_grad():
+        for row in rows:
+            row["fid_unseen"] = fid_features(features(pixels(teacher, samples[row["grid"]]).float()), odd)
+    return rows
 
 
 def against_data(cfg: Config, out: Path) -> str:
@@ -498,7 +510,8 @@ def against_data(cfg: Config, out: Path) -> str:
                                                                     "recall")},
                 teacher_fid_data=teacher_row["fid_data"], teacher_recall=teacher_row["recall"],
                 **{f"hand_{k}": best[k][k] for k in best}, hand_fid_data_grid=best["fid_data"]["grid"],
-                hand_recall=best["fid_data"]["recall"]))
+                hand_recall=best["fid_data"]["recall"], fid_unseen=rows[0]["fid_unseen"],
+                hand_fid_unseen=best["fid_data"]["fid_unseen"], teacher_fid_unseen=teacher_row["fid_unseen"]))
             print(out_rows[-1], flush=True)
         write_json(cell / "rows.json", {"ld3_args": list(cfg.ld3_args), "rows": out_rows})
         return out_rows
@@ -616,9 +629,14 @@ def data_table(cfg: Config, rows: list[dict]) -> str:
     def med(vals):
         return statistics.median(vals)
 
+    def unseen(rs):  # rows judged before the column was added have none
+        keys = ("teacher_fid_unseen", "hand_fid_unseen", "fid_unseen")
+        return " / ".join(f"{med([r[k] for r in rs]):.2f}" for k in keys) if all(k in rs[0] for k in keys) else "–"
+
     lines = ["| guidance | solver | NFE | method | FID (data): teacher / best hand (grid) / learned (range) | learned / "
              "best hand | learned / teacher | FID (teacher): learned / best hand | recall: teacher / hand / learned | "
-             "RMSE / best hand | (a) | (b) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "RMSE / best hand | (a) | (b) | FID (unseen odd digits): teacher / hand / learned |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     keys = list(dict.fromkeys((r["guidance"], r["solver"], r["nfe"], r["method"]) for r in rows))
     for g, solver, nfe, method in keys:
         rs = [r for r in rows if (r["guidance"], r["solver"], r["nfe"], r["method"]) == (g, solver, nfe, method)]
@@ -632,7 +650,7 @@ def data_table(cfg: Config, rows: list[dict]) -> str:
             f"({min(r['fid_data'] for r in rs):.2f}–{max(r['fid_data'] for r in rs):.2f}) | {fd / hand:.3f} | "
             f"{fd / teacher:.3f} | {ft:.3f} | {med([r['teacher_recall'] for r in rs]):.3f} / "
             f"{med([r['hand_recall'] for r in rs]):.3f} / {med([r['recall'] for r in rs]):.3f} | "
-            f"{med([r['rmse'] / r['hand_rmse'] for r in rs]):.3f} | {'yes' if a else 'no'} | {b} |")
+            f"{med([r['rmse'] / r['hand_rmse'] for r in rs]):.3f} | {'yes' if a else 'no'} | {b} | {unseen(rs)} |")
     seeds = sorted(set(r["seed"] for r in rows))
     return (f"{cfg.data_teacher}, seeds {', '.join(map(str, seeds))} (median, range), {cfg.bench_test} held-out "
             f"pairs per guidance; LD3 args: {' '.join(cfg.ld3_args) or 'the defaults'}\n\n" + "\n".join(lines) + "\n")

@@ -213,7 +213,7 @@ def test_feature_loss_is_the_squared_distance_of_the_digits_features_and_has_gra
 @pytest.mark.parametrize("args, match", [
     (["loss=lpips"], "lpips"),
     (["loss=features", "teacher=toy_mixture"], "reads 1x8x8 images"),
-    (["loss=l2+30*data_mmd", "teacher=toy_mixture"], "data_mmd use the digits feature network"),
+    (["loss=l2+30*data_mmd", "teacher=toy_mixture"], "class_mmd use the digits feature network"),
     (["loss=features", "feature_net=/no/such/dir"], "feature_net='/no/such/dir': does not exist"),
     (["solver=heun", "order=2", "nfe=4"], "cannot spend exactly 4 model calls"),
     (["solver=ipndm", "order=4", "nfe=3"], "needs at least 4 steps"),
@@ -327,6 +327,35 @@ def test_the_data_term_is_the_squared_mmd_to_the_digits_it_was_given():
     decode = lambda z: z.repeat_interleave(2, -1).repeat_interleave(2, -2)  # noqa: E731  (1, 4, 4) -> (1, 8, 8)
     on_latents = distance("data_mmd", decode=decode, image_shape=(1, 8, 8))
     assert getattr(on_latents, "scale_free", False) and on_latents(odd[:, :, ::2, ::2], odd).shape == (400,)
+
+
+def test_the_class_data_term_sees_the_contraction_within_classes_that_the_data_term_misses():
+    """class_mmd compares each sample with the data of the class the digits network sees in its teacher's sample:
+    small for unseen digits, and a batch whose samples are pulled halfway to their class's mean (the mix of classes
+    unchanged) raises it far more than it raises data_mmd; its gradient pushes such a batch apart; the classes come
+    from the teacher's samples, not the student's; a class with one sample in the batch has no batch term."""
+    from learnsteps.quality.losses import _feature_net, distance
+    from learnsteps.teachers.gmm import digits_data
+
+    by_class, overall = distance("class_mmd", (1, 8, 8)), distance("data_mmd", (1, 8, 8))
+    odd = digits_data(torch.float32)[1::2][:400]
+    classes = _feature_net((1, 8, 8), "").classes(odd)
+    contracted = odd.clone()
+    for c in classes.unique():
+        contracted[classes == c] = 0.5 * odd[classes == c] + 0.5 * odd[classes == c].mean(0)
+    rise = {name: float(term(contracted, odd)[0]) / float(term(odd, odd)[0])
+            for name, term in (("class", by_class), ("data", overall))}
+    assert rise["class"] > 2 * rise["data"] and float(by_class(odd, odd)[0]) < 0.1
+    x = contracted.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(by_class(x, odd).mean(), x)
+    step = (x - 0.5 * grad / grad.norm() * x.norm().sqrt()).detach()
+    assert float(by_class(step, odd)[0]) < float(by_class(contracted, odd)[0])
+    spread = lambda z: torch.cdist(z.flatten(1), z.flatten(1)).mean()  # noqa: E731
+    assert spread(step) > spread(contracted)
+    shuffled = odd[torch.randperm(len(odd), generator=torch.Generator().manual_seed(0))]
+    assert float(by_class(odd, shuffled)[0]) > 5 * float(by_class(odd, odd)[0])  # teacher's classes, not the student's
+    one_each = torch.stack([odd[classes == c][0] for c in classes.unique()])
+    assert float(by_class(one_each, one_each)[0]) == 0.0
 
 
 def test_the_spread_term_measures_how_much_the_batch_contracts():
@@ -562,10 +591,11 @@ def test_data_benchmark_adds_each_invocations_cases_to_the_table_and_refuses_oth
     args = ["loss=l2", "t_min=0.015"]
 
     def case(solver, seed, method, fid):
+        unseen = dict(fid_unseen=fid + 3, hand_fid_unseen=8.0, teacher_fid_unseen=7.0) if solver == "unipc-2" else {}
         return dict(guidance=1.0, solver=solver, nfe=4, seed=seed, method=method, seconds=1.0, rmse=0.1,
                     fid_teacher=1.0, fid_data=fid, precision=0.9, recall=0.8, teacher_fid_data=4.0,
                     teacher_recall=0.85, hand_rmse=0.2, hand_fid_teacher=5.0, hand_fid_data=5.0,
-                    hand_fid_data_grid="gits", hand_recall=0.9)
+                    hand_fid_data_grid="gits", hand_recall=0.9, **unseen)  # the DPM rows: judged before unseen
 
     for solver, fids in (("unipc-2", (4.0, 4.2)), ("dpm_solver++-2", (6.0, 6.4))):  # two invocations' cases
         for seed, fid in enumerate(fids):  # laid out as against_data lays out its cases: <solver><order>/nfe<n>
@@ -581,7 +611,8 @@ def test_data_benchmark_adds_each_invocations_cases_to_the_table_and_refuses_oth
     assert len(body) == 4 and all("4.00 / 5.00 (gits)" in line for line in body)
     assert "/ 4.10 (4.00–4.20) | 0.820 | 1.025 |" in body[2] and "/ 6.20 (6.00–6.40) | 1.240 |" in body[0]
     # (a) holds at 4.10; (b) asks <= 0.8 x 5.00 = 4.00
-    assert body[2].endswith("| 0.200 | 0.850 / 0.900 / 0.800 | 0.500 | yes | no |")
+    assert body[2].endswith("| 0.200 | 0.850 / 0.900 / 0.800 | 0.500 | yes | no | 7.00 / 8.00 / 7.10 |")
+    assert body[0].endswith("| no | no | – |")  # FID against the odd digits: not judged for those rows
 
     with pytest.raises(SystemExit, match=r"made with ld3_args=\['loss=l2', 't_min=0.015'\], not \['loss=l2'\]"):
         bench.against_data(bench.Config(ld3_args=["loss=l2"]), tmp_path)

@@ -98,6 +98,8 @@ def test_the_feature_terms_refuse_what_they_cannot_read_in_one_line(dino, tmp_pa
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="data_reference="):
         distance("data_mmd", (3, 16, 16), str(dino))  # a vision network, and no images to compare with
+    with pytest.raises(ValueError, match="choose data_mmd"):
+        distance("class_mmd", (3, 16, 16), str(dino), reference=str(tmp_path))  # a vision network does not classify
     with pytest.raises(ValueError, match="vision model"):
         distance("features", (3, 16, 16), str(tmp_path))  # a folder with neither network
 

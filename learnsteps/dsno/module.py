@@ -56,7 +56,7 @@ class DSNOConfig(RunConfig, TeacherOptions):
     # the teacher's where a paired loss alone pulls them together (docs/dsno.md)
     loss: str = "l2"
     feature_net: str = ""  # the feature terms' network, as LD3's: digits (default) or a transformers vision model
-    data_reference: str = ""  # loss=data_mmd: a folder of your images (default for 1x8x8 teachers: the digits)
+    data_reference: str = ""  # data_mmd, class_mmd: a folder of your images (default for 1x8x8 teachers: the digits)
     weighting: str = "snr"  # snr (DSNO's clamp(alpha/sigma, 1, 1e4)) | uniform
     batch_size: int = 64
     lr: float = 2e-4

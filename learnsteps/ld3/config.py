@@ -64,12 +64,12 @@ class LD3Config(RunConfig, TeacherOptions):
     t_min: float = 0.0  # the learned grid's last time before its step to zero; 0: the schedule's own (docs/ld3.md)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     loss: str = "auto"  # auto | l2 | l1 | pseudo_huber | lpips | features | spread | contraction |
-    # feature_contraction | data_mmd (to the digits data, not the teacher), or a sum with optional factors:
-    # l2+features, l2+300*feature_contraction
+    # feature_contraction | data_mmd (to the digits data, not the teacher) | class_mmd (the same within each class),
+    # or a sum with optional factors: l2+features, l2+300*feature_contraction+300*class_mmd
     # the feature terms' network: a digits feature network directory (default: the shipped loss network) or a
     # transformers vision model's folder (e.g. a local copy of facebook/dinov2-small: any image size)
     feature_net: str = ""
-    data_reference: str = ""  # loss=data_mmd: a folder of your images (default for 1x8x8 teachers: the digits)
+    data_reference: str = ""  # data_mmd, class_mmd: a folder of your images (default for 1x8x8 teachers: the digits)
     soft_forcing: bool = True
     gamma: float = 0.001  # ball radius r = gamma * d / NFE^2
     shift_lr: float = 0.0  # step of x'_T; 0: the official 12 / NFE

@@ -77,9 +77,10 @@ def distance(name: str, shape: tuple[int, ...] | None = None, feature_net: str =
     over teacher (`contraction`); feature_contraction: the same in those features; data_mmd: the batch's squared
     MMD in those features to the data (`_data_mmd`: your images, `reference`, a folder; for 1x8x8 images by
     default the digits; the teacher's samples unused); class_mmd: the same within each class the digits network
-    sees in the teacher's sample (a sample is compared with the data of its own class); "a+b": the Sum of both, each normalised by calibration
-    (`10*a`: weighted 10). With `decode` (a latent teacher's VAE, see `pixel_space`) the PIXEL_LOSSES compare the
-    decoded images (of `image_shape`); the others stay in latent space, where no decoding is paid."""
+    sees in the teacher's sample (a sample is compared with the data of its own class); "a+b": the Sum of both,
+    each normalised by calibration (`10*a`: weighted 10). With `decode` (a latent teacher's VAE, see
+    `pixel_space`) the PIXEL_LOSSES compare the decoded images (of `image_shape`); the others stay in latent space,
+    where no decoding is paid."""
     if "+" in name:
         if (problem := check_loss_name(name)) is not None:
             raise ValueError(f"unknown loss {name!r}: {problem}")
@@ -164,7 +165,7 @@ def _feature_net(shape: tuple[int, ...] | None, directory: str):
 
     def check(shape):
         if digits and tuple(shape) != (1, 8, 8):
-            raise ValueError(f"loss=features, feature_contraction and data_mmd / class_mmd use the digits feature "
+            raise ValueError(f"loss=features, feature_contraction, data_mmd and class_mmd use the digits feature "
                              f"network, "
                              f"which reads 1x8x8 images, not {tuple(shape)}: give feature_net=<a transformers vision "
                              f"model's folder> (e.g. a local copy of facebook/dinov2-small), or choose loss=l2, l1, "
@@ -263,7 +264,7 @@ def _data_mmd(net, shape: tuple[int, ...] | None = None, reference: str = "", by
         with torch.no_grad(), torch.autocast(device.type, enabled=False):  # the data once, in float32
             images = [b.to(device) for b in batches()]
             d = torch.cat([net(b).float() for b in images])
-            labels = torch.cat([net.classes(b) for b in images]) if by_class else torch.zeros(len(d), dtype=torch.long)
+            labels = torch.cat([net.classes(b) for b in images]) if by_class else d.new_zeros(len(d), dtype=torch.long)
             dist2 = torch.cdist(d, d).pow(2)
             within = (labels[:, None] == labels[None]) & ~torch.eye(len(d), dtype=torch.bool, device=device)
             scales = (dist2[within] if by_class else dist2).median() * torch.tensor([0.25, 1.0, 4.0], device=device)
