@@ -579,14 +579,35 @@ def test_a_diverging_validation_loss_stops_the_run_before_any_export(tmp_path):
     x = torch.ones(64, 1)  # E[x^2] = 1: stable below lr 1; at 2, w - 2 is multiplied by -3 each step
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=4)
     trainer = make_trainer(cfg, tmp_path, [], val_check_interval=1, num_sanity_val_steps=1)
-    with pytest.raises(NonFiniteLoss, match=r"validation loss \(val/loss\) is .*x the first validation's 4 at step "
-                                            r"\d+: stopped, nothing exported .*smaller lr and restart=true") as err:
+    with pytest.raises(NonFiniteLoss, match=r"validation loss \(val/loss\) is .*x the size of the first validation's "
+                                            r"4 above it at step \d+: stopped, nothing exported .*smaller lr and "
+                                            r"restart=true") as err:
         fit(trainer, ValidatedLinear(lr=2.0), data, data, run_dir=tmp_path)
     step = int(str(err.value).split(" at step ")[1].split(":")[0])
     assert 9 ** step > StopOnDivergence.FACTOR >= 9 ** (step - 1)  # the first validation past the factor
     module = ValidatedLinear(lr=0.1)  # a learning run is not stopped
     fit(make_trainer(cfg, tmp_path / "ok", [], val_check_interval=1), module, data, data, run_dir=tmp_path / "ok")
     assert abs(float(module.w.detach()) - 2) < 1e-3
+
+
+def test_a_negative_validation_loss_is_measured_by_its_size_not_its_sign():
+    """A loss with an unbiased MMD term (class_mmd) can start below zero: a later validation a little above it is
+    learning, not divergence (the guard once read -1.1 after -4.4 as past 1000x the first and stopped a run);
+    FACTOR times the first's size above it is divergence, whatever its sign."""
+    from types import SimpleNamespace
+
+    from learnsteps.training.common import StopOnDivergence
+
+    def validate(guard, value, step):
+        trainer = SimpleNamespace(callback_metrics={"val/loss": torch.tensor(value)}, global_step=step)
+        guard.on_validation_end(trainer, None)
+
+    for first in (-4.4, 4.4):
+        guard = StopOnDivergence()
+        for step, value in enumerate((first, -1.1, 0.5, first + 999 * abs(first))):
+            validate(guard, value, step)
+        with pytest.raises(NonFiniteLoss, match=f"the size of the first validation's {first:.4g} above it at step 9"):
+            validate(guard, first + 1001 * abs(first), 9)
 
 
 def test_a_non_finite_first_validation_says_the_starting_point_is_at_fault(tmp_path):

@@ -332,10 +332,12 @@ class StopOnSignal(Callback):
 
 class StopOnDivergence(Callback):
     """A diverged run is never exported: a validation loss (`key`, what LD3 and DSNO log) that is NaN or Inf, or
-    more than FACTOR times the run's first validation loss, stops it with NonFiniteLoss. The first one (LD3: its
-    starting grid's, before any step) sets the scale; a run that learns does not go FACTOR x beyond it (LD3's
-    restarts start from the best baseline grids), while one whose learning rate makes it blow up goes there
-    within a few validations. The checkpoints then hold the diverged state: the advice is to start over."""
+    more than FACTOR times the size of the run's first validation loss above it, stops it with NonFiniteLoss. The
+    first one (LD3: its starting grid's, before any step) sets the scale; a run that learns does not go FACTOR x
+    beyond it (LD3's restarts start from the best baseline grids), while one whose learning rate makes it blow up
+    goes there within a few validations. A loss may be negative (an unbiased MMD term, `class_mmd`, is below zero
+    where the batch is as spread as the data), so the scale is its size, not its value. The checkpoints then hold
+    the diverged state: the advice is to start over."""
 
     FACTOR = 1e3
 
@@ -349,10 +351,11 @@ class StopOnDivergence(Callback):
         value, step = float(value), trainer.global_step
         if self.first is None and math.isfinite(value):
             self.first = value
-        elif self.first is None or not math.isfinite(value) or value > self.FACTOR * self.first:
+        elif self.first is None or not math.isfinite(value) or value > self.first + self.FACTOR * abs(self.first):
             keys = sorted(k for k in LEARNING_RATES if hasattr(getattr(pl_module, "cfg", None), k))
             what = (f"{value}" if not math.isfinite(value) or self.first is None
-                    else f"{value:.4g}, {value / self.first:.3g}x the first validation's {self.first:.4g}")
+                    else f"{value:.4g}, {(value - self.first) / abs(self.first):.3g}x the size of the first "
+                         f"validation's {self.first:.4g} above it")
             advice = ("the first validation is not finite: the teacher's samples or the starting point are at fault "
                       "(check the teacher, its guidance and dtype)" if self.first is None else
                       f"training diverged; the checkpoints hold the diverged state, so start over with a smaller "
