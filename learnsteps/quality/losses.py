@@ -266,8 +266,9 @@ def _data_mmd(net, shape: tuple[int, ...] | None = None, reference: str = "", by
             d = torch.cat([net(b).float() for b in images])
             labels = torch.cat([net.classes(b) for b in images]) if by_class else d.new_zeros(len(d), dtype=torch.long)
             dist2 = torch.cdist(d, d).pow(2)
-            within = (labels[:, None] == labels[None]) & ~torch.eye(len(d), dtype=torch.bool, device=device)
-            scales = (dist2[within] if by_class else dist2).median() * torch.tensor([0.25, 1.0, 4.0], device=device)
+            if by_class:  # the pairs of one class, each image with the others
+                dist2 = dist2[(labels[:, None] == labels[None]) & ~torch.eye(len(d), dtype=torch.bool, device=device)]
+            scales = dist2.median() * torch.tensor([0.25, 1.0, 4.0], device=device)
             return d, labels, scales, {int(c): kernel(d[labels == c], d[labels == c], scales).mean()
                                        for c in labels.unique()}
 
@@ -283,10 +284,11 @@ def _data_mmd(net, shape: tuple[int, ...] | None = None, reference: str = "", by
             classes = net.classes(y.float())
         mmd2 = f.new_zeros(())
         for c in classes.unique().tolist():
-            fc, n = f[classes == c], int((classes == c).sum())
+            fc = f[classes == c]
+            n = len(fc)
             if n < 2 or c not in data_terms:
                 continue
-            within = (kernel(fc, fc, scales).sum() - 3 * n) / (n * (n - 1))  # 3 kernels, each 1 on the diagonal
+            within = (kernel(fc, fc, scales).sum() - len(scales) * n) / (n * (n - 1))  # each kernel 1 on the diagonal
             mmd2 = mmd2 + n / len(x) * (within + data_terms[c] - 2 * kernel(fc, d[labels == c], scales).mean())
         return mmd2.expand(len(x)).to(x.dtype)
 
