@@ -617,3 +617,25 @@ def test_data_benchmark_adds_each_invocations_cases_to_the_table_and_refuses_oth
     with pytest.raises(SystemExit, match=r"made with ld3_args=\['loss=l2', 't_min=0.015'\], not \['loss=l2'\]"):
         bench.against_data(bench.Config(ld3_args=["loss=l2"]), tmp_path)
     assert sorted(p.name for p in (tmp_path / "data" / "guidance1.0").iterdir()) == ["seed0", "seed1"]  # no pairs
+
+
+def test_robustness_table_states_fid_against_the_data_beside_the_teacher(monkeypatch):
+    """benchmarks/ld3.py part=robustness: learned / best hand grid per NFE (median, worst, best), each run's cell, and
+    FID against the data itself, the teacher's own beside it, with how many runs are at or below the best hand grid
+    and at or below the teacher."""
+    bench = benchmark_module("ld3", monkeypatch)
+
+    def run(seed, path, fid, hand, teacher):
+        return dict(seed=seed, path=path, nfe=4, seconds=1.0, demo_rmse=0.8 + seed / 100, bench_rmse=0.7,
+                    bench_fid_teacher=0.3, bench_fid_data=fid / hand, fid_data=fid, hand_fid_data=hand,
+                    teacher_fid_data=teacher)
+
+    rows = [run(0, "avx2", 4.0, 5.0, 4.5), run(0, "default", 4.6, 5.0, 4.5), run(1, "avx2", 5.5, 5.0, 4.4),
+            run(1, "default", 4.4, 5.0, 4.4)]
+    table = bench.robustness_table(bench.Config(seeds=[0, 1], robust_nfe=[4]), rows, ["avx2", "default"])
+    assert "| 4 | paired RMSE, 200 pairs | 0.805 | 0.810 | 0.800 |" in table
+    assert "| 4 | FID vs data, 2000 | 0.900 | 1.100 | 0.800 |" in table
+    assert "| 4 | 1 | 0.810 / 0.300 | 0.810 / 0.300 |" in table
+    # medians (ranges) of the teacher, the best hand grid and the learned grid; 3 runs of 4 at or below the hand
+    # grid (5.5 is not), 2 at or below their teacher (4.0 < 4.5, 4.4 = 4.4)
+    assert "| 4 | 4.45 (4.40–4.50) | 5.00 (5.00–5.00) | 4.50 (4.00–5.50) | 3 of 4 | 2 of 4 |" in table
