@@ -53,6 +53,7 @@ import re
 import shlex
 import statistics
 import subprocess
+import threading
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -264,6 +265,9 @@ def cpu_paths() -> list[str]:
     return paths
 
 
+SCORING = threading.Lock()
+
+
 def score(run_dir: Path, pairs_dir: Path, n: int) -> dict:
     """Learned / best baseline by RMSE and FID on the first n held-out pairs of the run (its own table's metrics)."""
     from learnsteps.core.denoiser import dtype_of
@@ -275,7 +279,8 @@ def score(run_dir: Path, pairs_dir: Path, n: int) -> dict:
     from learnsteps.trajectories import TrajectoryDataset
 
     cfg = load_config(LD3Config, [run_dir / "config.yaml"])
-    teacher = load_teacher(cfg.teacher, conditions=cfg.conditions, guidance=cfg.guidance)
+    with SCORING:  # runs finish together in run_all's threads; diffusers' lazy imports are not thread-safe
+        teacher = load_teacher(cfg.teacher, conditions=cfg.conditions, guidance=cfg.guidance)
     test = pairs_dataset(TrajectoryDataset(pairs_dir / "test", dtype=dtype_of(teacher)).tensors, n)
     s = load_schedule(run_dir / "schedule.json")
     learned = evaluate_grids(cfg, teacher, s.solve_kwargs, test)[0][0]
