@@ -46,15 +46,14 @@ data) beside the best hand grid; solver.md / solver.csv: median and range over t
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import re
 import shlex
 import statistics
 import subprocess
-import threading
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -150,7 +149,7 @@ def memory(cfg: Config, out: Path) -> str:
         lines.append(f"| {'on' if remat else 'off'} | " + " | ".join(f"{v:.0f}" for v in vals)
                      + f" | {vals[-1] / vals[0]:.2f} |")
     text = "\n".join(lines) + "\n"
-    (out / "memory.md").write_text(text)
+    write_text(out / "memory.md", text)
     return text
 
 
@@ -217,7 +216,7 @@ def paired(cfg: Config, out: Path) -> str:
               + (f" {r['fid_teacher_vs_best']:.3f} | {r['fid_data_vs_best']:.3f} |" if fid else "")
               + f" {r['seconds']} |" for r in rows]
     text = "\n".join(lines) + "\n"
-    (out / "paired.md").write_text(text)
+    write_text(out / "paired.md", text)
     if fid:
         plot_paired(rows, out / "paired.png")
     return text
@@ -312,7 +311,7 @@ def robustness(cfg: Config, out: Path) -> str:
     rows.sort(key=lambda r: (r["nfe"], r["seed"], paths.index(r["path"])))
     write_csv(root / "robustness.csv", rows)
     text = robustness_table(cfg, rows, paths)
-    (root / "robustness.md").write_text(text)
+    write_text(root / "robustness.md", text)
     return text
 
 
@@ -391,7 +390,7 @@ def demo(cfg: Config, out: Path) -> str:
     rows.sort(key=lambda r: (r["seed"], paths.index(r["path"]), r["threads"]))
     write_csv(root / "demo.csv", rows)
     text = demo_table(rows)
-    (root / "demo.md").write_text(text)
+    write_text(root / "demo.md", text)
     return text
 
 
@@ -463,7 +462,7 @@ def learned_solver(cfg: Config, out: Path) -> str:
     text = (f"Median (min–max) over seeds {cfg.solver_seeds}; {cfg.bench_test} held-out pairs per seed; FID on digits "
             "features; LD3 = DPM-Solver++(3M) grid + offsets, solver = the learned solver started from it.\n\n"
             + "\n".join(lines) + "\n")
-    (out / "solver.md").write_text(text)
+    write_text(out / "solver.md", text)
     return text
 
 
@@ -682,25 +681,19 @@ def data_table(cfg: Config, rows: list[dict]) -> str:
             f"pairs per guidance; LD3 args: {' '.join(cfg.ld3_args) or 'the defaults'}\n\n" + "\n".join(lines) + "\n")
 
 
+PARTS = {"all": (memory, paired), "memory": (memory,), "paired": (paired,), "demo": (demo,),
+         "robustness": (robustness,), "solver": (learned_solver,), "data": (against_data,), "frontier": (frontier,)}
+
+
 def main(argv):
     cfg = load_config(Config, [], argv)
+    if cfg.part not in PARTS:  # before anything is created
+        raise SystemExit(f"part={cfg.part}: one of {', '.join(PARTS)}")
     out = ROOT / cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.part in ("all", "memory"):
-        print(memory(cfg, out))
-    if cfg.part in ("all", "paired"):
-        print(paired(cfg, out))
-    if cfg.part == "demo":
-        print(demo(cfg, out))
-    if cfg.part == "robustness":
-        print(robustness(cfg, out))
-    if cfg.part == "solver":
-        print(learned_solver(cfg, out))
-    if cfg.part == "data":
-        print(against_data(cfg, out))
-    if cfg.part == "frontier":
-        print(frontier(cfg, out))
-    (out / "config.json").write_text(json.dumps(dict(argv=argv), indent=2))
+    for part in PARTS[cfg.part]:
+        print(part(cfg, out))
+    write_json(out / "config.json", dict(argv=argv))
 
 
 if __name__ == "__main__":

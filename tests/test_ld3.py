@@ -639,3 +639,11 @@ def test_robustness_table_states_fid_against_the_data_beside_the_teacher(monkeyp
     # medians (ranges) of the teacher, the best hand grid and the learned grid; 3 runs of 4 at or below the hand
     # grid (5.5 is not), 2 at or below their teacher (4.0 < 4.5, 4.4 = 4.4)
     assert "| 4 | 4.45 (4.40–4.50) | 5.00 (5.00–5.00) | 4.50 (4.00–5.50) | 3 of 4 | 2 of 4 |" in table
+
+
+def test_ld3_benchmark_refuses_an_unknown_part_before_creating_anything(tmp_path, monkeypatch):
+    """benchmarks/ld3.py part=<typo> used to run nothing, write its config.json and exit 0."""
+    bench = benchmark_module("ld3", monkeypatch)
+    with pytest.raises(SystemExit, match=r"part=robustnes: one of all, memory, paired, demo, robustness"):
+        bench.main(["part=robustnes", f"out_dir={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()
