@@ -20,7 +20,6 @@ interleaved in one process.
 from __future__ import annotations
 
 import csv
-import json
 import re
 import subprocess
 import sys
@@ -33,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from learnsteps.config import SolverChoice, load_config  # noqa: E402
 from learnsteps.dsno.student import read_student_info  # noqa: E402
+from learnsteps.files import write_json, write_text  # noqa: E402
 
 
 @dataclass
@@ -343,7 +343,7 @@ def cost_large(out: Path) -> str:
                              f"{student / (4 * per_call * evaluation):.2f} |")
         print("\n".join(lines[-9:]), flush=True)
     text = "\n".join(lines) + "\n"
-    (out / "cost_large.md").write_text(text)
+    write_text(out / "cost_large.md", text)
     return text
 
 
@@ -398,15 +398,20 @@ def summary(cfg: Config, out: Path, cost_rows: list[dict]) -> str:
         lines += [f"| {r['teacher']} | {r['model']} | {r['mflops']:.2f} | {r['flops_vs_evaluation']:.2f} | "
                   f"{r['us_per_sample']:.0f} | {r['time_vs_evaluation']:.2f} |" for r in cost_rows]
     text = "\n".join(lines) + "\n"
-    (out / "summary.md").write_text(text)
+    write_text(out / "summary.md", text)
     return text
+
+
+PARTS = ("all", "train", "eval", "curve", "cost", "summary", "cost_large")
 
 
 def main(argv):
     cfg = load_config(Config, [], argv)
+    if cfg.part not in PARTS:  # before anything is created
+        raise SystemExit(f"part={cfg.part}: one of {', '.join(PARTS)}")
     out = ROOT / cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dict(argv=argv), indent=2))
+    write_json(out / "config.json", dict(argv=argv))
     if cfg.part in ("all", "train"):
         train(cfg, out)
     if cfg.part in ("all", "eval"):

@@ -481,3 +481,11 @@ def test_benchmark_variants_name_their_settings_and_pass_them_to_train_py(monkey
         cfg = load_config(DSNOConfig, [ROOT / "configs" / "dsno.yaml"], v.args())
         assert (cfg.num_times, cfg.temporal, cfg.weighting, cfg.lr_schedule, cfg.lr, cfg.loss) == (
             v.num_times, v.temporal, v.weighting, v.lr_schedule, v.lr, v.loss)
+
+
+def test_benchmark_refuses_an_unknown_part_before_creating_anything(tmp_path, monkeypatch):
+    """benchmarks/dsno.py part=<typo> used to write its config.json, run nothing and exit 0."""
+    bench = benchmark_module("dsno", monkeypatch)
+    with pytest.raises(SystemExit, match=r"part=sumary: one of all, train, eval, curve, cost, summary, cost_large"):
+        bench.main(["part=sumary", f"out_dir={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()
