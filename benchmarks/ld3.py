@@ -32,7 +32,8 @@ data: LD3 (its defaults, or `ld3_args`) and the learned solver warm-started from
 pairs and one held-out set of `bench_test` teacher pairs per guidance shared by every run: paired RMSE, FID against
 the teacher's samples and against the data (and against its odd-indexed half alone, which the data terms never
 see), precision / recall against the data, for the learned schedule, every hand grid and the teacher itself;
-data.md / data.csv: medians and ranges over the seeds, the targets of issue #33.
+data.md / data.csv: medians and ranges over the seeds, the targets of issue #33. `heldout_seed=<n>` in an out_dir with the
+runs copied into it judges them on another draw of held-out noises.
 frontier: what any grid of one solver at NFE 4 can reach on `data_teacher` (first of `data_guidances`): every grid
 (1, a, b, t_min, 0) of the `frontier_*` lattices, the hand grids and `frontier_schedules` (schedule files, e.g. LD3
 runs of part=data), on that guidance's held-out pairs of part=data: paired RMSE, FID against the teacher's samples
@@ -97,6 +98,8 @@ class Config:
     data_nfe: list[int] = field(default_factory=lambda: [4, 6])
     data_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     data_learned_solver: bool = True  # also the learned solver, warm-started from each LD3 schedule
+    heldout_seed: int = 10_000  # the held-out pairs' seed, apart from every training seed; another value judges the
+    # same runs (copied into a new out_dir) on a fresh draw of noises: a setting chosen on one draw, confirmed on another
     # part=frontier: grids (1, a, b, t_min, 0) for a in frontier_a, b in frontier_b (b < a), t_min in frontier_t_min
     frontier_solver: SolverChoice = field(default_factory=lambda: SolverChoice("dpm_solver++", 2))
     frontier_a: list[float] = field(default_factory=lambda: [0.98, 0.9, 0.8, 0.7, 0.6])
@@ -466,7 +469,6 @@ def learned_solver(cfg: Config, out: Path) -> str:
     return text
 
 
-HELDOUT_SEED = 10_000  # part=data: the held-out pairs' seed, apart from every training seed
 
 
 def heldout_pairs(cfg: Config, guidance: float, root: Path):
@@ -481,7 +483,7 @@ def heldout_pairs(cfg: Config, guidance: float, root: Path):
     ld3 = load_config(LD3Config, [ROOT / "configs" / "ld3.yaml"], [f"teacher={cfg.data_teacher}", f"guidance={guidance}"])
     teacher = load_teacher(ld3.teacher, guidance=guidance)
     resolve_auto(ld3, teacher)  # pairs.steps and the rest of the `auto` settings, as train.py's runs resolve them
-    spec = pairs_spec(ld3, teacher, cfg.bench_test, HELDOUT_SEED)
+    spec = pairs_spec(ld3, teacher, cfg.bench_test, cfg.heldout_seed)
     generate(teacher, root / "heldout", spec, teacher_name=ld3.teacher, progress=True)
     return teacher, pairs_dataset(TrajectoryDataset(root / "heldout", dtype=dtype_of(teacher)).tensors)
 

@@ -647,3 +647,20 @@ def test_ld3_benchmark_refuses_an_unknown_part_before_creating_anything(tmp_path
     with pytest.raises(SystemExit, match=r"part=robustnes: one of all, memory, paired, demo, robustness"):
         bench.main(["part=robustnes", f"out_dir={tmp_path / 'out'}"])
     assert not (tmp_path / "out").exists()
+
+
+def test_data_benchmark_judges_on_another_draw_of_held_out_noises_and_never_mixes_two(tmp_path, monkeypatch):
+    """benchmarks/ld3.py part=data heldout_seed=<n>: the same runs judged on a fresh draw of held-out noises (a
+    setting chosen on one draw, confirmed on another); a held-out directory of the other draw is refused, not
+    silently reused."""
+    from learnsteps.trajectories import TrajectoryError
+
+    bench = benchmark_module("ld3", monkeypatch)
+    first = bench.Config(bench_test=4, data_teacher="gmm_digits")
+    _, a = bench.heldout_pairs(first, 1.0, tmp_path / "a")
+    _, b = bench.heldout_pairs(bench.Config(bench_test=4, data_teacher="gmm_digits", heldout_seed=7), 1.0,
+                               tmp_path / "b")
+    _, again = bench.heldout_pairs(first, 1.0, tmp_path / "a")
+    assert torch.equal(a.tensors[1], again.tensors[1]) and not torch.allclose(a.tensors[1], b.tensors[1])
+    with pytest.raises(TrajectoryError, match="another teacher or spec"):
+        bench.heldout_pairs(bench.Config(bench_test=4, data_teacher="gmm_digits", heldout_seed=7), 1.0, tmp_path / "a")
