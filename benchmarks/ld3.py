@@ -32,8 +32,8 @@ data: LD3 (its defaults, or `ld3_args`) and the learned solver warm-started from
 pairs and one held-out set of `bench_test` teacher pairs per guidance shared by every run: paired RMSE, FID against
 the teacher's samples and against the data (and against its odd-indexed half alone, which the data terms never
 see), precision / recall against the data, for the learned schedule, every hand grid and the teacher itself;
-data.md / data.csv: medians and ranges over the seeds, the targets of issue #33. `heldout_seed=<n>` in an out_dir with the
-runs copied into it judges them on another draw of held-out noises.
+data.md / data.csv: medians and ranges over the seeds, the targets of issue #33. `heldout_seed=<n>` in an out_dir
+with the runs copied into it judges them on another draw of held-out noises.
 frontier: what any grid of one solver at NFE 4 can reach on `data_teacher` (first of `data_guidances`): every grid
 (1, a, b, t_min, 0) of the `frontier_*` lattices, the hand grids and `frontier_schedules` (schedule files, e.g. LD3
 runs of part=data), on that guidance's held-out pairs of part=data: paired RMSE, FID against the teacher's samples
