@@ -98,8 +98,8 @@ class Config:
     data_nfe: list[int] = field(default_factory=lambda: [4, 6])
     data_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     data_learned_solver: bool = True  # also the learned solver, warm-started from each LD3 schedule
-    heldout_seed: int = 10_000  # the held-out pairs' seed, apart from every training seed; another value judges the
-    # same runs (copied into a new out_dir) on a fresh draw of noises: a setting chosen on one draw, confirmed on another
+    heldout_seed: int = 10_000  # the held-out pairs' seed, apart from every training seed; another value judges
+    # the same runs, copied into a new out_dir, on a fresh draw of noises (a setting chosen on one, checked on another)
     # part=frontier: grids (1, a, b, t_min, 0) for a in frontier_a, b in frontier_b (b < a), t_min in frontier_t_min
     frontier_solver: SolverChoice = field(default_factory=lambda: SolverChoice("dpm_solver++", 2))
     frontier_a: list[float] = field(default_factory=lambda: [0.98, 0.9, 0.8, 0.7, 0.6])
@@ -469,8 +469,6 @@ def learned_solver(cfg: Config, out: Path) -> str:
     return text
 
 
-
-
 def heldout_pairs(cfg: Config, guidance: float, root: Path):
     """The teacher at `guidance` and its held-out pairs (made once, shared by every run of that guidance)."""
     from learnsteps.core.denoiser import dtype_of
@@ -478,13 +476,16 @@ def heldout_pairs(cfg: Config, guidance: float, root: Path):
     from learnsteps.ld3.config import resolve_auto
     from learnsteps.ld3.run import pairs_dataset, pairs_spec
     from learnsteps.teachers import load_teacher
-    from learnsteps.trajectories import TrajectoryDataset, generate
+    from learnsteps.trajectories import TrajectoryDataset, TrajectoryError, generate
 
     ld3 = load_config(LD3Config, [ROOT / "configs" / "ld3.yaml"], [f"teacher={cfg.data_teacher}", f"guidance={guidance}"])
     teacher = load_teacher(ld3.teacher, guidance=guidance)
     resolve_auto(ld3, teacher)  # pairs.steps and the rest of the `auto` settings, as train.py's runs resolve them
     spec = pairs_spec(ld3, teacher, cfg.bench_test, cfg.heldout_seed)
-    generate(teacher, root / "heldout", spec, teacher_name=ld3.teacher, progress=True)
+    try:
+        generate(teacher, root / "heldout", spec, teacher_name=ld3.teacher, progress=True)
+    except TrajectoryError as err:  # another draw's (heldout_seed), bench_test's or teacher's pairs
+        raise SystemExit(f"{err} (heldout_seed={cfg.heldout_seed}, bench_test={cfg.bench_test})") from None
     return teacher, pairs_dataset(TrajectoryDataset(root / "heldout", dtype=dtype_of(teacher)).tensors)
 
 
