@@ -654,11 +654,10 @@ def test_data_benchmark_judges_on_another_draw_of_held_out_noises_and_never_mixe
     setting chosen on one draw, confirmed on another); a held-out directory of the other draw is refused, not
     silently reused."""
     bench = benchmark_module("ld3", monkeypatch)
-    first = bench.Config(bench_test=4, data_teacher="gmm_digits")
+    first, second = (bench.Config(bench_test=4, data_teacher="gmm_digits", heldout_seed=s) for s in (10_000, 7))
     _, a = bench.heldout_pairs(first, 1.0, tmp_path / "a")
-    _, b = bench.heldout_pairs(bench.Config(bench_test=4, data_teacher="gmm_digits", heldout_seed=7), 1.0,
-                               tmp_path / "b")
+    _, b = bench.heldout_pairs(second, 1.0, tmp_path / "b")
     _, again = bench.heldout_pairs(first, 1.0, tmp_path / "a")
     assert torch.equal(a.tensors[1], again.tensors[1]) and not torch.allclose(a.tensors[1], b.tensors[1])
     with pytest.raises(SystemExit, match=r"another teacher or spec; use a new directory \(heldout_seed=7, bench_test"):
-        bench.heldout_pairs(bench.Config(bench_test=4, data_teacher="gmm_digits", heldout_seed=7), 1.0, tmp_path / "a")
+        bench.heldout_pairs(second, 1.0, tmp_path / "a")
