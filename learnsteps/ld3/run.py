@@ -138,34 +138,37 @@ def how_to_use(path: Path, schedule: Schedule) -> str:
 
 
 def initial_grids(cfg: LD3Config, teacher, module: LD3, val_set) -> list[torch.Tensor]:
-    """The grids LD3 starts from: none for LD3's uniform one (init=uniform), a baseline kind, or the `restarts`
-    best baselines on `val_set` (init=best), best first. A sum of losses is calibrated here, on the validation
-    outputs of the candidate grids."""
+    """The grids LD3 starts from: none for LD3's uniform one (init=uniform), a baseline kind, the `restarts` best
+    baselines on `val_set` (init=best), or the init_schedule file's. A sum of losses is calibrated here on the hand
+    grids' validation outputs, whatever the start, so that a factor means the same in every run: a learned solver
+    started from an LD3 schedule weighs its terms as the LD3 run did (calibrated on its own start, much closer to
+    the teacher, its paired term would weigh ~10x more against a term without units)."""
+    hand = {kind: baseline_grid(cfg, teacher, kind, module.steps, learned_end=True)
+            for kind in applicable(cfg.baselines, teacher.noise_schedule)}
     if cfg.init_schedule:
         s = init_schedule(cfg, teacher)
-        grids = {cfg.init_schedule: (s.grid, s.eval_grid)}
+        starts = {cfg.init_schedule: (s.grid, s.eval_grid)}
+    elif cfg.init == "uniform":
+        starts = {"uniform": module.grid(False)[0].detach()}
     else:
-        kinds = applicable(cfg.baselines, teacher.noise_schedule) if cfg.init == "best" else [] \
-            if cfg.init == "uniform" else [cfg.init]
-        grids = {kind: baseline_grid(cfg, teacher, kind, module.steps, learned_end=True) for kind in kinds}
-    if cfg.init == "uniform" and not cfg.init_schedule:
-        grids["uniform"] = module.grid(False)[0].detach()
+        starts = hand if cfg.init == "best" else {cfg.init: hand[cfg.init] if cfg.init in hand else
+                                                   baseline_grid(cfg, teacher, cfg.init, module.steps, True)}
     device = device_of(teacher)
     _, x_T, target, cond = (torch.stack([val_set[i][k] for i in range(len(val_set))]).to(device) for k in range(4))
     outs = {}
-    for kind, g in grids.items():
+    for kind, g in {**hand, **starts}.items():
         t, t_eval = g if isinstance(g, tuple) else (g, None)
         outs[kind] = solve_in_batches(teacher, x_T, cfg.pairs.batch_size, condition(cond), grid=t, solver=cfg.solver,
                                       order=cfg.order, eval_grid=t_eval, **cfg.options)
-    if hasattr(module.dist, "calibrate"):  # a sum of losses: each term normalised over all candidates' outputs
-        module.dist.calibrate(list(outs.values()), target)
+    if hasattr(module.dist, "calibrate"):  # a sum of losses: each term normalised over the hand grids' outputs
+        module.dist.calibrate([outs[kind] for kind in hand], target)
     if cfg.init == "uniform" and not cfg.init_schedule:
         return []
-    scores = {kind: float(module.dist(out, target).mean()) for kind, out in outs.items()}
+    scores = {kind: float(module.dist(outs[kind], target).mean()) for kind in starts}
     ranked = sorted(scores, key=scores.get)[: cfg.restarts]
     print(f"LD3 starts from the {' / '.join(ranked)} grid{'s' if len(ranked) > 1 else ''} (validation {cfg.loss}: "
           + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()) + ")")
-    return [grids[kind] for kind in ranked]
+    return [starts[kind] for kind in ranked]
 
 
 def init_schedule(cfg: LD3Config, teacher) -> Schedule:
