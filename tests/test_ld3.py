@@ -473,6 +473,40 @@ def test_a_learned_solver_starts_from_an_ld3_schedule(tmp_path):
     assert {r["role"] for r in rows[1][2:]} == {"hand"}
 
 
+def test_a_sum_of_losses_weighs_its_terms_alike_whatever_the_run_starts_from(tmp_path):
+    """A sum of losses is calibrated on the hand grids' validation outputs in every run: a learned solver started
+    from an LD3 schedule (closer to the teacher than any hand grid) and a run from LD3's uniform grid weigh each
+    term as the run from the best hand grid does (on its own start, the paired term would weigh more)."""
+    from learnsteps.ld3.module import LD3
+    from learnsteps.ld3.run import initial_grids, pairs_dataset
+    from learnsteps.trajectories import TrajectoryDataset
+
+    loss = "l2+10*contraction"
+    first = train_ld3(tiny(tmp_path / "ld3", loss=loss, **{"pairs.test": 0}))
+    teacher = toy_mixture()
+    pairs = pairs_dataset(TrajectoryDataset(first / "pairs" / "train", dtype=F64).tensors)
+    val_set = torch.utils.data.Subset(pairs, range(8, 16))
+    starts = {"best": {}, "uniform": dict(init="uniform"), "time_quadratic": dict(init="time_quadratic"),
+              "init_schedule": dict(learn="solver", init_schedule=str(first / "schedule.json"), rounds_theta=0)}
+    weights = {}
+    for name, kw in starts.items():
+        cfg = tiny(tmp_path / name, loss=loss, **kw)
+        module = LD3(cfg, teacher, pairs.tensors[1])
+        initial_grids(cfg, teacher, module, val_set)
+        weights[name] = module.dist.weights
+    assert weights["best"]["contraction"] == 10.0
+    for name in starts:
+        assert weights[name] == pytest.approx(weights["best"], rel=1e-12), name
+    # the paired term's weight is 1 over its mean on the hand grids, which the learned schedule is far below
+    _, x_T, target, _ = (torch.stack([val_set[i][k] for i in range(8)]) for k in range(4))
+    hand = [ls.sample(teacher, x_T, ls.grids.make(k, 4, teacher.noise_schedule, to_zero=True), "unipc", 2)
+            for k in ("time_uniform", "time_quadratic", "logsnr", "edm")]
+    mean = sum(float((h - target).pow(2).mean()) for h in hand) / len(hand)
+    assert weights["best"]["l2"] * mean == pytest.approx(1.0, rel=1e-6)
+    learned = ls.sample(teacher, x_T, **load_schedule(first / "schedule.json").solve_kwargs)
+    assert float((learned - target).pow(2).mean()) < mean / 2
+
+
 def test_an_init_schedule_for_another_solver_or_nfe_is_refused(tmp_path):
     from learnsteps.schedule import Schedule, save_schedule
 
