@@ -473,28 +473,41 @@ def test_a_learned_solver_starts_from_an_ld3_schedule(tmp_path):
     assert {r["role"] for r in rows[1][2:]} == {"hand"}
 
 
-def test_a_sum_of_losses_weighs_its_terms_alike_whatever_the_run_starts_from(tmp_path):
+def test_a_sum_of_losses_weighs_its_terms_alike_whatever_the_run_starts_from(tmp_path, monkeypatch):
     """A sum of losses is calibrated on the hand grids' validation outputs in every run: a learned solver started
     from an LD3 schedule (closer to the teacher than any hand grid) and a run from LD3's uniform grid weigh each
-    term as the run from the best hand grid does (on its own start, the paired term would weigh more)."""
+    term as the run from the best hand grid does (on its own start, the paired term would weigh more). The LD3
+    file records its weights and a run started from it takes them without solving a hand grid again."""
+    import dataclasses
+
+    import learnsteps.ld3.run as run
+    from learnsteps.ld3.config import baseline_grid
     from learnsteps.ld3.module import LD3
-    from learnsteps.ld3.run import initial_grids, pairs_dataset
+    from learnsteps.schedule import save_schedule
     from learnsteps.trajectories import TrajectoryDataset
 
     loss = "l2+10*contraction"
     first = train_ld3(tiny(tmp_path / "ld3", loss=loss, **{"pairs.test": 0}))
+    ld3 = load_schedule(first / "schedule.json")
+    bare = tmp_path / "bare.json"  # the same schedule without the weights, as a file from elsewhere would be
+    save_schedule(bare, dataclasses.replace(ld3, provenance={"method": "ld3", "loss": loss}))
     teacher = toy_mixture()
-    pairs = pairs_dataset(TrajectoryDataset(first / "pairs" / "train", dtype=F64).tensors)
-    val_set = torch.utils.data.Subset(pairs, range(8, 16))
+    pairs = run.pairs_dataset(TrajectoryDataset(first / "pairs" / "train", dtype=F64).tensors)
+    val_set = torch.utils.data.Subset(pairs, range(8, 16))  # the LD3 run's validation pairs
+    solver = dict(learn="solver", rounds_theta=0)
     starts = {"best": {}, "uniform": dict(init="uniform"), "time_quadratic": dict(init="time_quadratic"),
-              "init_schedule": dict(learn="solver", init_schedule=str(first / "schedule.json"), rounds_theta=0)}
-    weights = {}
+              "file without weights": dict(init_schedule=str(bare), **solver),
+              "file": dict(init_schedule=str(first / "schedule.json"), **solver)}
+    weights, grids = {}, []
+    monkeypatch.setattr(run, "baseline_grid", lambda *a, **k: grids.append(a[2]) or baseline_grid(*a, **k))
     for name, kw in starts.items():
+        grids.clear()
         cfg = tiny(tmp_path / name, loss=loss, **kw)
         module = LD3(cfg, teacher, pairs.tensors[1])
-        initial_grids(cfg, teacher, module, val_set)
+        run.initial_grids(cfg, teacher, module, val_set)
         weights[name] = module.dist.weights
-    assert weights["best"]["contraction"] == 10.0
+        assert grids == ([] if name == "file" else ["time_uniform", "time_quadratic", "logsnr", "edm"]), name
+    assert weights["best"]["contraction"] == 10.0 and ld3.provenance["loss_weights"] == weights["best"]
     for name in starts:
         assert weights[name] == pytest.approx(weights["best"], rel=1e-12), name
     # the paired term's weight is 1 over its mean on the hand grids, which the learned schedule is far below
@@ -503,8 +516,12 @@ def test_a_sum_of_losses_weighs_its_terms_alike_whatever_the_run_starts_from(tmp
             for k in ("time_uniform", "time_quadratic", "logsnr", "edm")]
     mean = sum(float((h - target).pow(2).mean()) for h in hand) / len(hand)
     assert weights["best"]["l2"] * mean == pytest.approx(1.0, rel=1e-6)
-    learned = ls.sample(teacher, x_T, **load_schedule(first / "schedule.json").solve_kwargs)
-    assert float((learned - target).pow(2).mean()) < mean / 2
+    assert float((ls.sample(teacher, x_T, **ld3.solve_kwargs) - target).pow(2).mean()) < mean / 2
+    # one loss needs no calibration: a run started from a file solves no hand grid
+    grids.clear()
+    cfg = tiny(tmp_path / "l2", init_schedule=str(bare), **solver)
+    run.initial_grids(cfg, teacher, LD3(cfg, teacher, pairs.tensors[1]), val_set)
+    assert grids == [] and "loss_weights" not in load_schedule(train_ld3(tiny(tmp_path / "l2run")) / "schedule.json").provenance
 
 
 def test_an_init_schedule_for_another_solver_or_nfe_is_refused(tmp_path):

@@ -2,6 +2,7 @@
 and compare it with the hand grids on held-out pairs (report.py)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -96,6 +97,8 @@ def train_ld3(cfg: LD3Config) -> Path:
     provenance = dict(method="ld3", loss=cfg.loss, validation={f"{cfg.loss}": module.best["loss"]},
                       best_step=module.best["step"], seed=cfg.seed, time_mode=cfg.time_mode,
                       soft_forcing=cfg.soft_forcing, pairs=dict(train=p.train, val=p.val))
+    if hasattr(module.dist, "calibrate"):  # a sum's weights, which a run started from this file takes as they are
+        provenance["loss_weights"] = dict(module.dist.weights)
     if cfg.learn == "solver":
         provenance.update(learn="solver", base=dict(solver=cfg.solver, order=cfg.order, options=cfg.options),
                           coefficient_penalty=cfg.coefficient_penalty)
@@ -140,14 +143,17 @@ def how_to_use(path: Path, schedule: Schedule) -> str:
 def initial_grids(cfg: LD3Config, teacher, module: LD3, val_set) -> list[torch.Tensor]:
     """The grids LD3 starts from: none for LD3's uniform one (init=uniform), a baseline kind, the `restarts` best
     baselines on `val_set` (init=best), or the init_schedule file's. A sum of losses is calibrated here on the hand
-    grids' validation outputs, whatever the start, so that a factor means the same in every run: a learned solver
-    started from an LD3 schedule weighs its terms as the LD3 run did (calibrated on its own start, much closer to
-    the teacher, its paired term would weigh ~10x more against a term without units)."""
-    hand = {kind: baseline_grid(cfg, teacher, kind, module.steps, learned_end=True)
-            for kind in applicable(cfg.baselines, teacher.noise_schedule)}
-    if cfg.init_schedule:
-        s = init_schedule(cfg, teacher)
-        starts = {cfg.init_schedule: (s.grid, s.eval_grid)}
+    grids' validation outputs whatever the start, so that a factor means the same in every run; a run started from
+    a file of the same loss takes that run's weights from it as they were (a learned solver after LD3: calibrated
+    on its own start, much closer to the teacher than the hand grids, its paired term would weigh several times
+    more against a term without units)."""
+    start = init_schedule(cfg, teacher) if cfg.init_schedule else None
+    calibrate = hasattr(module.dist, "calibrate") and not reuse_weights(module.dist, cfg.loss, start)
+    kinds = applicable(cfg.baselines, teacher.noise_schedule) if calibrate or (start is None and cfg.init == "best") \
+        else [cfg.init] if start is None and cfg.init != "uniform" else []
+    hand = {kind: baseline_grid(cfg, teacher, kind, module.steps, learned_end=True) for kind in kinds}
+    if start is not None:
+        starts = {cfg.init_schedule: (start.grid, start.eval_grid)}
     elif cfg.init == "uniform":
         starts = {"uniform": module.grid(False)[0].detach()}
     else:
@@ -156,19 +162,31 @@ def initial_grids(cfg: LD3Config, teacher, module: LD3, val_set) -> list[torch.T
     device = device_of(teacher)
     _, x_T, target, cond = (torch.stack([val_set[i][k] for i in range(len(val_set))]).to(device) for k in range(4))
     outs = {}
-    for kind, g in {**hand, **starts}.items():
+    for kind, g in {**(hand if calibrate else {}), **starts}.items():
         t, t_eval = g if isinstance(g, tuple) else (g, None)
         outs[kind] = solve_in_batches(teacher, x_T, cfg.pairs.batch_size, condition(cond), grid=t, solver=cfg.solver,
                                       order=cfg.order, eval_grid=t_eval, **cfg.options)
-    if hasattr(module.dist, "calibrate"):  # a sum of losses: each term normalised over the hand grids' outputs
+    if calibrate:  # a sum of losses: each term normalised over the hand grids' outputs
         module.dist.calibrate([outs[kind] for kind in hand], target)
-    if cfg.init == "uniform" and not cfg.init_schedule:
+    if cfg.init == "uniform" and start is None:
         return []
     scores = {kind: float(module.dist(outs[kind], target).mean()) for kind in starts}
     ranked = sorted(scores, key=scores.get)[: cfg.restarts]
     print(f"LD3 starts from the {' / '.join(ranked)} grid{'s' if len(ranked) > 1 else ''} (validation {cfg.loss}: "
           + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()) + ")")
     return [starts[kind] for kind in ranked]
+
+
+def reuse_weights(dist, loss: str, start: Schedule | None) -> bool:
+    """Give a sum of losses the weights its start's run calibrated, recorded in that file (provenance.loss_weights)
+    for the same loss; False where there are none to take (another loss, a file from elsewhere)."""
+    weights = start.provenance.get("loss_weights") if start is not None and start.provenance.get("loss") == loss \
+        else None
+    if not (isinstance(weights, dict) and set(weights) == set(dist.weights)
+            and all(isinstance(w, (int, float)) and math.isfinite(w) and w > 0 for w in weights.values())):
+        return False
+    dist.weights = {k: float(w) for k, w in weights.items()}
+    return True
 
 
 def init_schedule(cfg: LD3Config, teacher) -> Schedule:
