@@ -33,7 +33,8 @@ pairs and one held-out set of `bench_test` teacher pairs per guidance shared by 
 the teacher's samples and against the data (and against its odd-indexed half alone, which the data terms never
 see), precision / recall against the data, for the learned schedule, every hand grid and the teacher itself;
 data.md / data.csv: medians and ranges over the seeds, the targets of issue #33. `heldout_seed=<n>` in an out_dir
-with the runs copied into it judges them on another draw of held-out noises.
+with the runs copied into it judges them on another draw of held-out noises. `solver_args` that change the pairs'
+numbers (e.g. `pairs.val=1000`) give the learned solver pairs of their own beside the seed's (the same first noises).
 frontier: what any grid of one solver at NFE 4 can reach on `data_teacher` (first of `data_guidances`): every grid
 (1, a, b, t_min, 0) of the `frontier_*` lattices, the hand grids and `frontier_schedules` (schedule files, e.g. LD3
 runs of part=data), on that guidance's held-out pairs of part=data: paired RMSE, FID against the teacher's samples
@@ -525,7 +526,8 @@ def against_data(cfg: Config, out: Path) -> str:
         runs = {"ld3": train_ld3(args, cell / "ld3", where / "pairs", cfg.threads)}
         if cfg.data_learned_solver:
             runs["solver"] = train_ld3([*args, "learn=solver", f"init_schedule={cell / 'ld3' / 'schedule.json'}",
-                                        *cfg.solver_args], cell / "solver", where / "pairs", cfg.threads)
+                                        *cfg.solver_args], cell / "solver", pairs_dir(where, cfg.solver_args),
+                                       cfg.threads)
         out_rows = []
         for method, r in runs.items():
             rows = judge(cell / method, *held[g])
@@ -552,6 +554,14 @@ def against_data(cfg: Config, out: Path) -> str:
     text = data_table(cfg, rows)
     write_text(root / "data.md", text)
     return text
+
+
+def pairs_dir(where: Path, args: list[str]) -> Path:
+    """The pairs a run with `args` trains on: the seed's own (where/pairs), or, when args change their number (e.g.
+    the learned solver's `pairs.val=1000`), a folder of their own beside them (the noises of the first ones are the
+    same: sample j's noise is seeded by (seed, j))."""
+    changed = sorted(a for a in args if a.startswith("pairs."))
+    return where / "-".join(["pairs", *(re.sub(r"[^\w]+", "", a.removeprefix("pairs.")) for a in changed)])
 
 
 def data_rows(root: Path, ld3_args: list[str]) -> list[dict]:
