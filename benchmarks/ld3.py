@@ -33,8 +33,7 @@ pairs and one held-out set of `bench_test` teacher pairs per guidance shared by 
 the teacher's samples and against the data (and against its odd-indexed half alone, which the data terms never
 see), precision / recall against the data, for the learned schedule, every hand grid and the teacher itself;
 data.md / data.csv: medians and ranges over the seeds, the targets of issue #33. `heldout_seed=<n>` in an out_dir
-with the runs copied into it judges them on another draw of held-out noises. `solver_args` that change the pairs'
-numbers (e.g. `pairs.val=1000`) give the learned solver pairs of their own beside the seed's (the same first noises).
+with the runs copied into it judges them on another draw of held-out noises.
 frontier: what any grid of one solver at NFE 4 can reach on `data_teacher` (first of `data_guidances`): every grid
 (1, a, b, t_min, 0) of the `frontier_*` lattices, the hand grids and `frontier_schedules` (schedule files, e.g. LD3
 runs of part=data), on that guidance's held-out pairs of part=data: paired RMSE, FID against the teacher's samples
@@ -44,6 +43,8 @@ solver: the learned solver (learn=solver) against LD3 on the same pairs, for eve
 its defaults (DPM-Solver++(3M)), then the learned solver started from LD3's schedule (grid, offsets and 3M's table;
 `solver_args`), both scored on the 2000 held-out pairs (paired RMSE, FID against the teacher's samples and the
 data) beside the best hand grid; solver.md / solver.csv: median and range over the seeds of learned solver / LD3.
+In part=data and part=solver, `solver_args` that change the pairs' numbers (e.g. `pairs.val=1000`) give the learned
+solver pairs of their own beside the seed's (the same first noises).
 """
 from __future__ import annotations
 
@@ -434,7 +435,7 @@ def learned_solver(cfg: Config, out: Path) -> str:
         ld3 = train_ld3(args, where / f"nfe{nfe}" / "ld3", where / "pairs", cfg.threads)
         init = where / f"nfe{nfe}" / "ld3" / "schedule.json"
         solver = train_ld3([*args, "learn=solver", f"init_schedule={init}", *cfg.solver_args],
-                           where / f"nfe{nfe}" / "solver", where / "pairs", cfg.threads)
+                           where / f"nfe{nfe}" / "solver", pairs_dir(where, cfg.solver_args), cfg.threads)
         row = dict(teacher=teacher, nfe=nfe, seed=seed, ld3_seconds=ld3["seconds"], solver_seconds=solver["seconds"])
         for m in METRICS:
             row.update({f"ld3_{m}": ld3[m], f"solver_{m}": solver[m], f"hand_{m}": ld3[m] / ld3[f"{m}_vs_best"]})
