@@ -61,7 +61,6 @@ class LD3Config(RunConfig, TeacherOptions):
     # (the baseline with the lowest validation loss; LD3 then starts from, and never exports worse than, it)
     decoupled: bool = True  # learn LD3's model-evaluation offsets xi in phase 2
     window: float = 0.5  # xi clip: this fraction of the smallest grid gap
-    end_offset: bool = False  # an offset for the model call at t_min too (before the step to zero; docs/ld3.md)
     t_min: float = 0.0  # the learned grid's last time before its step to zero; 0: the schedule's own (docs/ld3.md)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     loss: str = "auto"  # auto | l2 | l1 | pseudo_huber | lpips | features | spread | contraction |

@@ -19,13 +19,11 @@ from ..core.schedules import NoiseSchedule
 
 class LD3Grid(nn.Module):
     def __init__(self, schedule: NoiseSchedule, steps: int, time_mode: str = "lambda", to_zero: bool = True,
-                 window: float = 0.5, t_max: float | None = None, t_min: float | None = None,
-                 end_offset: bool = False):
+                 window: float = 0.5, t_max: float | None = None, t_min: float | None = None):
         super().__init__()
         if time_mode not in ("lambda", "time"):
             raise ValueError(f"unknown time_mode {time_mode!r}: expected 'lambda' or 'time'")
         self.schedule, self.time_mode, self.to_zero, self.window = schedule, time_mode, to_zero, window
-        self.end_offset = end_offset and to_zero  # the call at t_min (before the step to zero) offset as well
         self.points = steps if to_zero else steps + 1  # learned points, from t_max to t_min
         if self.points < 2:
             raise ValueError(f"{steps} steps leave nothing to learn (need at least 2 points before the end)")
@@ -60,9 +58,7 @@ class LD3Grid(nn.Module):
         self.xi.zero_()
         if t_eval is not None:
             offset = self._from_time(torch.as_tensor(t_eval, dtype=torch.float64)[: self.points]) - v
-            self.xi[1:] = offset[1:]
-            if not self.end_offset:
-                self.xi[-1] = 0.0
+            self.xi[1:-1] = offset[1:-1]
 
     def _from_time(self, t: Tensor) -> Tensor:
         return self.schedule.lambda_(t) if self.time_mode == "lambda" else t
@@ -80,10 +76,8 @@ class LD3Grid(nn.Module):
         if decoupled:
             gap = (v[1:] - v[:-1]).abs().min().detach()
             offset = torch.clamp(self.xi, -self.window * gap, self.window * gap)
-            if self.end_offset:
-                t_eval = torch.cat([t[:1], self._to_time(v + offset)[1:]])
-            else:
-                t_eval = torch.cat([t[:1], self._to_time(v + offset)[1:-1], t[-1:]])
+            offset = torch.cat([offset.new_zeros(1), offset[1:-1], offset.new_zeros(1)])
+            t_eval = torch.cat([t[:1], self._to_time(v + offset)[1:-1], t[-1:]])
         else:
             t_eval = t
         if self.to_zero:

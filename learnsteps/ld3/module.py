@@ -46,7 +46,7 @@ class LD3(L.LightningModule):
         self.steps = steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero)
         check_order(cfg.solver, cfg.order, self.steps)
         self.grid = LD3Grid(learned_ends(cfg, teacher.noise_schedule), self.steps, cfg.time_mode, cfg.to_zero,
-                           cfg.window, end_offset=cfg.end_offset)
+                           cfg.window)
         self.table = None
         if cfg.learn == "solver":
             form, width = base_form(cfg.solver, cfg.order, cfg.options, Grid(teacher.noise_schedule, *self.grid(False)))

@@ -55,7 +55,7 @@ def check_ld3(cfg: LD3Config):
         raise ValueError(f"{named} cannot start at t = {s.t_max}, where this teacher's sampling starts (alpha = 0, "
                          f"pure noise: its pipelines start there too); learn the schedule for a data-form solver: "
                          f"dpm_solver++, unipc (bh2) or euler")
-    grid = LD3Grid(learned_ends(cfg, s), steps, cfg.time_mode, cfg.to_zero, cfg.window, end_offset=cfg.end_offset)
+    grid = LD3Grid(learned_ends(cfg, s), steps, cfg.time_mode, cfg.to_zero, cfg.window)  # a point to learn
     if cfg.learn == "solver":
         base_form(cfg.solver, cfg.order, cfg.options, Grid(teacher.noise_schedule, *grid(False)))
     if cfg.init_schedule:
@@ -203,7 +203,7 @@ def init_schedule(cfg: LD3Config, teacher) -> Schedule:
                          f"({s.teacher.get('name') or 'fingerprint ' + str(s.teacher['fingerprint'])[:12]}), "
                          f"not {cfg.teacher}")
     grid = LD3Grid(learned_ends(cfg, teacher.noise_schedule), steps_for_nfe(cfg.solver, cfg.nfe, cfg.to_zero),
-                   cfg.time_mode, cfg.to_zero, cfg.window, end_offset=cfg.end_offset)
+                   cfg.time_mode, cfg.to_zero, cfg.window)
     if s.to_zero != cfg.to_zero or s.times[0] != grid.t_max or s.times[-1 - cfg.to_zero] != grid.t_min:
         raise ValueError(f"init_schedule {cfg.init_schedule}: its grid runs from {s.times[0]} to {s.times[-1]}, the "
                          f"learned one from {grid.t_max} to {grid.t_min}{' and then to sigma = 0' if cfg.to_zero else ''}")
