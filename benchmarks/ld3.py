@@ -10,6 +10,7 @@ the outcome is to the seed and to the CPU's kernel path.
     python benchmarks/ld3.py part=solver                      # learned solver vs LD3 (about 70 min)
     python benchmarks/ld3.py part=data                        # judged against the data (issue #33)
     python benchmarks/ld3.py part=frontier                    # every 4-NFE grid of a lattice against the data
+    python benchmarks/ld3.py part=ceiling                     # the converged teacher with guidance changed
 
 paired: `train.py mode=ld3` (its defaults) for every teacher x solver x NFE (pairs shared per teacher, 2000
 held-out), each reporting, for the learned grid against the best baseline grid on those held-out pairs, the
@@ -39,6 +40,12 @@ frontier: what any grid of one solver at NFE 4 can reach on `data_teacher` (firs
 runs of part=data), on that guidance's held-out pairs of part=data: paired RMSE, FID against the teacher's samples
 and the data, recall, and the contraction of the samples in the digits features (mean distance to their k = 3
 nearest teacher neighbours, learned over teacher); frontier.csv and frontier.png (FID against the data over RMSE).
+ceiling: where samplers of the guided teacher (`ceiling_guidance`) land between its own samples and the data (issue
+#33's target (a) is a box in that plane): its converged solve with guidance only on t <= c (1 above) for each of
+`ceiling_intervals`, and at each of `ceiling_scales` everywhere (no discretisation error), every hand grid of
+`ceiling_solver` at `ceiling_nfe`, and `ceiling_schedules` (schedule files, e.g. LD3 runs of part=data), on the
+held-out pairs of part=data: FID against the teacher's samples and the data, recall, paired RMSE; ceiling.md,
+ceiling.csv and ceiling.png with the box.
 solver: the learned solver (learn=solver) against LD3 on the same pairs, for every teacher x NFE x seed: LD3 with
 its defaults (DPM-Solver++(3M)), then the learned solver started from LD3's schedule (grid, offsets and 3M's table;
 `solver_args`), both scored on the 2000 held-out pairs (paired RMSE, FID against the teacher's samples and the
@@ -108,6 +115,13 @@ class Config:
     frontier_b: list[float] = field(default_factory=lambda: [0.6, 0.45, 0.3, 0.2])
     frontier_t_min: list[float] = field(default_factory=lambda: [0.001, 0.015, 0.03, 0.06])
     frontier_schedules: list[str] = field(default_factory=list)
+    # part=ceiling: what a sampler of the teacher reaches without discretisation error, with guidance changed
+    ceiling_guidance: float = 1.15  # the teacher's guidance (its held-out pairs of part=data are the reference)
+    ceiling_intervals: list[float] = field(default_factory=lambda: [0.7, 0.5, 0.3, 0.15, 0.05])  # guided on t <= c
+    ceiling_scales: list[float] = field(default_factory=lambda: [1.0, 0.9, 0.8])  # one scale everywhere
+    ceiling_solver: SolverChoice = field(default_factory=lambda: SolverChoice("unipc", 2))  # the hand grids' case
+    ceiling_nfe: int = 6
+    ceiling_schedules: list[str] = field(default_factory=list)  # schedule files placed in the plane (LD3 runs)
     # part=demo: `make demo`'s runs (the Makefile's own arguments) for every seed x kernel path x thread count
     demo_threads: list[int] = field(default_factory=lambda: [1, 2])
     workers: int = 2  # runs at a time (paired, robustness and solver)
@@ -633,6 +647,124 @@ def frontier(cfg: Config, out: Path) -> str:
             f"best lattice grid {best['grid']} {best['fid_data']:.2f} (RMSE {best['rmse']:.4f}); frontier.png")
 
 
+class IntervalGuidance:
+    """The teacher at one guidance scale on t <= `until` and at another above it (guidance in a limited interval,
+    Kynkäänniemi et al. 2024): `inside` and `outside` are the same network loaded at the two scales."""
+
+    def __init__(self, inside, outside, until: float):
+        self.inside, self.outside, self.until = inside, outside, until
+        self.noise_schedule, self.prediction = inside.noise_schedule, inside.prediction
+
+    def __call__(self, x, t, cond=None):
+        import torch
+
+        return (self.inside if float(torch.as_tensor(t).flatten()[0]) <= self.until else self.outside)(x, t, cond)
+
+
+def ceiling(cfg: Config, out: Path) -> str:
+    """Where samplers of the guided teacher land in the plane of FID against the teacher's samples and against the
+    data (issue #33's target (a) is a box in it): the teacher's own solve (the held-out pairs' solver and steps) with
+    guidance only on t <= c for each of `ceiling_intervals` (1 above), and at each of `ceiling_scales` everywhere,
+    so without discretisation error; every hand grid of `ceiling_solver` at `ceiling_nfe`; `ceiling_schedules`.
+    ceiling.csv, ceiling.png."""
+    import torch
+
+    from learnsteps.core.sample import solve_in_batches
+    from learnsteps.ld3 import LD3Config
+    from learnsteps.ld3.config import baseline_grid, resolve_auto
+    from learnsteps.ld3.run import pairs_spec
+    from learnsteps.quality.metrics import Features, fid_features, pixels, precision_recall, reference_features
+    from learnsteps.schedule import load_schedule
+    from learnsteps.teachers import load_teacher
+    from learnsteps.trajectories import integrate
+
+    g, case = cfg.ceiling_guidance, cfg.ceiling_solver
+    teacher, held = heldout_pairs(cfg, g, out / "data" / f"guidance{g}")
+    _, x_T, target, cond = held.tensors
+    features = Features("digits")
+    f_data = reference_features("digits", features)
+    with torch.no_grad():
+        f_teacher = features(pixels(teacher, target).float())
+    ld3 = load_config(LD3Config, [ROOT / "configs" / "ld3.yaml"],
+                      [f"teacher={cfg.data_teacher}", f"guidance={g}", f"solver={case.solver}", f"order={case.order}",
+                       f"nfe={cfg.ceiling_nfe}"])
+    resolve_auto(ld3, teacher)
+    spec = pairs_spec(ld3, teacher, len(x_T), cfg.heldout_seed)
+    times = torch.tensor(spec.output_times, dtype=torch.float64)
+    scales = {s: load_teacher(cfg.data_teacher, guidance=s) for s in {1.0, *cfg.ceiling_scales}}
+
+    def converged(model):
+        with torch.no_grad():
+            return torch.cat([integrate(model, x_T[i:i + 256], times, spec, cond[i:i + 256])[-1]
+                              for i in range(0, len(x_T), 256)])
+
+    runs = {f"the teacher, guidance {g} on t <= 1 (its own solve)": ("teacher", lambda: converged(teacher))}
+    for c in cfg.ceiling_intervals:
+        runs[f"guidance {g} on t <= {c:g}, 1 above"] = (
+            "interval", lambda c=c: converged(IntervalGuidance(teacher, scales[1.0], c)))
+    for s in cfg.ceiling_scales:
+        runs[f"guidance {s:g} everywhere"] = ("scale", lambda s=s: converged(scales[s]))
+    for name in BASELINES:
+        grid = baseline_grid(ld3, teacher, name, cfg.ceiling_nfe)
+        runs[f"{name}, {case.solver}-{case.order} NFE {cfg.ceiling_nfe}"] = ("hand", lambda grid=grid: solve_in_batches(
+            teacher, x_T, 256, cond, grid=grid, solver=case.solver, order=case.order, **case.options))
+    for path in cfg.ceiling_schedules:
+        kw = load_schedule(path).solve_kwargs
+        runs[str(path)] = ("schedule", lambda kw=kw: solve_in_batches(teacher, x_T, 256, cond, **kw))
+    rows = []
+    for name, (kind, run) in runs.items():
+        x = run()
+        with torch.no_grad():
+            f = features(pixels(teacher, x).float())
+        rows.append(dict(sampler=name, kind=kind, rmse=float((x - target).pow(2).mean().sqrt()),
+                         fid_teacher=fid_features(f, f_teacher), fid_data=fid_features(f, f_data),
+                         recall=precision_recall(f, f_data)["recall"]))
+        print(rows[-1], flush=True)
+    write_csv(out / "ceiling.csv", rows)
+    hand = [r for r in rows if r["kind"] == "hand"]
+    best_t, best_d = min(r["fid_teacher"] for r in hand), min(r["fid_data"] for r in hand)
+    box = (0.6 * best_t, min(best_d, 1.1 * rows[0]["fid_data"]))  # target (a): below and left of this corner
+    plot_ceiling(rows, box, out / "ceiling.png", f"{cfg.data_teacher} guidance {g}, {len(x_T)} held-out pairs; "
+                 f"hand grids: {case.solver}-{case.order}, NFE {cfg.ceiling_nfe}")
+    lines = ["| sampler | FID (teacher) | FID (data) | recall | RMSE | in (a)'s box |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['sampler']} | {r['fid_teacher']:.3f} | {r['fid_data']:.3f} | {r['recall']:.3f} | "
+              f"{r['rmse']:.4f} | {'yes' if r['fid_teacher'] <= box[0] and r['fid_data'] <= box[1] else 'no'} |"
+              for r in rows]
+    text = (f"(a)'s box: FID (teacher) <= {box[0]:.3f} (0.6x the best hand grid's), FID (data) <= {box[1]:.3f}\n\n"
+            + "\n".join(lines) + "\n")
+    write_text(out / "ceiling.md", text)
+    return text
+
+
+def plot_ceiling(rows: list[dict], box: tuple[float, float], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.fill_between([0, box[0]], 0, box[1], color="tab:green", alpha=0.15, label="issue #33's target (a)")
+    style = dict(teacher=("k", "o"), interval=("tab:blue", "o"), scale=("tab:purple", "D"), hand=("k", "s"),
+                 schedule=("crimson", "*"))
+    for kind, (color, marker) in style.items():
+        rs = [r for r in rows if r["kind"] == kind]
+        if rs:
+            label = dict(teacher="the teacher (converged)", interval="converged, guidance on t <= c only",
+                         scale="converged, one scale everywhere", hand="hand grids", schedule="schedule files")[kind]
+            ax.scatter([r["fid_teacher"] for r in rs], [r["fid_data"] for r in rs], color=color, marker=marker,
+                       s=90 if kind == "schedule" else 36, label=label, zorder=3)
+        for r in rs:
+            if kind != "schedule":
+                ax.annotate(r["sampler"].split(",")[0].replace("guidance ", "g "), (r["fid_teacher"], r["fid_data"]),
+                            fontsize=6, xytext=(3, 3), textcoords="offset points")
+    near = [r for r in rows if r["fid_teacher"] <= 4 * box[0] and r["fid_data"] <= 3 * box[1]]  # far grids: off
+    ax.set(xlabel="FID against the teacher's samples", ylabel="FID against the data (digits features)", title=title,
+           xlim=(0, 1.1 * max(r["fid_teacher"] for r in near)), ylim=(0, 1.1 * max(r["fid_data"] for r in near)))
+    ax.title.set_fontsize(8)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
 def plot_frontier(rows: list[dict], teacher_fid: float, path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -696,7 +828,8 @@ def data_table(cfg: Config, rows: list[dict]) -> str:
 
 
 PARTS = {"all": (memory, paired), "memory": (memory,), "paired": (paired,), "demo": (demo,),
-         "robustness": (robustness,), "solver": (learned_solver,), "data": (against_data,), "frontier": (frontier,)}
+         "robustness": (robustness,), "solver": (learned_solver,), "data": (against_data,), "frontier": (frontier,),
+         "ceiling": (ceiling,)}
 
 
 def main(argv):

@@ -712,3 +712,18 @@ def test_data_benchmark_judges_on_another_draw_of_held_out_noises_and_never_mixe
     assert torch.equal(a.tensors[1], again.tensors[1]) and not torch.allclose(a.tensors[1], b.tensors[1])
     with pytest.raises(SystemExit, match=r"another teacher or spec; use a new directory \(heldout_seed=7, bench_test"):
         bench.heldout_pairs(second, 1.0, tmp_path / "a")
+
+
+def test_ceiling_benchmark_guides_on_its_interval_only(monkeypatch):
+    """benchmarks/ld3.py part=ceiling: the teacher guided on t <= c only (Kynkäänniemi et al. 2024) calls the network
+    at the teacher's scale there and at the other scale above, exactly."""
+    from learnsteps.teachers import load_teacher
+
+    bench = benchmark_module("ld3", monkeypatch)
+    inside, outside = (load_teacher("digits_latent_flow", guidance=g) for g in (1.15, 1.0))
+    model = bench.IntervalGuidance(inside, outside, 0.3)
+    x, cond = torch.randn(4, *inside.shape, generator=torch.Generator().manual_seed(0)), torch.arange(4)
+    with torch.no_grad():
+        assert not torch.equal(inside(x, torch.tensor(0.5), cond), outside(x, torch.tensor(0.5), cond))
+        for t, which in ((0.1, inside), (0.29, inside), (0.31, outside), (1.0, outside)):
+            assert torch.equal(model(x, torch.tensor(t), cond), which(x, torch.tensor(t), cond))
