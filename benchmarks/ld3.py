@@ -593,29 +593,55 @@ def data_rows(root: Path, ld3_args: list[str]) -> list[dict]:
     return sorted(rows, key=lambda r: (r["guidance"], r["solver"], r["nfe"], r["method"] != "ld3", r["seed"]))
 
 
+class HeldOut:
+    """What part=frontier and part=ceiling judge samplers on: the teacher at guidance `g`, its held-out pairs of
+    part=data, the digits features of the data and of the teacher's samples, and the LD3 config of one case (its
+    hand grids)."""
+
+    def __init__(self, cfg: Config, g: float, case: SolverChoice, nfe: int, out: Path):
+        import torch
+
+        from learnsteps.ld3 import LD3Config
+        from learnsteps.ld3.config import resolve_auto
+        from learnsteps.quality.metrics import Features, pixels, reference_features
+
+        self.teacher, held = heldout_pairs(cfg, g, out / "data" / f"guidance{g}")
+        _, self.x_T, self.target, self.cond = held.tensors
+        self.features = Features("digits")
+        self.f_data = reference_features("digits", self.features)
+        with torch.no_grad():
+            self.f_teacher = self.features(pixels(self.teacher, self.target).float())
+        self.ld3 = load_config(LD3Config, [ROOT / "configs" / "ld3.yaml"],
+                               [f"teacher={cfg.data_teacher}", f"guidance={g}", f"solver={case.solver}",
+                                f"order={case.order}", f"nfe={nfe}"])
+        resolve_auto(self.ld3, self.teacher)
+
+    def score(self, x) -> tuple[dict, object]:
+        """(paired RMSE, FID against the teacher's samples and the data, recall against the data), x's features."""
+        import torch
+
+        from learnsteps.quality.metrics import fid_features, pixels, precision_recall
+
+        with torch.no_grad():
+            f = self.features(pixels(self.teacher, x).float())
+        return dict(rmse=float((x - self.target).pow(2).mean().sqrt()), fid_teacher=fid_features(f, self.f_teacher),
+                    fid_data=fid_features(f, self.f_data), recall=precision_recall(f, self.f_data)["recall"]), f
+
+
 def frontier(cfg: Config, out: Path) -> str:
     import torch
 
     from learnsteps.core.sample import solve_in_batches
-    from learnsteps.ld3 import LD3Config
-    from learnsteps.ld3.config import baseline_grid, resolve_auto
+    from learnsteps.ld3.config import baseline_grid
     from learnsteps.quality.losses import log_scale
-    from learnsteps.quality.metrics import Features, fid_features, pixels, precision_recall, reference_features
+    from learnsteps.quality.metrics import fid_features
     from learnsteps.schedule import load_schedule
 
     g, case = cfg.data_guidances[0], cfg.frontier_solver
-    teacher, held = heldout_pairs(cfg, g, out / "data" / f"guidance{g}")
-    _, x_T, target, cond = held.tensors
-    features = Features("digits")
-    f_data = reference_features("digits", features)
-    with torch.no_grad():
-        f_teacher = features(pixels(teacher, target).float())
-    ld3 = load_config(LD3Config, [ROOT / "configs" / "ld3.yaml"],
-                      [f"teacher={cfg.data_teacher}", f"guidance={g}", f"solver={case.solver}", f"order={case.order}",
-                       "nfe=4"])
-    resolve_auto(ld3, teacher)
+    h = HeldOut(cfg, g, case, 4, out)
+    teacher, x_T, cond, f_teacher = h.teacher, h.x_T, h.cond, h.f_teacher
     hand = ("time_uniform", "logsnr", "edm", "gits")
-    grids = {name: ("hand", dict(grid=baseline_grid(ld3, teacher, name, 4))) for name in hand}
+    grids = {name: ("hand", dict(grid=baseline_grid(h.ld3, teacher, name, 4))) for name in hand}
     for path in cfg.frontier_schedules:
         schedule = load_schedule(path)
         p = schedule.provenance
@@ -629,18 +655,14 @@ def frontier(cfg: Config, out: Path) -> str:
     for name, (kind, kw) in grids.items():
         x = solve_in_batches(teacher, x_T, 256, cond, **dict(dict(solver=case.solver, order=case.order,
                                                                   **case.options), **kw))
-        with torch.no_grad():
-            f = features(pixels(teacher, x).float())
+        row, f = h.score(x)
         scale = math.exp(float(log_scale(f.double(), f_teacher.double())))  # > 1: spread out, < 1: contracted
-        rmse = float((x - target).pow(2).mean().sqrt())
-        rows.append(dict(grid=name, kind=kind, t_min=float(kw["grid"][-2]), rmse=rmse,
-                         fid_teacher=fid_features(f, f_teacher), fid_data=fid_features(f, f_data),
-                         recall=precision_recall(f, f_data)["recall"], feature_scale=scale))
+        rows.append(dict(grid=name, kind=kind, t_min=float(kw["grid"][-2]), **row, feature_scale=scale))
         print(rows[-1], flush=True)
-    teacher_fid = fid_features(f_teacher, f_data)
+    teacher_fid = fid_features(f_teacher, h.f_data)
     write_csv(out / "frontier.csv", rows)
     plot_frontier(rows, teacher_fid, out / "frontier.png", f"{cfg.data_teacher} guidance {g}, {case.solver}-"
-                  f"{case.order}, NFE 4, {len(target)} held-out pairs")
+                  f"{case.order}, NFE 4, {len(h.target)} held-out pairs")
     best = min((r for r in rows if r["kind"] == "lattice"), key=lambda r: r["fid_data"])
     best_hand = min((r for r in rows if r["kind"] == "hand"), key=lambda r: r["fid_data"])
     return (f"teacher FID (data) {teacher_fid:.2f}; best hand grid {best_hand['grid']} {best_hand['fid_data']:.2f}; "
@@ -670,25 +692,15 @@ def ceiling(cfg: Config, out: Path) -> str:
     import torch
 
     from learnsteps.core.sample import solve_in_batches
-    from learnsteps.ld3 import LD3Config
-    from learnsteps.ld3.config import baseline_grid, resolve_auto
+    from learnsteps.ld3.config import baseline_grid
     from learnsteps.ld3.run import pairs_spec
-    from learnsteps.quality.metrics import Features, fid_features, pixels, precision_recall, reference_features
     from learnsteps.schedule import load_schedule
     from learnsteps.teachers import load_teacher
     from learnsteps.trajectories import integrate
 
     g, case = cfg.ceiling_guidance, cfg.ceiling_solver
-    teacher, held = heldout_pairs(cfg, g, out / "data" / f"guidance{g}")
-    _, x_T, target, cond = held.tensors
-    features = Features("digits")
-    f_data = reference_features("digits", features)
-    with torch.no_grad():
-        f_teacher = features(pixels(teacher, target).float())
-    ld3 = load_config(LD3Config, [ROOT / "configs" / "ld3.yaml"],
-                      [f"teacher={cfg.data_teacher}", f"guidance={g}", f"solver={case.solver}", f"order={case.order}",
-                       f"nfe={cfg.ceiling_nfe}"])
-    resolve_auto(ld3, teacher)
+    h = HeldOut(cfg, g, case, cfg.ceiling_nfe, out)
+    teacher, x_T, cond, ld3 = h.teacher, h.x_T, h.cond, h.ld3
     spec = pairs_spec(ld3, teacher, len(x_T), cfg.heldout_seed)
     times = torch.tensor(spec.output_times, dtype=torch.float64)
     scales = {s: load_teacher(cfg.data_teacher, guidance=s) for s in {1.0, *cfg.ceiling_scales}}
@@ -713,12 +725,7 @@ def ceiling(cfg: Config, out: Path) -> str:
         runs[str(path)] = ("schedule", lambda kw=kw: solve_in_batches(teacher, x_T, 256, cond, **kw))
     rows = []
     for name, (kind, run) in runs.items():
-        x = run()
-        with torch.no_grad():
-            f = features(pixels(teacher, x).float())
-        rows.append(dict(sampler=name, kind=kind, rmse=float((x - target).pow(2).mean().sqrt()),
-                         fid_teacher=fid_features(f, f_teacher), fid_data=fid_features(f, f_data),
-                         recall=precision_recall(f, f_data)["recall"]))
+        rows.append(dict(sampler=name, kind=kind, **h.score(run())[0]))
         print(rows[-1], flush=True)
     write_csv(out / "ceiling.csv", rows)
     hand = [r for r in rows if r["kind"] == "hand"]
