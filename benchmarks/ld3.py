@@ -749,8 +749,9 @@ def target_a(rows: list[dict]) -> tuple[float, float, str]:
     best_t, best_d = min(hand, key=lambda r: r["fid_teacher"]), min(hand, key=lambda r: r["fid_data"])
     fid_data = min(best_d["fid_data"], 1.1 * rows[0]["fid_data"])
     name = lambda r: r["sampler"].split(",")[0]  # noqa: E731
-    return 0.6 * best_t["fid_teacher"], fid_data, (f"0.6x {name(best_t)}'s {best_t['fid_teacher']:.2f} against the "
-                                                   f"teacher, {name(best_d)}'s {best_d['fid_data']:.2f} against the data")
+    why = (f"0.6x {name(best_t)}'s {best_t['fid_teacher']:.2f} against the teacher, "
+           f"{name(best_d)}'s {best_d['fid_data']:.2f} against the data")
+    return 0.6 * best_t["fid_teacher"], fid_data, why
 
 
 def plot_ceiling(rows: list[dict], box: tuple[float, float, str], path: Path, title: str) -> None:
@@ -766,7 +767,8 @@ def plot_ceiling(rows: list[dict], box: tuple[float, float, str], path: Path, ti
         rs = [r for r in rows if r["kind"] == kind]
         if rs:
             label = dict(teacher="the teacher (converged)", interval="converged, guidance on t <= c only",
-                         scale="converged, one scale everywhere", hand="hand grids", schedule="schedule files (LD3 runs)")[kind]
+                         scale="converged, one scale everywhere", hand="hand grids",
+                         schedule="schedule files (LD3 runs)")[kind]
             ax.scatter([r["fid_teacher"] for r in rs], [r["fid_data"] for r in rs], color=color, marker=marker,
                        s=90 if kind == "schedule" else 36, label=label, zorder=3)
         for r in rs:

@@ -727,3 +727,11 @@ def test_ceiling_benchmark_guides_on_its_interval_only(monkeypatch):
         assert not torch.equal(inside(x, torch.tensor(0.5), cond), outside(x, torch.tensor(0.5), cond))
         for t, which in ((0.1, inside), (0.29, inside), (0.31, outside), (1.0, outside)):
             assert torch.equal(model(x, torch.tensor(t), cond), which(x, torch.tensor(t), cond))
+    # target (a) as a box: 0.6x the best hand grid against the teacher; the best hand grid against the data, capped at
+    # 1.1x the teacher's own (the first row)
+    rows = [dict(sampler="the teacher", kind="teacher", fid_teacher=0.0, fid_data=4.0),
+            dict(sampler="gits, unipc-2 NFE 6", kind="hand", fid_teacher=3.0, fid_data=5.0),
+            dict(sampler="edm, unipc-2 NFE 6", kind="hand", fid_teacher=2.0, fid_data=6.0),
+            dict(sampler="guidance 1 everywhere", kind="scale", fid_teacher=0.1, fid_data=1.0)]
+    assert bench.target_a(rows) == (pytest.approx(1.2), pytest.approx(4.4),
+                                    "0.6x edm's 2.00 against the teacher, gits's 5.00 against the data")
