@@ -43,8 +43,8 @@ nearest teacher neighbours, learned over teacher); frontier.csv and frontier.png
 ceiling: where samplers of the guided teacher (`ceiling_guidance`) land between its own samples and the data (issue
 #33's target (a) is a box in that plane): its converged solve with guidance only on t <= c (1 above) for each of
 `ceiling_intervals`, and at each of `ceiling_scales` everywhere (no discretisation error), every hand grid of
-`ceiling_solver` at `ceiling_nfe`, and `ceiling_schedules` (schedule files, e.g. LD3 runs of part=data), on the
-held-out pairs of part=data: FID against the teacher's samples and the data, recall, paired RMSE; ceiling.md,
+`ceiling_solver` at `ceiling_nfe`, and `ceiling_schedules` (schedule files, e.g. LD3 runs of part=data; each also
+sampled with guidance on t <= c only for c in `ceiling_schedule_intervals`), on the held-out pairs of part=data: FID against the teacher's samples and the data, recall, paired RMSE; ceiling.md,
 ceiling.csv and ceiling.png with the box.
 solver: the learned solver (learn=solver) against LD3 on the same pairs, for every teacher x NFE x seed: LD3 with
 its defaults (DPM-Solver++(3M)), then the learned solver started from LD3's schedule (grid, offsets and 3M's table;
@@ -122,6 +122,7 @@ class Config:
     ceiling_solver: SolverChoice = field(default_factory=lambda: SolverChoice("unipc", 2))  # the hand grids' case
     ceiling_nfe: int = 6
     ceiling_schedules: list[str] = field(default_factory=list)  # schedule files placed in the plane (LD3 runs)
+    ceiling_schedule_intervals: list[float] = field(default_factory=list)  # and each sampled guided on t <= c only
     # part=demo: `make demo`'s runs (the Makefile's own arguments) for every seed x kernel path x thread count
     demo_threads: list[int] = field(default_factory=lambda: [1, 2])
     workers: int = 2  # runs at a time (paired, robustness and solver)
@@ -669,18 +670,23 @@ def frontier(cfg: Config, out: Path) -> str:
             f"best lattice grid {best['grid']} {best['fid_data']:.2f} (RMSE {best['rmse']:.4f}); frontier.png")
 
 
-class IntervalGuidance:
+def interval_guidance(inside, outside, until: float):
     """The teacher at one guidance scale on t <= `until` and at another above it (guidance in a limited interval,
     Kynkäänniemi et al. 2024): `inside` and `outside` are the same network loaded at the two scales."""
+    import torch
 
-    def __init__(self, inside, outside, until: float):
-        self.inside, self.outside, self.until = inside, outside, until
-        self.noise_schedule, self.prediction = inside.noise_schedule, inside.prediction
+    from learnsteps.core.denoiser import Denoiser
 
-    def __call__(self, x, t, cond=None):
-        import torch
+    class IntervalGuidance(Denoiser):
+        def __init__(self):
+            super().__init__()
+            self.inside, self.outside = inside, outside
+            self.noise_schedule, self.prediction = inside.noise_schedule, inside.prediction
 
-        return (self.inside if float(torch.as_tensor(t).flatten()[0]) <= self.until else self.outside)(x, t, cond)
+        def forward(self, x, t, cond=None):
+            return (self.inside if float(torch.as_tensor(t).flatten()[0]) <= until else self.outside)(x, t, cond)
+
+    return IntervalGuidance()
 
 
 def ceiling(cfg: Config, out: Path) -> str:
@@ -713,7 +719,7 @@ def ceiling(cfg: Config, out: Path) -> str:
     runs = {f"the teacher, guidance {g} on t <= 1 (its own solve)": ("teacher", lambda: converged(teacher))}
     for c in cfg.ceiling_intervals:
         runs[f"guidance {g} on t <= {c:g}, 1 above"] = (
-            "interval", lambda c=c: converged(IntervalGuidance(teacher, scales[1.0], c)))
+            "interval", lambda c=c: converged(interval_guidance(teacher, scales[1.0], c)))
     for s in cfg.ceiling_scales:
         runs[f"guidance {s:g} everywhere"] = ("scale", lambda s=s: converged(scales[s]))
     for name in BASELINES:
@@ -723,6 +729,9 @@ def ceiling(cfg: Config, out: Path) -> str:
     for path in cfg.ceiling_schedules:
         kw = load_schedule(path).solve_kwargs
         runs[str(path)] = ("schedule", lambda kw=kw: solve_in_batches(teacher, x_T, 256, cond, **kw))
+        for c in cfg.ceiling_schedule_intervals:  # the same schedule, sampled with guidance on t <= c only
+            runs[f"{path}, guidance {g} on t <= {c:g}"] = ("schedule, interval", lambda kw=kw, c=c: solve_in_batches(
+                interval_guidance(teacher, scales[1.0], c), x_T, 256, cond, **kw))
     rows = []
     for name, (kind, run) in runs.items():
         rows.append(dict(sampler=name, kind=kind, **h.score(run())[0]))
@@ -761,18 +770,19 @@ def plot_ceiling(rows: list[dict], box: tuple[float, float, str], path: Path, ti
 
     fig, ax = plt.subplots(figsize=(7, 5))
     ax.fill_between([0, box[0]], 0, box[1], color="tab:green", alpha=0.15, label=f"issue #33's target (a): {box[2]}")
-    style = dict(teacher=("k", "o"), interval=("tab:blue", "o"), scale=("tab:purple", "D"), hand=("k", "s"),
-                 schedule=("crimson", "*"))
+    style = {"teacher": ("k", "o"), "interval": ("tab:blue", "o"), "scale": ("tab:purple", "D"), "hand": ("k", "s"),
+             "schedule": ("crimson", "*"), "schedule, interval": ("tab:orange", "*")}
     for kind, (color, marker) in style.items():
         rs = [r for r in rows if r["kind"] == kind]
         if rs:
-            label = dict(teacher="the teacher (converged)", interval="converged, guidance on t <= c only",
-                         scale="converged, one scale everywhere", hand="hand grids",
-                         schedule="schedule files (LD3 runs)")[kind]
+            label = {"teacher": "the teacher (converged)", "interval": "converged, guidance on t <= c only",
+                     "scale": "converged, one scale everywhere", "hand": "hand grids",
+                     "schedule": "schedule files (LD3 runs)",
+                     "schedule, interval": "the same schedules, guidance on t <= c only"}[kind]
             ax.scatter([r["fid_teacher"] for r in rs], [r["fid_data"] for r in rs], color=color, marker=marker,
-                       s=90 if kind == "schedule" else 36, label=label, zorder=3)
+                       s=90 if kind.startswith("schedule") else 36, label=label, zorder=3)
         for r in rs:
-            if kind != "schedule":
+            if not kind.startswith("schedule"):
                 ax.annotate(r["sampler"].split(",")[0].replace("guidance ", "g "), (r["fid_teacher"], r["fid_data"]),
                             fontsize=6, xytext=(3, 3), textcoords="offset points")
     near = [r for r in rows if r["fid_teacher"] <= 4 * box[0] and r["fid_data"] <= 3 * box[1]]  # far grids: off

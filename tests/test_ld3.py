@@ -721,7 +721,7 @@ def test_ceiling_benchmark_guides_on_its_interval_only(monkeypatch):
 
     bench = benchmark_module("ld3", monkeypatch)
     inside, outside = (load_teacher("digits_latent_flow", guidance=g) for g in (1.15, 1.0))
-    model = bench.IntervalGuidance(inside, outside, 0.3)
+    model = bench.interval_guidance(inside, outside, 0.3)
     x, cond = torch.randn(4, *inside.shape, generator=torch.Generator().manual_seed(0)), torch.arange(4)
     with torch.no_grad():
         assert not torch.equal(inside(x, torch.tensor(0.5), cond), outside(x, torch.tensor(0.5), cond))
