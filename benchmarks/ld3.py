@@ -44,8 +44,8 @@ ceiling: where samplers of the guided teacher (`ceiling_guidance`) land between 
 #33's target (a) is a box in that plane): its converged solve with guidance only on t <= c (1 above) for each of
 `ceiling_intervals`, and at each of `ceiling_scales` everywhere (no discretisation error), every hand grid of
 `ceiling_solver` at `ceiling_nfe`, and `ceiling_schedules` (schedule files, e.g. LD3 runs of part=data; each also
-sampled with guidance on t <= c only for c in `ceiling_schedule_intervals`), on the held-out pairs of part=data: FID against the teacher's samples and the data, recall, paired RMSE; ceiling.md,
-ceiling.csv and ceiling.png with the box.
+sampled with guidance on t <= c only for c in `ceiling_schedule_intervals`), on the held-out pairs of part=data: FID
+against the teacher's samples and the data, recall, paired RMSE; ceiling.md, ceiling.csv and ceiling.png with the box.
 solver: the learned solver (learn=solver) against LD3 on the same pairs, for every teacher x NFE x seed: LD3 with
 its defaults (DPM-Solver++(3M)), then the learned solver started from LD3's schedule (grid, offsets and 3M's table;
 `solver_args`), both scored on the 2000 held-out pairs (paired RMSE, FID against the teacher's samples and the
@@ -693,8 +693,8 @@ def ceiling(cfg: Config, out: Path) -> str:
     """Where samplers of the guided teacher land in the plane of FID against the teacher's samples and against the
     data (issue #33's target (a) is a box in it): the teacher's own solve (the held-out pairs' solver and steps) with
     guidance only on t <= c for each of `ceiling_intervals` (1 above), and at each of `ceiling_scales` everywhere,
-    so without discretisation error; every hand grid of `ceiling_solver` at `ceiling_nfe`; `ceiling_schedules`.
-    ceiling.csv, ceiling.png."""
+    so without discretisation error; every hand grid of `ceiling_solver` at `ceiling_nfe`; `ceiling_schedules`, each
+    also with guidance on t <= c only for `ceiling_schedule_intervals`. ceiling.md, ceiling.csv, ceiling.png."""
     import torch
 
     from learnsteps.core.sample import solve_in_batches
@@ -770,15 +770,15 @@ def plot_ceiling(rows: list[dict], box: tuple[float, float, str], path: Path, ti
 
     fig, ax = plt.subplots(figsize=(7, 5))
     ax.fill_between([0, box[0]], 0, box[1], color="tab:green", alpha=0.15, label=f"issue #33's target (a): {box[2]}")
-    style = {"teacher": ("k", "o"), "interval": ("tab:blue", "o"), "scale": ("tab:purple", "D"), "hand": ("k", "s"),
-             "schedule": ("crimson", "*"), "schedule, interval": ("tab:orange", "*")}
-    for kind, (color, marker) in style.items():
+    style = {"teacher": ("k", "o", "the teacher (converged)"),
+             "interval": ("tab:blue", "o", "converged, guidance on t <= c only"),
+             "scale": ("tab:purple", "D", "converged, one scale everywhere"),
+             "hand": ("k", "s", "hand grids"),
+             "schedule": ("crimson", "*", "schedule files (LD3 runs)"),
+             "schedule, interval": ("tab:orange", "*", "the same schedules, guidance on t <= c only")}
+    for kind, (color, marker, label) in style.items():
         rs = [r for r in rows if r["kind"] == kind]
         if rs:
-            label = {"teacher": "the teacher (converged)", "interval": "converged, guidance on t <= c only",
-                     "scale": "converged, one scale everywhere", "hand": "hand grids",
-                     "schedule": "schedule files (LD3 runs)",
-                     "schedule, interval": "the same schedules, guidance on t <= c only"}[kind]
             ax.scatter([r["fid_teacher"] for r in rs], [r["fid_data"] for r in rs], color=color, marker=marker,
                        s=90 if kind.startswith("schedule") else 36, label=label, zorder=3)
         for r in rs:
